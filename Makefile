@@ -1,0 +1,48 @@
+# lmlm-pipeline: `make demo` and `make test` are the two set-up commands (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
+# No outbound calls: Prefect and Great Expectations analytics off.
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export GX_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+DOCS ?=
+WORKDIR ?= out/demo
+
+.PHONY: demo test test-fast bench install install-test clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade "pip>=24"
+
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml constraints.txt
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/lmlm run --workdir $(WORKDIR) $(if $(DOCS),--docs $(DOCS),)
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest tests
+
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest tests -m "not slow"
+
+bench: $(VENV)/.installed-test
+	$(PY) bench/ingest.py
+	$(PY) bench/warehouse.py
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,1 @@
+"""flows of lmlm-pipeline."""

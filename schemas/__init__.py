@@ -1,0 +1,1 @@
+"""Data contracts: shard schemas, the lookup markup grammar, and flow configs."""

@@ -1,0 +1,1 @@
+"""warehouse of lmlm-pipeline."""
