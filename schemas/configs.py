@@ -30,7 +30,7 @@ class IngestConfig(BaseModel):
     shard_docs: int = Field(50_000, ge=1, description="documents per document shard")
     text_field: str = Field("text", description="text column of JSONL/Parquet inputs")
     id_field: str = Field("id", description="id column; a content hash is used when absent")
-    category_field: str | None = Field(None, description="column or metadata key holding a class label")
+    category_field: str | None = Field("category", description="column or metadata key holding a class label")
     workers: int = Field(2, ge=1, description="processes parsing input files in parallel")
     batch_bytes: int = Field(16 << 20, ge=1 << 16, description="bytes read per batch (bounds memory)")
 
@@ -65,3 +65,105 @@ class CorpusFlowConfig(BaseModel):
     seed: SeedAnnotationConfig = Field(default_factory=SeedAnnotationConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     warehouse_path: str | None = Field(None, description="DuckDB file; default <workdir>/warehouse.duckdb")
+
+
+class EndpointConfig(BaseModel):
+    """An OpenAI-compatible chat endpoint (OpenAI, a `vllm serve` server, any compatible server)."""
+
+    base_url: str = Field("https://api.openai.com/v1", description="e.g. http://127.0.0.1:8000/v1 for vLLM")
+    model: str = Field("gpt-4o", description="model name as the endpoint knows it")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the key (never stored)")
+    concurrency: int = Field(8, ge=1, description="requests in flight")
+    requests_per_minute: float | None = Field(None, gt=0, description="request rate limit; none when unset")
+    tokens_per_minute: float | None = Field(None, gt=0, description="token rate limit; none when unset")
+    timeout_s: float = Field(60.0, gt=0, description="per-request timeout")
+    max_attempts: int = Field(5, ge=1, description="attempts per document before it is recorded as failed")
+    backoff_base_s: float = Field(1.0, gt=0, description="first retry delay; doubles each attempt, with jitter")
+    backoff_max_s: float = Field(60.0, gt=0)
+    structured_output: str = Field(
+        "json_schema", description="json_schema (preferred), json_object, or inline (parse markup from text)"
+    )
+    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(2048, ge=16)
+    input_price_per_mtok: float = Field(2.5, ge=0, description="USD per million prompt tokens, for the cost estimate")
+    output_price_per_mtok: float = Field(10.0, ge=0, description="USD per million completion tokens")
+
+
+class AnnotatorConfig(BaseModel):
+    """Which annotator annotates documents, and its settings."""
+
+    backend: str = Field("kb-align", description="kb-align, openai, gold, or import")
+    prompt_id: str = Field("annotate-v1", description="versioned prompt file under tasks/prompts/")
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
+    kb: str | None = Field(None, description="kb-align: Parquet/JSON knowledge base (entity, relation, value)")
+    cache_dir: str | None = Field(None, description="response cache; default <workdir>/cache")
+
+
+class CorrectorConfig(BaseModel):
+    """The correction stage; every step can be switched off and is counted."""
+
+    future_references: bool = Field(True, description="move or drop calls whose entity is not yet introduced")
+    placement: bool = Field(True, description="move calls to the value's mention (fuzzy ratio >= placement_ratio)")
+    placement_ratio: float = Field(0.9, gt=0, le=1)
+    unify_relations: bool = Field(True, description="canonical relation names (rules + embedding clusters)")
+    relation_similarity: float = Field(0.85, gt=0, le=1, description="cosine threshold for relation clusters")
+    relation_embeddings: bool = Field(
+        True, description="cluster relation names by all-MiniLM-L6-v2 embeddings; rules only when false"
+    )
+    unify_entities: bool = Field(True, description="map entity aliases to one canonical name")
+    drop_entity_in_value: bool = True
+    drop_relation_in_value: bool = True
+    drop_malformed: bool = True
+    max_calls_per_100_words: float | None = Field(12.0, description="drop denser documents; none disables")
+    fluency_rewrite: bool = Field(False, description="rewrite through the endpoint, kept as a new text version")
+
+
+# --- pretraining (models/train.py, tasks/pretrain.py) ---
+from typing import Literal  # noqa: E402  (kept with the section that uses it)
+
+from pydantic import model_validator  # noqa: E402
+
+
+class PretrainConfig(BaseModel):
+    """LMLM or standard-baseline pretraining. Both variants of a comparison share this config, so they
+    get the same model shape, tokenizer and token budget (training steps x block tokens)."""
+
+    model: str = Field("tiny", description="micro (smoke tests), tiny (CPU demo), gpt2-124m, llama2-176m, llama2-382m, or a hub name / folder")
+    tokenizer: str | None = Field(None, description="folder or hub name; unset: byte-level BPE trained on the corpus")
+    vocab_size: int = Field(4096, ge=262, description="vocabulary of a tokenizer trained on the corpus")
+    context_length: int | None = Field(None, ge=16, description="block length; unset: the model shape's context")
+    batch_size: int = Field(16, ge=1, description="blocks per micro-batch, per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate")
+    min_lr: float = Field(2e-4, ge=0, description="learning rate at the end of the cosine decay")
+    warmup_steps: int = Field(50, ge=0)
+    token_budget: int = Field(
+        3_000_000, ge=1, description="training tokens (steps x processes x batch x accum x block); rounded up to whole steps"
+    )
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; when set, overrides token_budget")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decay on matrices (not on norms and biases)")
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; none disables")
+    seed: int = Field(0, description="model init, data order and RNG; same seed, same run")
+    bf16: Literal["auto"] | bool = Field(
+        "auto", description="bfloat16 autocast; auto: on GPUs that support it and CPUs with native bf16 (AMX/AVX512-BF16)"
+    )
+    compile: bool = Field(False, description="torch.compile the model (GPU runs)")
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (one is always written at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="most recent checkpoints kept")
+    resume: bool = Field(True, description="continue from the newest checkpoint in the output folder, exactly")
+    holdout_fraction: float = Field(0.05, ge=0, lt=1, description="documents held out (by doc_id hash) for evaluation")
+    eval_every: int = Field(200, ge=1, description="steps between holdout evaluations")
+    eval_docs: int = Field(100, ge=1, description="holdout documents scored at intermediate evaluations (all at the end)")
+    log_every: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _lr_range(self) -> "PretrainConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}")
+        return self
+
+    def steps_for(self, tokens_per_step: int) -> int:
+        """Optimizer steps of this run, given the tokens one step consumes across all processes."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return -(-self.token_budget // tokens_per_step)
