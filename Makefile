@@ -10,6 +10,8 @@ export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# the ephemeral Prefect server can take long to start on a busy 2-core machine
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
 DOCS ?=
 WORKDIR ?= out/demo

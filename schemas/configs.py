@@ -45,28 +45,6 @@ class ValidationConfig(BaseModel):
     fail_flow: bool = Field(True, description="stop the flow before the warehouse when a suite fails")
 
 
-class SeedAnnotationConfig(BaseModel):
-    """Seed annotation for the corpus flow. ``gold`` uses the synthetic corpus's ground truth."""
-
-    annotator: str = Field("gold", description="gold (synthetic ground truth)")
-    sample_docs: int | None = Field(None, ge=1, description="documents to annotate; all when unset")
-
-
-class CorpusFlowConfig(BaseModel):
-    """The corpus-processing job: corpus -> shards -> annotation -> warehouse -> validation -> report."""
-
-    workdir: str = Field("out", description="where corpus, shards, warehouse and report go")
-    corpus: list[str] | None = Field(
-        None, description="corpus files/folders/globs; when unset, the synthetic corpus is generated"
-    )
-    synthetic: SyntheticCorpusConfig = Field(default_factory=SyntheticCorpusConfig)
-    ingest_shard_docs: int = Field(50_000, ge=1)
-    ingest_workers: int = Field(2, ge=1)
-    seed: SeedAnnotationConfig = Field(default_factory=SeedAnnotationConfig)
-    validation: ValidationConfig = Field(default_factory=ValidationConfig)
-    warehouse_path: str | None = Field(None, description="DuckDB file; default <workdir>/warehouse.duckdb")
-
-
 class EndpointConfig(BaseModel):
     """An OpenAI-compatible chat endpoint (OpenAI, a `vllm serve` server, any compatible server)."""
 
@@ -96,6 +74,7 @@ class AnnotatorConfig(BaseModel):
     prompt_id: str = Field("annotate-v1", description="versioned prompt file under tasks/prompts/")
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
     kb: str | None = Field(None, description="kb-align: Parquet/JSON knowledge base (entity, relation, value)")
+    import_path: str | None = Field(None, description="import: a reference-format annotated JSON file")
     cache_dir: str | None = Field(None, description="response cache; default <workdir>/cache")
 
 
@@ -153,7 +132,7 @@ class PretrainConfig(BaseModel):
     resume: bool = Field(True, description="continue from the newest checkpoint in the output folder, exactly")
     holdout_fraction: float = Field(0.05, ge=0, lt=1, description="documents held out (by doc_id hash) for evaluation")
     eval_every: int = Field(200, ge=1, description="steps between holdout evaluations")
-    eval_docs: int = Field(100, ge=1, description="holdout documents scored at intermediate evaluations (all at the end)")
+    eval_docs: int = Field(100, ge=1, description="holdout documents scored at each evaluation (the same ones for both variants)")
     log_every: int = Field(20, ge=1)
 
     @model_validator(mode="after")
@@ -167,3 +146,39 @@ class PretrainConfig(BaseModel):
         if self.max_steps is not None:
             return self.max_steps
         return -(-self.token_budget // tokens_per_step)
+
+
+class SeedAnnotationConfig(BaseModel):
+    """Seed annotation: a stratified sample, the initial annotator, the corrector."""
+
+    sample_docs: int | None = Field(None, ge=1, description="documents in the seed sample; all when unset")
+    stratify_by: str | None = Field("category", description="document column to stratify the sample by")
+    sample_seed: int = Field(0, description="same seed and shards, same sample")
+    annotator: AnnotatorConfig = Field(default_factory=AnnotatorConfig)
+    corrector: CorrectorConfig | None = Field(default_factory=CorrectorConfig, description="none skips correction")
+
+
+class SeedFlowConfig(BaseModel):
+    """The seed-annotation flow on document shards that already exist (e.g. from `lmlm ingest`)."""
+
+    workdir: str = Field("out", description="seed shards go to <workdir>/seed")
+    document_shards: list[str] = Field(description="document shard files, folders or globs")
+    ground_truth: str | None = Field(None, description="synthetic ground-truth folder: scores the seed against gold")
+    seed: SeedAnnotationConfig = Field(default_factory=SeedAnnotationConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    warehouse_path: str | None = Field(None, description="DuckDB file; default <workdir>/warehouse.duckdb")
+
+
+class CorpusFlowConfig(BaseModel):
+    """The corpus-processing job: corpus -> shards -> annotation -> warehouse -> validation -> report."""
+
+    workdir: str = Field("out", description="where corpus, shards, warehouse and report go")
+    corpus: list[str] | None = Field(
+        None, description="corpus files/folders/globs; when unset, the synthetic corpus is generated"
+    )
+    synthetic: SyntheticCorpusConfig = Field(default_factory=SyntheticCorpusConfig)
+    ingest_shard_docs: int = Field(50_000, ge=1)
+    ingest_workers: int = Field(2, ge=1)
+    seed: SeedAnnotationConfig = Field(default_factory=SeedAnnotationConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    warehouse_path: str | None = Field(None, description="DuckDB file; default <workdir>/warehouse.duckdb")

@@ -12,6 +12,8 @@ import posixpath
 from typing import Protocol
 
 import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from schemas import markup
@@ -91,3 +93,155 @@ def read_documents(shard: str, doc_ids: set[str] | None = None) -> list[Document
     t = read_table(shard, columns=["doc_id", "text", "category", "url"])
     docs = [Document(**r) for r in t.to_pylist()]
     return [d for d in docs if doc_ids is None or d.doc_id in doc_ids]
+
+
+class ShardAnnotationReport(BaseModel):
+    """What annotating one document shard did; nothing is dropped without a count and a reason."""
+
+    shard: str
+    skipped: bool = False  # outputs already complete for this input and annotator version
+    docs: int = 0
+    annotated: int = 0
+    failed: int = 0  # annotator errors: recorded in failures/, retried on the next run
+    rejected: int = 0  # dropped by the corrector (e.g. density), recorded in rejected/ with the reason
+    repaired: int = 0  # outputs whose stripped text drifted from the source and were realigned
+    calls: int = 0
+    failure_reasons: dict[str, int] = {}
+    corrector_counts: dict[str, dict[str, int]] = {}
+    relation_aliases: list[dict] = []
+    entity_aliases: list[dict] = []
+    seconds: float = 0.0
+    annotated_shard: str | None = None
+    triplet_shard: str | None = None
+
+
+def to_annotated(doc: Document, annotation: Annotation) -> tuple[markup.Annotated | None, str | None, bool]:
+    """The annotation as calls on the exact source text: (annotated, failure reason, repaired).
+
+    Output that does not strip back to the source is realigned onto it (broken calls dropped), so the
+    result never alters the source text.
+    """
+    from tasks.align import realign
+
+    if annotation.error is not None or annotation.annotated_text is None:
+        return None, annotation.error or "no output", False
+    try:
+        ann = markup.parse(annotation.annotated_text)
+        if ann.text == doc.text:
+            return ann, None, False
+    except markup.MarkupError:
+        pass
+    ann, _ = realign(doc.text, annotation.annotated_text)
+    return ann, None, True
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":", 1)[0].split(" after ", 1)[0].strip() or "unknown"
+
+
+def shard_signature(doc_shard: str, annotator: Annotator, extra: str = "") -> str:
+    """Identifies (input shard content, annotator version, settings): equal signature, equal outputs."""
+    import hashlib
+
+    from tasks.shardio import fs_and_path
+
+    fs, path = fs_and_path(doc_shard)
+    digest = hashlib.sha1()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    checksum = digest.hexdigest()
+    key = "\x1f".join([posixpath.basename(doc_shard), str(checksum), annotator.name, annotator.version, extra])
+    return hashlib.sha1(key.encode()).hexdigest()
+
+
+def annotate_shard(annotator: Annotator, doc_shard: str, out_dir: str, run_id: str,
+                   corrector=None, relation_overrides: dict[str, str] | None = None,
+                   entity_overrides: dict[str, str] | None = None, batch_docs: int = 256) -> ShardAnnotationReport:
+    """Annotate (and optionally correct) one document shard into annotated, triplet and failure shards.
+
+    Outputs are named after the input shard under ``out_dir/{annotated,triplets,failures,rejected}``
+    and written atomically; a completion marker (``out_dir/_done/<name>.json``) holding the shard
+    signature makes a rerun skip a finished shard. A shard with failed documents is not marked done,
+    so the next run retries it (a caching annotator pays nothing for the documents it already did).
+    """
+    import json
+    import time
+
+    from tasks.correct import correct
+
+    t0 = time.perf_counter()
+    name = posixpath.basename(doc_shard)
+    extra = corrector.model_dump_json() if corrector is not None else ""
+    signature = shard_signature(doc_shard, annotator, extra)
+    paths = {k: posixpath.join(out_dir, k, name) for k in ("annotated", "triplets", "failures", "rejected")}
+    marker = posixpath.join(out_dir, "_done", name + ".json")
+    fs, _ = fs_and_path(out_dir)
+    report = ShardAnnotationReport(shard=doc_shard, annotated_shard=paths["annotated"], triplet_shard=paths["triplets"])
+    if fs.exists(fs_and_path(marker)[1]):
+        with fs.open(fs_and_path(marker)[1], "r") as f:
+            done = json.load(f)
+        if done.get("signature") == signature:
+            return report.model_copy(update={**done.get("report", {}), "skipped": True, "seconds": 0.0})
+
+    docs = read_documents(doc_shard)
+    report.docs = len(docs)
+    pairs: list[tuple[Document, markup.Annotated]] = []
+    confidences: dict[str, list[float] | None] = {}
+    failures, reasons = [], {}
+    for start in range(0, len(docs), batch_docs):
+        batch = docs[start:start + batch_docs]
+        for doc, annotation in zip(batch, annotator.annotate(batch)):
+            ann, reason, repaired = to_annotated(doc, annotation)
+            if ann is None:
+                failures.append({"doc_id": doc.doc_id, "reason": reason, "annotator": annotator.name, "run_id": run_id})
+                reasons[_reason_kind(reason)] = reasons.get(_reason_kind(reason), 0) + 1
+                continue
+            report.repaired += repaired
+            pairs.append((doc, ann))
+            confidences[doc.doc_id] = annotation.confidences
+
+    rejected = []
+    if corrector is not None and pairs:
+        result = correct(pairs, corrector, relation_overrides, entity_overrides)
+        pairs = result.docs
+        rejected = [{"doc_id": d, "reason": r, "annotator": annotator.name, "run_id": run_id} for d, r in result.dropped_docs]
+        report.corrector_counts = result.counts
+        report.relation_aliases = result.relation_aliases
+        report.entity_aliases = result.entity_aliases
+        confidences = {}  # calls moved or dropped: per-call confidences no longer line up
+
+    ann_rows, tri_rows = [], []
+    for doc, ann in pairs:
+        ann_rows.append(annotated_row(doc, markup.render(ann), len(ann.calls), annotator, run_id))
+        tri_rows.extend(triplet_rows(doc, ann, annotator, run_id, confidences.get(doc.doc_id)))
+    # triplets first, annotated second, marker last: an annotated shard implies its triplet shard
+    write_table_atomic(pa.Table.from_pylist(tri_rows, schema=TRIPLET_SCHEMA), paths["triplets"])
+    write_table_atomic(pa.Table.from_pylist(ann_rows, schema=ANNOTATED_SCHEMA), paths["annotated"])
+    for kind, rows in (("failures", failures), ("rejected", rejected)):
+        if rows:
+            write_table_atomic(pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA), paths[kind])
+        elif fs.exists(fs_and_path(paths[kind])[1]):
+            fs.rm(fs_and_path(paths[kind])[1])
+    report.annotated, report.failed, report.rejected = len(ann_rows), len(failures), len(rejected)
+    report.calls, report.failure_reasons = len(tri_rows), reasons
+    report.seconds = round(time.perf_counter() - t0, 3)
+    if not failures:
+        fs.makedirs(fs_and_path(posixpath.dirname(marker))[1], exist_ok=True)
+        with fs.open(fs_and_path(marker)[1], "w") as f:
+            json.dump({"signature": signature, "report": report.model_dump(exclude={"shard", "seconds"})}, f)
+    return report
+
+
+def finished_shards(out_dir: str) -> tuple[list[str], list[str]]:
+    """All (annotated, triplet) shard pairs under ``out_dir``, pairwise aligned."""
+    from tasks.shardio import list_files
+
+    ann = list_files(posixpath.join(out_dir, "annotated"), (".parquet",))
+    tri = {posixpath.basename(p): p for p in list_files(posixpath.join(out_dir, "triplets"), (".parquet",))}
+    pairs = [(a, tri[posixpath.basename(a)]) for a in ann if posixpath.basename(a) in tri]
+    return [a for a, _ in pairs], [t for _, t in pairs]
+
+
+# annotators are live objects (clients, caches): Prefect must not try to hash them as cache keys
+annotate_shard_task = task(annotate_shard, name="annotate-shard", cache_policy=NO_CACHE)

@@ -59,8 +59,8 @@ TARGET_CALLS_PER_100_WORDS = 10.0  # below the reference's 12-per-100-words filt
 COMPRESSIONS = {"none": ".jsonl", "gz": ".jsonl.gz", "zst": ".jsonl.zst"}
 
 PERSON_RELATIONS = (
-    "Birth Date", "Birth City", "Occupation", "University", "Major", "Graduation Year",
-    "Employer", "Employer City", "Spouse", "Award", "Child", "Death Date",
+    "Birth Date", "Birth City", "Occupation", "Alma Mater", "Major", "Graduation Year",
+    "Employer", "Employer City", "Spouse", "Honor", "Child", "Death Date",
 )
 UNIVERSITY_RELATIONS = ("Founded Year", "Headquarters City", "President", "Enrollment")
 COMPANY_RELATIONS = ("Founded Year", "Headquarters City", "Founder", "Chief Executive", "Industry")
@@ -480,12 +480,12 @@ TEMPLATES: dict[str, dict[tuple[str, ...], tuple[str, ...]]] = {
             "{S} spent {p} working life as {a:Occupation} {Occupation}.",
             "{S} became {a:Occupation} {Occupation}.",
         ),
-        ("University",): (
-            "{S} attended {University}.",
-            "{S} studied at {University}.",
-            "{S} was educated at {University}.",
-            "{S} enrolled at {University} after finishing school.",
-            "{P} alma mater was {University}.",
+        ("Alma Mater",): (
+            "{S} attended {Alma Mater}.",
+            "{S} studied at {Alma Mater}.",
+            "{S} was educated at {Alma Mater}.",
+            "{S} enrolled at {Alma Mater} after finishing school.",
+            "{P} alma mater was {Alma Mater}.",
         ),
         ("Major",): (
             "{S} majored in {Major}.",
@@ -494,11 +494,11 @@ TEMPLATES: dict[str, dict[tuple[str, ...], tuple[str, ...]]] = {
             "{S} chose to study {Major}.",
             "As a student, {s} trained in {Major}.",
         ),
-        ("University", "Major"): (
-            "{S} studied {Major} at {University}.",
-            "{S} earned a degree in {Major} from {University}.",
-            "At {University}, {s} majored in {Major}.",
-            "{S} graduated from {University} with a degree in {Major}.",
+        ("Alma Mater", "Major"): (
+            "{S} studied {Major} at {Alma Mater}.",
+            "{S} earned a degree in {Major} from {Alma Mater}.",
+            "At {Alma Mater}, {s} majored in {Major}.",
+            "{S} graduated from {Alma Mater} with a degree in {Major}.",
         ),
         ("Graduation Year",): (
             "{S} graduated in {Graduation Year}.",
@@ -507,13 +507,13 @@ TEMPLATES: dict[str, dict[tuple[str, ...], tuple[str, ...]]] = {
             "{S} finished university in {Graduation Year}.",
             "{S} received {p} degree in {Graduation Year}.",
         ),
-        ("University", "Graduation Year"): (
-            "{S} graduated from {University} in {Graduation Year}.",
-            "{S} left {University} with a degree in {Graduation Year}.",
+        ("Alma Mater", "Graduation Year"): (
+            "{S} graduated from {Alma Mater} in {Graduation Year}.",
+            "{S} left {Alma Mater} with a degree in {Graduation Year}.",
         ),
-        ("University", "Major", "Graduation Year"): (
-            "{S} graduated from {University} in {Graduation Year} with a degree in {Major}.",
-            "In {Graduation Year}, {s} completed a degree in {Major} at {University}.",
+        ("Alma Mater", "Major", "Graduation Year"): (
+            "{S} graduated from {Alma Mater} in {Graduation Year} with a degree in {Major}.",
+            "In {Graduation Year}, {s} completed a degree in {Major} at {Alma Mater}.",
         ),
         ("Employer",): (
             "{S} worked for {Employer}.",
@@ -557,12 +557,12 @@ TEMPLATES: dict[str, dict[tuple[str, ...], tuple[str, ...]]] = {
             "{S} married {Spouse}, and the couple had a child, {Child}.",
             "{S} and {p} spouse {Spouse} raised a child named {Child}.",
         ),
-        ("Award",): (
-            "{S} received the {Award}.",
-            "{S} was awarded the {Award}.",
-            "{S} won the {Award}.",
-            "{P} honors include the {Award}.",
-            "{S} was recognized with the {Award}.",
+        ("Honor",): (
+            "{S} received the {Honor}.",
+            "{S} was awarded the {Honor}.",
+            "{S} won the {Honor}.",
+            "{P} honors include the {Honor}.",
+            "{S} was recognized with the {Honor}.",
         ),
     },
     "university": {
@@ -700,10 +700,10 @@ MENTION_CLAUSES: dict[str, dict[tuple[str, ...], tuple[str, ...]]] = {
         ("Birth Date", "Occupation"): (" (born {Birth Date}), {a:Occupation} {Occupation}",),
         ("Major",): (", who studied {Major}", ", a graduate in {Major}"),
         ("Major", "Graduation Year"): (", who completed a degree in {Major} in {Graduation Year}",),
-        ("University",): (", who studied at {University}", ", a graduate of {University}"),
+        ("Alma Mater",): (", who studied at {Alma Mater}", ", a graduate of {Alma Mater}"),
         ("Employer",): (", who went on to work for {Employer}", ", later employed by {Employer}"),
         ("Spouse",): (", who married {Spouse}", ", the spouse of {Spouse}"),
-        ("Award",): (", winner of the {Award}", ", who received the {Award}"),
+        ("Honor",): (", winner of the {Honor}", ", who received the {Honor}"),
     },
     "university": {
         ("Founded Year",): (" (founded {Founded Year})", ", established in {Founded Year}"),
@@ -924,13 +924,13 @@ def build_world(config: SyntheticCorpusConfig) -> World:
             "Birth Date": format_date(born),
             "Birth City": rng.choice(cities).name,
             "Occupation": rng.choice(vocab.occupations),
-            "University": rng.choice(universities).name,
+            "Alma Mater": rng.choice(universities).name,
             "Major": rng.choice(vocab.majors),
             "Graduation Year": str(born.year + rng.randint(21, 25)),
             "Employer": employer.name,
             "Employer City": employer.facts["Headquarters City"],
             "Spouse": names.person(avoid=name)[0],  # "John Fry" must not marry "John Frye"
-            "Award": rng.choice(awards[cat]),
+            "Honor": rng.choice(awards[cat]),
         }
         if rng.random() < 0.35:
             p.facts["Child"] = names.person(surname=surname, avoid=name)[0]
@@ -1234,7 +1234,7 @@ def generate_corpus(config: SyntheticCorpusConfig, out_dir: str) -> SyntheticCor
     natives = {c.name: [] for c in world.cities}
     based = {c.name: [] for c in world.cities}
     for p in world.people:
-        alumni[p.facts["University"]].append(p)
+        alumni[p.facts["Alma Mater"]].append(p)
         staff[p.facts["Employer"]].append(p)
         natives[p.facts["Birth City"]].append(p)
     for o in world.universities + world.companies:
@@ -1244,7 +1244,7 @@ def generate_corpus(config: SyntheticCorpusConfig, out_dir: str) -> SyntheticCor
     orgs.sort(key=lambda o: -min(len((alumni if o.type == "university" else staff)[o.name]), 3))
     for org in orgs[:config.n_organisation_docs]:
         if org.type == "university":
-            linked = [(alumni[org.name], "alumni", ("University",))]
+            linked = [(alumni[org.name], "alumni", ("Alma Mater",))]
         else:
             linked = [(staff[org.name], "staff", ("Employer", "Employer City"))]
         docs.append(subject_document(org, linked, rng))

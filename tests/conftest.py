@@ -14,6 +14,7 @@ os.environ.update(
     DO_NOT_TRACK="1",
     HF_HUB_OFFLINE="1",
     TOKENIZERS_PARALLELISM="false",
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
 )
 os.environ.pop("PREFECT_API_URL", None)
 

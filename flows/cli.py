@@ -1,0 +1,238 @@
+"""The ``lmlm`` command line: run the pipeline, ingest, and work with the warehouse."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+DEFAULT_DB = os.environ.get("LMLM_WAREHOUSE", "out/demo/warehouse.duckdb")
+
+
+from schemas.errors import UserInputError as UserError
+
+
+def synthetic_config_for_docs(n_docs: int, seed: int = 0):
+    """A synthetic corpus of about ``n_docs`` documents: 80% biographies, the rest organisations, cities, no-fact."""
+    from schemas.configs import SyntheticCorpusConfig
+
+    people = max(1, round(n_docs * 0.8))
+    orgs, cities = round(n_docs * 0.1), round(n_docs * 0.05)
+    return SyntheticCorpusConfig(n_people=people, n_organisation_docs=orgs, n_city_docs=cities,
+                                 n_no_fact_docs=max(0, n_docs - people - orgs - cities), seed=seed)
+
+
+def _load_config(path: str | None, model):
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f) if path.endswith(".json") else __import__("yaml").safe_load(f)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read config {path}: {exc} (give a JSON or YAML file of {model.__name__} fields)")
+    return data or {}
+
+
+def cmd_run(args) -> None:
+    from pydantic import ValidationError
+
+    from flows.corpus import corpus_processing
+    from schemas.configs import CorpusFlowConfig
+
+    data = _load_config(args.config, CorpusFlowConfig)
+    if args.workdir:
+        data["workdir"] = args.workdir
+    if args.corpus:
+        data["corpus"] = args.corpus
+    if args.docs:
+        data["synthetic"] = synthetic_config_for_docs(args.docs, args.seed).model_dump()
+    if args.no_validate:
+        data.setdefault("validation", {})["enabled"] = False
+    try:
+        config = CorpusFlowConfig(**data)
+    except ValidationError as exc:
+        raise UserError(f"invalid config: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
+    report = corpus_processing(config)
+    wh, ing = report["warehouse_load"], report["ingest"]
+    print()
+    print(f"documents: {ing['docs_written']} written, {ing['duplicates']} duplicates, {ing['quarantined']} quarantined")
+    print(f"shards:    {report['shards']['documents']}")
+    print(f"           {report['shards']['annotated']}")
+    print(f"warehouse: {report['warehouse']} ({wh['facts']} facts, {wh['triplets']} triplets)")
+    print(f"report:    {os.path.join(report['workdir'], 'report.json')}")
+    print(f"try:       duckdb {report['warehouse']} -c \"select count(*) from facts\"")
+
+
+def cmd_generate_corpus(args) -> None:
+    from tasks.synthetic import generate_corpus
+
+    result = generate_corpus(synthetic_config_for_docs(args.docs, args.seed), args.out)
+    print(f"{len(result.corpus_files)} corpus file(s) and ground truth under {args.out}")
+
+
+def cmd_ingest(args) -> None:
+    import uuid
+
+    from schemas.configs import IngestConfig
+    from tasks.ingest import ingest_corpus
+
+    report = ingest_corpus(
+        IngestConfig(inputs=args.inputs, output=args.out, shard_docs=args.shard_docs, workers=args.workers),
+        run_id=str(uuid.uuid4()),
+    )
+    print(json.dumps(report.model_dump(exclude={"document_shards", "quarantine_shards"}), indent=2))
+
+
+def _print_rows(columns, rows, fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=2))
+    elif fmt == "csv":
+        w = csv.writer(sys.stdout)
+        w.writerow(columns)
+        w.writerows(rows)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(*columns)
+        for r in rows:
+            table.add_row(*("" if v is None else str(v) for v in r))
+        Console().print(table)
+
+
+def _need_db(path: str) -> str:
+    if not os.path.exists(path):
+        raise UserError(f"no warehouse at {path}: run `make demo` or `lmlm run`, or pass --db PATH")
+    return path
+
+
+def cmd_wh_stats(args) -> None:
+    from warehouse import db
+
+    con = db.connect(_need_db(args.db), read_only=True)
+    try:
+        print(json.dumps(db.stats(con), indent=2, default=str))
+    finally:
+        con.close()
+
+
+def cmd_wh_sql(args) -> None:
+    from warehouse import db
+
+    columns, rows = db.run_sql(_need_db(args.db), args.query, args.param or None, write=args.write)
+    _print_rows(columns, rows, args.format)
+
+
+def cmd_wh_export(args) -> None:
+    from warehouse import db
+
+    con = db.connect(_need_db(args.db), read_only=True)
+    try:
+        print(json.dumps(db.export_lookup_db(con, args.json, args.parquet), indent=2, default=str))
+    finally:
+        con.close()
+
+
+def cmd_wh_import(args) -> None:
+    import uuid
+
+    from warehouse import db
+
+    if not os.path.exists(args.file):
+        raise UserError(f"no such file: {args.file}")
+    con = db.connect(args.db)
+    try:
+        print(json.dumps(db.import_reference_db(con, args.file, run_id=str(uuid.uuid4())), indent=2, default=str))
+    finally:
+        con.close()
+
+
+def cmd_wh_edit(args) -> None:
+    from warehouse import db
+
+    if (args.value is None) == (not args.delete):
+        raise UserError("give exactly one of --value V (set the fact) or --delete (remove it)")
+    con = db.connect(_need_db(args.db))
+    try:
+        audit_id = db.edit_fact(con, args.entity, args.relation, None if args.delete else args.value,
+                                reason=args.reason, user=args.user or os.environ.get("USER"))
+    finally:
+        con.close()
+    print(f"edit recorded (audit id {audit_id})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmlm", description="Knowledge-separated LM pipeline (Prefect + DuckDB)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the corpus-processing flow (synthetic corpus unless --corpus is given)")
+    r.add_argument("--workdir", default=None, help="output folder (default out)")
+    r.add_argument("--corpus", nargs="+", help="corpus files, folders, globs or fsspec URLs")
+    r.add_argument("--docs", type=int, help="size of the synthetic corpus in documents")
+    r.add_argument("--seed", type=int, default=0, help="synthetic corpus seed")
+    r.add_argument("--config", help="JSON/YAML file of CorpusFlowConfig fields")
+    r.add_argument("--no-validate", action="store_true", help="skip the Great Expectations gates")
+    r.set_defaults(func=cmd_run)
+
+    g = sub.add_parser("generate-corpus", help="write the synthetic biography corpus and its ground truth")
+    g.add_argument("--out", required=True)
+    g.add_argument("--docs", type=int, default=400)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate_corpus)
+
+    i = sub.add_parser("ingest", help="corpus files -> zstd Parquet document shards")
+    i.add_argument("inputs", nargs="+")
+    i.add_argument("--out", required=True)
+    i.add_argument("--shard-docs", type=int, default=50_000)
+    i.add_argument("--workers", type=int, default=2)
+    i.set_defaults(func=cmd_ingest)
+
+    w = sub.add_parser("warehouse", help="inspect and edit the DuckDB warehouse")
+    wsub = w.add_subparsers(dest="wcommand", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", default=DEFAULT_DB, help=f"warehouse file (default {DEFAULT_DB}, or $LMLM_WAREHOUSE)")
+    s = wsub.add_parser("stats", parents=[common], help="row counts, relations, runs")
+    s.set_defaults(func=cmd_wh_stats)
+    q = wsub.add_parser("sql", parents=[common], help="run SQL (read-only unless --write); bind values with ? and --param")
+    q.add_argument("query")
+    q.add_argument("--param", action="append", help="a value bound to the next ? placeholder (repeatable)")
+    q.add_argument("--write", action="store_true", help="open the warehouse for writing")
+    q.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    q.set_defaults(func=cmd_wh_sql)
+    e = wsub.add_parser("export-lookup-db", parents=[common], help="lookup database: reference JSON and/or Parquet")
+    e.add_argument("--json", help="path of the reference-format JSON")
+    e.add_argument("--parquet", help="path of the Parquet form")
+    e.set_defaults(func=cmd_wh_export)
+    im = wsub.add_parser("import-reference-db", parents=[common], help="import a reference-format JSON database")
+    im.add_argument("file")
+    im.set_defaults(func=cmd_wh_import)
+    ed = wsub.add_parser("edit", parents=[common], help="set or delete a fact (audit-logged)")
+    ed.add_argument("--entity", required=True)
+    ed.add_argument("--relation", required=True)
+    ed.add_argument("--value")
+    ed.add_argument("--delete", action="store_true")
+    ed.add_argument("--reason", required=True)
+    ed.add_argument("--user")
+    ed.set_defaults(func=cmd_wh_edit)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"lmlm: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

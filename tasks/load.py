@@ -1,0 +1,88 @@
+"""Loading shards into the DuckDB warehouse, with run lineage."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from prefect import task
+
+from warehouse import db
+
+
+@functools.cache
+def code_version() -> str:
+    """Package version plus the git commit when running from a checkout (recorded on every run)."""
+    try:
+        v = version("lmlm-pipeline")
+    except PackageNotFoundError:
+        v = "0+unknown"
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+            text=True, timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{v}+g{sha}" if sha else v
+
+
+def propose_aliases(con, kind: str, proposals: list[dict]) -> int:
+    """Store a corrector's alias proposals for review; an unchanged or reviewed mapping is left alone."""
+    table, column = {"relation": ("relation_aliases", "relation"), "entity": ("entity_aliases", "entity")}[kind]
+    current = {a: (c, r) for a, c, r in con.execute(f"SELECT alias, {column}, reviewed FROM {table}").fetchall()}
+    stored = 0
+    for p in proposals:
+        have = current.get(p["alias"])
+        if p["alias"] == p["canonical"] or (have and (have[1] or have[0] == p["canonical"])):
+            continue
+        if db.set_alias(con, kind, p["alias"], p["canonical"], source=p.get("source", "rule"), reviewed=False,
+                        reason=f"corrector proposal ({p.get('source', 'rule')}, score {p.get('score')})") is not None:
+            stored += 1
+    return stored
+
+
+def reviewed_overrides(path: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Reviewed relation and entity alias mappings from the warehouse (empty when it does not exist yet)."""
+    import os
+
+    if not os.path.exists(path):
+        return {}, {}
+    con = db.connect(path, read_only=True)
+    try:
+        rel = dict(con.execute("SELECT alias, relation FROM relation_aliases WHERE reviewed").fetchall())
+        ent = dict(con.execute("SELECT alias, entity FROM entity_aliases WHERE reviewed").fetchall())
+    finally:
+        con.close()
+    return rel, ent
+
+
+def load_warehouse(path: str, run_id: str, doc_shards: list[str], annotated_shards: list[str],
+                   triplet_shards: list[str], flow: str, config: dict, inputs: list[str],
+                   relation_aliases: list[dict] | None = None, entity_aliases: list[dict] | None = None) -> dict:
+    """Load shards idempotently, store alias proposals, and record the run; returns row counts."""
+    started = datetime.now(timezone.utc)
+    con = db.connect(path)
+    try:
+        db.record_run(con, run_id, flow, config, inputs, code_version(), status="loading", started_at=started)
+        counts = {
+            "documents_loaded": db.load_documents(con, doc_shards, run_id),
+            "annotations_loaded": db.load_annotated(con, annotated_shards, run_id),
+            "triplets_loaded": db.load_triplets(con, triplet_shards, run_id),
+            "relation_aliases_proposed": propose_aliases(con, "relation", relation_aliases or []),
+            "entity_aliases_proposed": propose_aliases(con, "entity", entity_aliases or []),
+        }
+        summary = db.stats(con)
+        counts.update({k: summary.get(k) for k in ("documents", "triplets", "facts", "conflicts")})
+        db.record_run(con, run_id, flow, config, inputs, code_version(), status="loaded", counts=counts,
+                      started_at=started, finished_at=datetime.now(timezone.utc))
+        return counts
+    finally:
+        con.close()
+
+
+load_warehouse_task = task(load_warehouse, name="load-warehouse")
+reviewed_overrides_task = task(reviewed_overrides, name="read-reviewed-aliases")

@@ -1,0 +1,129 @@
+"""Seed annotation: a stratified sample of documents, the configured initial annotator, the corrector.
+
+Backends (``AnnotatorConfig.backend``): ``kb-align`` (offline distant supervision from a knowledge
+base; the embedded default), ``openai`` (any OpenAI-compatible endpoint), ``gold`` (the synthetic
+corpus's ground truth) and ``import`` (the reference's annotated JSON files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import random
+from collections import defaultdict
+
+import pyarrow as pa
+from prefect import task
+
+from schemas.configs import AnnotatorConfig
+from schemas.errors import UserInputError
+from schemas.shards import DOCUMENT_SCHEMA, content_hash
+from tasks.annotate import Annotation, Document
+from tasks.shardio import read_table, write_table_atomic
+
+
+class GoldAnnotator:
+    """The synthetic corpus's gold annotations, looked up by document id (for tests and baselines)."""
+
+    name = "gold"
+    prompt_id = None
+
+    def __init__(self, ground_truth_dir: str):
+        table = read_table(posixpath.join(ground_truth_dir, "annotated.parquet"), ["doc_id", "text", "annotated_text", "annotator_version"])
+        self.version = (table["annotator_version"][0].as_py() if table.num_rows else "empty")
+        self.gold = {r["doc_id"]: (r["text"], r["annotated_text"]) for r in table.to_pylist()}
+
+    def annotate(self, docs: list[Document]) -> list[Annotation]:
+        out = []
+        for doc in docs:
+            gold = self.gold.get(doc.doc_id)
+            if gold is None:
+                out.append(Annotation(doc_id=doc.doc_id, error="no_ground_truth: not a synthetic-corpus document"))
+            elif gold[0] != doc.text:
+                out.append(Annotation(doc_id=doc.doc_id, error="text_mismatch: document differs from its ground truth"))
+            else:
+                out.append(Annotation(doc_id=doc.doc_id, annotated_text=gold[1]))
+        return out
+
+
+def build_annotator(cfg: AnnotatorConfig, workdir: str, ground_truth_dir: str | None = None):
+    """The configured annotator; a missing input is one clear error naming the setting to fill in."""
+    if cfg.backend == "kb-align":
+        from tasks.annotate_kb import KBAlignAnnotator
+
+        kb, aliases = cfg.kb, None
+        if kb is None and ground_truth_dir:
+            kb = posixpath.join(ground_truth_dir, "kb.parquet")
+            aliases = posixpath.join(ground_truth_dir, "aliases.parquet")
+        if kb is None:
+            raise UserInputError("annotator.backend 'kb-align' needs a knowledge base: set annotator.kb to a "
+                                 "Parquet/JSON file of (entity, relation, value)")
+        return KBAlignAnnotator(kb, aliases)
+    if cfg.backend == "openai":
+        from tasks.annotate_openai import OpenAIAnnotator
+
+        return OpenAIAnnotator(cfg, cfg.cache_dir or os.path.join(workdir, "cache"))
+    if cfg.backend == "gold":
+        if not ground_truth_dir:
+            raise UserInputError("annotator.backend 'gold' needs the synthetic corpus's ground truth: leave "
+                                 "`corpus` unset, or choose kb-align/openai")
+        return GoldAnnotator(ground_truth_dir)
+    if cfg.backend == "import":
+        from tasks.annotate_kb import ImportedAnnotations
+
+        if not cfg.import_path:
+            raise UserInputError("annotator.backend 'import' needs annotator.import_path (a reference-format JSON file)")
+        return ImportedAnnotations(cfg.import_path)
+    raise UserInputError(f"annotator.backend {cfg.backend!r} is unknown: use kb-align, openai, gold or import")
+
+
+def stratified_sample(rows: list[dict], n: int | None, by: str | None, seed: int) -> list[dict]:
+    """``n`` rows with each stratum (value of ``by``) represented in proportion, at least once when possible.
+
+    Deterministic for a seed; the order of the input does not matter.
+    """
+    rows = sorted(rows, key=lambda r: r["doc_id"])
+    if n is None or n >= len(rows):
+        return rows
+    rng = random.Random(seed)
+    strata: dict = defaultdict(list)
+    for r in rows:
+        strata[r.get(by) if by else None].append(r)
+    keys = sorted(strata, key=lambda k: (k is None, str(k)))
+    for k in keys:
+        rng.shuffle(strata[k])
+    quota = {k: max(1, round(n * len(strata[k]) / len(rows))) for k in keys}
+    while sum(quota.values()) > n:  # rounding up small strata can overshoot: trim the largest
+        quota[max(keys, key=lambda k: quota[k])] -= 1
+    picked = [r for k in keys for r in strata[k][:quota[k]]]
+    rest = [r for k in keys for r in strata[k][quota[k]:]]
+    rng.shuffle(rest)
+    picked += rest[: n - len(picked)]
+    return sorted(picked, key=lambda r: r["doc_id"])
+
+
+def write_seed_documents(doc_shards: list[str], n: int | None, by: str | None, seed: int, out_dir: str) -> str:
+    """The seed sample as one document shard, named by its content (same sample, same name)."""
+    tables = [read_table(s) for s in doc_shards]
+    rows = [r for t in tables for r in t.to_pylist()]
+    if not rows:
+        raise UserInputError("no documents to sample for seed annotation: the document shards are empty")
+    sample = stratified_sample(rows, n, by, seed)
+    name = "seed-" + hashlib.sha1("\n".join(r["doc_id"] for r in sample).encode()).hexdigest()[:16] + ".parquet"
+    path = posixpath.join(out_dir, "documents", name)
+    write_table_atomic(pa.Table.from_pylist(sample, schema=DOCUMENT_SCHEMA), path)
+    return path
+
+
+def write_imported_documents(imported, out_dir: str, run_id: str) -> str:
+    """The documents of an imported annotation file as a document shard."""
+    rows = [{"doc_id": d.doc_id, "text": d.text, "content_hash": content_hash(d.text), "source": imported.name,
+             "url": None, "category": None, "metadata": None, "source_file": imported.path, "source_line": i + 1,
+             "run_id": run_id} for i, d in enumerate(imported.documents)]
+    path = posixpath.join(out_dir, "documents", f"import-{imported.version.split('+')[-1]}.parquet")
+    write_table_atomic(pa.Table.from_pylist(rows, schema=DOCUMENT_SCHEMA), path)
+    return path
+
+
+write_seed_documents_task = task(write_seed_documents, name="sample-seed-documents")

@@ -1,0 +1,98 @@
+"""The corpus-processing flow end to end on a small synthetic corpus, under a Prefect test server."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from schemas.configs import CorpusFlowConfig, SyntheticCorpusConfig, ValidationConfig
+
+SMALL = SyntheticCorpusConfig(n_people=40, n_organisation_docs=6, n_city_docs=4, n_no_fact_docs=4, docs_per_file=20)
+
+
+def _duckdb_cli() -> str:
+    cli = Path(sys.executable).parent / "duckdb"
+    return str(cli) if cli.exists() else shutil.which("duckdb")
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, prefect_harness):
+    from flows.corpus import corpus_processing
+
+    workdir = tmp_path_factory.mktemp("flow")
+    report = corpus_processing(CorpusFlowConfig(workdir=str(workdir), synthetic=SMALL))
+    return workdir, report
+
+
+def test_flow_writes_shards_warehouse_and_report(first_run):
+    workdir, report = first_run
+    ing = report["ingest"]
+    assert ing["docs_read"] == ing["docs_written"] + ing["duplicates"] + ing["quarantined"]
+    assert ing["docs_written"] == 54
+    seed = report["seed_annotation"]
+    assert seed["annotator"]["name"] == "kb-align" and seed["docs"] == 54
+    assert seed["annotated"] + seed["failed"] + seed["rejected"] == 54
+    quality = seed["quality_vs_gold"]  # the issue's bar for the offline annotator
+    assert quality["precision"] >= 0.98 and quality["recall"] >= 0.95
+    assert quality["span_precision"] >= 0.98 and quality["span_recall"] >= 0.95
+    assert all(v["success"] for v in report["validation"].values())
+    assert set(report["validation"]) == {"documents", "annotations", "warehouse"}
+    on_disk = json.loads((workdir / "report.json").read_text())
+    assert on_disk["run_id"] == report["run_id"]
+    assert set(on_disk["timings_s"]) >= {"corpus", "ingest", "seed_annotation", "warehouse_load"}
+    assert report["warehouse_load"]["facts"] > 0
+
+
+def test_stock_duckdb_cli_reads_the_warehouse(first_run):
+    workdir, report = first_run
+    out = subprocess.run([_duckdb_cli(), report["warehouse"], "-csv", "-noheader", "-c",
+                          "select count(*) from facts"], capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) == report["warehouse_load"]["facts"]
+
+
+def test_rerun_skips_ingested_files_and_leaves_the_warehouse_unchanged(first_run):
+    from flows.corpus import corpus_processing
+    from warehouse import db
+
+    workdir, first = first_run
+    con = db.connect(first["warehouse"], read_only=True)
+    before = {t: db.table_checksum(con, t) for t in ("documents", "triplets")}
+    con.close()
+    again = corpus_processing(CorpusFlowConfig(workdir=str(workdir), synthetic=SMALL))
+    assert again["ingest"]["files_skipped"] == first["ingest"]["files_ingested"] > 0
+    assert again["ingest"]["docs_written"] == 0
+    assert again["seed_annotation"]["skipped"] is True
+    con = db.connect(first["warehouse"], read_only=True)
+    after = {t: db.table_checksum(con, t) for t in ("documents", "triplets")}
+    con.close()
+    assert after == before
+
+
+def test_a_failed_suite_stops_the_flow_before_the_warehouse(tmp_path, prefect_harness):
+    from flows.corpus import corpus_processing
+    from tasks.validate import ValidationFailed
+
+    strict = ValidationConfig(max_calls_per_100_words=0.5)  # every biography is denser than that
+    with pytest.raises(ValidationFailed):
+        corpus_processing(CorpusFlowConfig(workdir=str(tmp_path), synthetic=SMALL, validation=strict))
+    assert not os.path.exists(tmp_path / "warehouse.duckdb")
+
+
+@pytest.mark.slow
+def test_cli_run_prints_where_the_outputs_are(tmp_path, prefect_harness):
+    from flows.cli import main
+
+    assert main(["run", "--workdir", str(tmp_path), "--docs", "30"]) == 0
+    assert (tmp_path / "warehouse.duckdb").exists() and (tmp_path / "report.json").exists()
+
+
+def test_cli_reports_a_missing_warehouse_in_one_line(tmp_path, capsys):
+    from flows.cli import main
+
+    assert main(["warehouse", "stats", "--db", str(tmp_path / "nope.duckdb")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.duckdb" in err[0]
