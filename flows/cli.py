@@ -70,6 +70,40 @@ def cmd_run(args) -> None:
     print(f"try:       duckdb {report['warehouse']} -c \"select count(*) from facts\"")
 
 
+def cmd_seed(args) -> None:
+    from pydantic import ValidationError
+
+    from flows.seed import seed_annotation
+    from schemas.configs import SeedFlowConfig
+
+    data = _load_config(args.config, SeedFlowConfig)
+    if args.shards:
+        data["document_shards"] = args.shards
+    if args.workdir:
+        data["workdir"] = args.workdir
+    seed = data.setdefault("seed", {})
+    if args.docs:
+        seed["sample_docs"] = args.docs
+    annotator = seed.setdefault("annotator", {})
+    for key, value in (("backend", args.annotator), ("kb", args.kb), ("import_path", args.import_path)):
+        if value:
+            annotator[key] = value
+    endpoint = annotator.setdefault("endpoint", {})
+    for key, value in (("base_url", args.base_url), ("model", args.model)):
+        if value:
+            endpoint[key] = value
+    try:
+        config = SeedFlowConfig(**data)
+    except ValidationError as exc:
+        raise UserError(f"invalid seed config: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']} "
+                        "(give --shards or document_shards in --config)")
+    report = seed_annotation(config)
+    print(f"seed: {report['docs']} documents, {report['annotated']} annotated, {report['failed']} failed "
+          f"(retried on the next run), {report['rejected']} rejected, {report['calls']} calls")
+    print(f"shards:    {report['annotated_shard']}")
+    print(f"warehouse: {report['warehouse']}")
+
+
 def cmd_generate_corpus(args) -> None:
     from tasks.synthetic import generate_corpus
 
@@ -168,6 +202,63 @@ def cmd_wh_edit(args) -> None:
     print(f"edit recorded (audit id {audit_id})")
 
 
+def cmd_serve(args) -> None:
+    from pydantic import ValidationError
+
+    from flows.serve import ServeConfig, serve
+
+    data = _load_config(args.config, ServeConfig)
+    if args.workdir:
+        data["workdir"] = args.workdir
+    if args.corpus_cron is not None:
+        data.setdefault("schedules", {"corpus-processing": None})["corpus-processing"] = args.corpus_cron or None
+    if args.llm_slots:
+        data["llm_slots"] = args.llm_slots
+    try:
+        config = ServeConfig(**data)
+    except ValidationError as exc:
+        raise UserError(f"invalid serve config: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
+    serve(config)
+
+
+def cmd_trigger(args) -> None:
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    if not PREFECT_API_URL.value():
+        raise UserError("set PREFECT_API_URL to the server `lmlm serve` registered with (e.g. http://127.0.0.1:4200/api)")
+    try:
+        parameters = json.loads(args.params) if args.params else None
+    except ValueError as exc:
+        raise UserError(f"--params is not JSON ({exc}); give an object such as '{{\"config\": {{\"workdir\": \"out/x\"}}}}'")
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        run = run_deployment(args.deployment, parameters=parameters, timeout=args.wait, poll_interval=2,
+                             as_subflow=False)
+    except ObjectNotFound:
+        raise UserError(f"no deployment {args.deployment!r}: is `lmlm serve` running? (names are FLOW/DEPLOYMENT, "
+                        "e.g. corpus-processing/scheduled; `prefect deployment ls` lists them)")
+    ui = PREFECT_UI_URL.value()
+    print(f"flow run {run.name} ({run.id}): {run.state.name if run.state else 'unknown'}")
+    if ui:
+        print(f"ui:       {ui}/runs/flow-run/{run.id}")
+    if args.wait and run.state and run.state.is_final() and not run.state.is_completed():
+        raise UserError(f"flow run {run.id} ended {run.state.name}: {run.state.message or ''}".strip())
+
+
+def cmd_wh_alias(args) -> None:
+    from warehouse import db
+
+    con = db.connect(_need_db(args.db))
+    try:
+        audit_id = db.set_alias(con, args.kind, args.alias, args.canonical, reason=args.reason,
+                                user=args.user or os.environ.get("USER"))
+    finally:
+        con.close()
+    print(f"{args.kind} alias {args.alias!r} -> {args.canonical!r} recorded as reviewed (audit id {audit_id})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmlm", description="Knowledge-separated LM pipeline (Prefect + DuckDB)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -181,6 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-validate", action="store_true", help="skip the Great Expectations gates")
     r.set_defaults(func=cmd_run)
 
+    sd = sub.add_parser("seed", help="seed annotation of existing document shards (sample, annotate, correct, load)")
+    sd.add_argument("--shards", nargs="+", help="document shard files/folders/globs (e.g. out/x/shards/documents)")
+    sd.add_argument("--workdir", help="output folder (default out)")
+    sd.add_argument("--docs", type=int, help="seed sample size (stratified by category)")
+    sd.add_argument("--annotator", choices=["kb-align", "openai", "gold", "import"])
+    sd.add_argument("--kb", help="kb-align: knowledge base (Parquet/JSON/JSONL of entity, relation, value)")
+    sd.add_argument("--import-path", help="import: a reference-format annotated JSON file")
+    sd.add_argument("--base-url", help="openai: endpoint base URL, e.g. http://127.0.0.1:8000/v1")
+    sd.add_argument("--model", help="openai: model name")
+    sd.add_argument("--config", help="JSON/YAML file of SeedFlowConfig fields")
+    sd.set_defaults(func=cmd_seed)
+
     g = sub.add_parser("generate-corpus", help="write the synthetic biography corpus and its ground truth")
     g.add_argument("--out", required=True)
     g.add_argument("--docs", type=int, default=400)
@@ -193,6 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--shard-docs", type=int, default=50_000)
     i.add_argument("--workers", type=int, default=2)
     i.set_defaults(func=cmd_ingest)
+
+    sv = sub.add_parser("serve", help="register a Prefect deployment per flow and execute their runs (needs a server)")
+    sv.add_argument("--config", help="JSON/YAML file of ServeConfig fields (schedules, corpus parameters, llm_slots)")
+    sv.add_argument("--workdir", help="where served runs write (default out/serve)")
+    sv.add_argument("--corpus-cron", help="cron schedule of corpus processing, UTC (\"\" for on demand only)")
+    sv.add_argument("--llm-slots", type=int, help="LLM endpoint calls in flight across all flow runs")
+    sv.set_defaults(func=cmd_serve)
+
+    t = sub.add_parser("trigger", help="start a run of a served deployment (as the UI's Run button does)")
+    t.add_argument("deployment", help="FLOW/DEPLOYMENT, e.g. corpus-processing/scheduled or seed-annotation/on-demand")
+    t.add_argument("--params", help="JSON object of parameters; unset: the deployment's defaults")
+    t.add_argument("--wait", type=float, default=0, help="seconds to wait for the run to finish (0: return at once)")
+    t.set_defaults(func=cmd_trigger)
 
     w = sub.add_parser("warehouse", help="inspect and edit the DuckDB warehouse")
     wsub = w.add_subparsers(dest="wcommand", required=True)
@@ -221,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--reason", required=True)
     ed.add_argument("--user")
     ed.set_defaults(func=cmd_wh_edit)
+    al = wsub.add_parser("alias", parents=[common], help="review an alias mapping (wins over corrector proposals)")
+    al.add_argument("--kind", choices=["relation", "entity"], required=True)
+    al.add_argument("--alias", required=True, help="the name as annotators wrote it")
+    al.add_argument("--canonical", required=True, help="the name it means (the alias itself rejects a proposal)")
+    al.add_argument("--reason", required=True)
+    al.add_argument("--user")
+    al.set_defaults(func=cmd_wh_alias)
     return p
 
 

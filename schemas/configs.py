@@ -7,6 +7,8 @@ named by the config, never stored.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -39,6 +41,16 @@ class WarehouseConfig(BaseModel):
     path: str = Field("out/warehouse.duckdb", description="the DuckDB file (local path)")
 
 
+class TaskRunnerConfig(BaseModel):
+    """Where a flow's sharded stages run: threads in the flow's process, or a Dask or Ray cluster."""
+
+    kind: Literal["threads", "dask", "ray"] = Field("threads", description="threads (default), dask (prefect-dask) or ray (prefect-ray)")
+    address: str | None = Field(
+        None, description="an existing cluster (dask: tcp://host:8786, ray: ray://host:10001); unset: a local one"
+    )
+    workers: int = Field(2, ge=1, description="threads, or workers of the local cluster started when address is unset")
+
+
 class ValidationConfig(BaseModel):
     enabled: bool = True
     max_calls_per_100_words: float = Field(12.0, gt=0, description="the reference's density filter")
@@ -65,6 +77,9 @@ class EndpointConfig(BaseModel):
     max_tokens: int = Field(2048, ge=16)
     input_price_per_mtok: float = Field(2.5, ge=0, description="USD per million prompt tokens, for the cost estimate")
     output_price_per_mtok: float = Field(10.0, ge=0, description="USD per million completion tokens")
+    global_limit: str | None = Field(
+        "llm-endpoint", description="Prefect global concurrency limit every flow run's requests share; none disables"
+    )
 
 
 class AnnotatorConfig(BaseModel):
@@ -98,7 +113,6 @@ class CorrectorConfig(BaseModel):
 
 
 # --- pretraining (models/train.py, tasks/pretrain.py) ---
-from typing import Literal  # noqa: E402  (kept with the section that uses it)
 
 from pydantic import model_validator  # noqa: E402
 
@@ -111,7 +125,7 @@ class PretrainConfig(BaseModel):
     tokenizer: str | None = Field(None, description="folder or hub name; unset: byte-level BPE trained on the corpus")
     vocab_size: int = Field(4096, ge=262, description="vocabulary of a tokenizer trained on the corpus")
     context_length: int | None = Field(None, ge=16, description="block length; unset: the model shape's context")
-    batch_size: int = Field(16, ge=1, description="blocks per micro-batch, per process")
+    batch_size: int = Field(8, ge=1, description="blocks per micro-batch, per process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     lr: float = Field(2e-3, gt=0, description="peak learning rate")
     min_lr: float = Field(2e-4, ge=0, description="learning rate at the end of the cosine decay")
@@ -162,11 +176,12 @@ class SeedFlowConfig(BaseModel):
     """The seed-annotation flow on document shards that already exist (e.g. from `lmlm ingest`)."""
 
     workdir: str = Field("out", description="seed shards go to <workdir>/seed")
-    document_shards: list[str] = Field(description="document shard files, folders or globs")
+    document_shards: list[str] = Field(default_factory=list, description="document shard files, folders or globs (not needed for import)")
     ground_truth: str | None = Field(None, description="synthetic ground-truth folder: scores the seed against gold")
     seed: SeedAnnotationConfig = Field(default_factory=SeedAnnotationConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     warehouse_path: str | None = Field(None, description="DuckDB file; default <workdir>/warehouse.duckdb")
+    warehouse_wait_s: float = Field(600.0, ge=0, description="how long loading waits for another writer of the warehouse")
 
 
 class CorpusFlowConfig(BaseModel):
@@ -182,3 +197,5 @@ class CorpusFlowConfig(BaseModel):
     seed: SeedAnnotationConfig = Field(default_factory=SeedAnnotationConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     warehouse_path: str | None = Field(None, description="DuckDB file; default <workdir>/warehouse.duckdb")
+    warehouse_wait_s: float = Field(600.0, ge=0, description="how long loading waits for another writer of the warehouse")
+    task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig)
