@@ -14,13 +14,17 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from flows.artifacts import bar_chart_png, publish_links, publish_png, publish_table
+from flows.runners import map_over_shards
 from flows.seed import publish_validation, run_seed_stage
 from schemas.configs import CorpusFlowConfig, IngestConfig
 from tasks.ingest import ingest_task
 from tasks.load import code_version, load_warehouse_task
+from tasks.profile import merge_profiles, profile_document_shard_task
 from tasks.shardio import list_files
 from tasks.synthetic import generate_corpus_task
 from tasks.validate import validate_documents_task, validate_warehouse_task
+from warehouse import db
 
 
 @contextmanager
@@ -69,6 +73,12 @@ def corpus_processing(config: CorpusFlowConfig = CorpusFlowConfig()) -> dict:
     logger.info("ingest: %d read, %d written, %d duplicates, %d quarantined",
                 ingest.docs_read, ingest.docs_written, ingest.duplicates, ingest.quarantined)
 
+    with _stage(timings, "profile"):  # the sharded stage: runs on the configured task runner (threads, Dask, Ray)
+        profiles = map_over_shards(profile_document_shard_task, doc_shards, config.task_runner,
+                                   name="profile-document-shards")
+    report["profile"] = {**merge_profiles(profiles), "task_runner": config.task_runner.kind,
+                         "per_shard": profiles}
+
     validations = report.setdefault("validation", {})
     if config.validation.enabled:
         with _stage(timings, "validate_documents"):
@@ -78,7 +88,7 @@ def corpus_processing(config: CorpusFlowConfig = CorpusFlowConfig()) -> dict:
 
     with _stage(timings, "seed_annotation"):
         seed = run_seed_stage(doc_shards, config.seed, workdir, run_id, ground_truth, config.validation,
-                              warehouse_path)
+                              warehouse_path, config.warehouse_wait_s)
     relation_aliases, entity_aliases = seed.pop("relation_aliases"), seed.pop("entity_aliases")
     validations["annotations"] = seed.pop("validation", None) or {"success": True, "skipped": True}
     report["seed_annotation"] = seed
@@ -87,7 +97,7 @@ def corpus_processing(config: CorpusFlowConfig = CorpusFlowConfig()) -> dict:
         loaded = load_warehouse_task(
             warehouse_path, run_id, doc_shards, [seed["annotated_shard"]], [seed["triplet_shard"]],
             flow="corpus-processing", config=config.model_dump(), inputs=inputs,
-            relation_aliases=relation_aliases, entity_aliases=entity_aliases,
+            relation_aliases=relation_aliases, entity_aliases=entity_aliases, wait_s=config.warehouse_wait_s,
         )
     report["warehouse_load"] = loaded
 
@@ -97,13 +107,25 @@ def corpus_processing(config: CorpusFlowConfig = CorpusFlowConfig()) -> dict:
         validations["warehouse"] = v.model_dump()
         publish_validation(v, config.validation.fail_flow)
 
+    report["relations"] = relation_histogram(warehouse_path, config.warehouse_wait_s)
     report["timings_s"] = timings
     report["finished_at"] = datetime.now(timezone.utc).isoformat()
-    report["shards"] = {"documents": os.path.join(shards_dir, "documents"),
-                        "annotated": os.path.dirname(seed["annotated_shard"]),
-                        "triplets": os.path.dirname(seed["triplet_shard"])}
+    report["shards"] = {"documents": os.path.abspath(os.path.join(shards_dir, "documents")),
+                        "annotated": os.path.abspath(os.path.dirname(seed["annotated_shard"])),
+                        "triplets": os.path.abspath(os.path.dirname(seed["triplet_shard"]))}
     _publish_report(report, workdir)
     return report
+
+
+def relation_histogram(warehouse_path: str, wait_s: float) -> dict[str, int]:
+    """Triplets per canonical relation in the warehouse, most frequent first."""
+    con = db.connect(warehouse_path, read_only=True, wait_s=wait_s)
+    try:
+        rows = con.execute("SELECT relation, n_triplets FROM relation_stats WHERE n_triplets > 0 "
+                           "ORDER BY n_triplets DESC, relation").fetchall()
+    finally:
+        con.close()
+    return dict(rows)
 
 
 def _publish_report(report: dict, workdir: str) -> None:
@@ -144,3 +166,20 @@ def _publish_report(report: dict, workdir: str) -> None:
         *[f"| {k} | {v['success']} |" for k, v in report.get("validation", {}).items()],
     ]
     create_markdown_artifact("\n".join(md), key="corpus-report", description="Corpus processing report")
+    publish_table([{"reason": k, "documents": v} for k, v in quarantine.items()], key="corpus-quarantine-reasons",
+                  description="Documents quarantined at ingestion, by reason (the raw bytes are in quarantine/*.parquet)")
+    prof = report["profile"]
+    publish_table([{k: p[k] for k in ("shard", "documents", "words", "characters", "worker")} for p in prof["per_shard"]],
+                  key="corpus-document-shards",
+                  description=f"Document shards profiled on the {prof['task_runner']} task runner")
+    if report["relations"]:
+        publish_table([{"relation": r, "triplets": n} for r, n in report["relations"].items()],
+                      key="corpus-relations", description="Triplets per canonical relation in the warehouse")
+        publish_png(bar_chart_png(report["relations"], "Triplets per relation (warehouse)", "triplets"),
+                    key="corpus-relation-histogram", description="Triplets per canonical relation",
+                    save_to=os.path.join(workdir, "plots", "relations.png"))
+    if prof["categories"]:
+        publish_png(bar_chart_png(prof["categories"], "Documents per category", "documents"),
+                    key="corpus-categories", description="Ingested documents per category",
+                    save_to=os.path.join(workdir, "plots", "categories.png"))
+    publish_links({"warehouse": report["warehouse"], **report["shards"], "report": path}, key_prefix="corpus")

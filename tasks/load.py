@@ -45,13 +45,14 @@ def propose_aliases(con, kind: str, proposals: list[dict]) -> int:
     return stored
 
 
-def reviewed_overrides(path: str) -> tuple[dict[str, str], dict[str, str]]:
-    """Reviewed relation and entity alias mappings from the warehouse (empty when it does not exist yet)."""
+def reviewed_overrides(path: str, wait_s: float = 0.0) -> tuple[dict[str, str], dict[str, str]]:
+    """Reviewed relation and entity alias mappings from the warehouse (empty when it does not exist yet);
+    waits up to ``wait_s`` seconds while another process writes it."""
     import os
 
     if not os.path.exists(path):
         return {}, {}
-    con = db.connect(path, read_only=True)
+    con = db.connect(path, read_only=True, wait_s=wait_s)
     try:
         rel = dict(con.execute("SELECT alias, relation FROM relation_aliases WHERE reviewed").fetchall())
         ent = dict(con.execute("SELECT alias, entity FROM entity_aliases WHERE reviewed").fetchall())
@@ -62,10 +63,16 @@ def reviewed_overrides(path: str) -> tuple[dict[str, str], dict[str, str]]:
 
 def load_warehouse(path: str, run_id: str, doc_shards: list[str], annotated_shards: list[str],
                    triplet_shards: list[str], flow: str, config: dict, inputs: list[str],
-                   relation_aliases: list[dict] | None = None, entity_aliases: list[dict] | None = None) -> dict:
-    """Load shards idempotently, store alias proposals, and record the run; returns row counts."""
+                   relation_aliases: list[dict] | None = None, entity_aliases: list[dict] | None = None,
+                   wait_s: float = 0.0) -> dict:
+    """Load shards idempotently, store alias proposals, and record the run; returns row counts.
+
+    One writer at a time: while another process writes the file, waits up to ``wait_s`` seconds, then
+    raises WarehouseBusyError. Each table loads in one transaction, so a killed load leaves the file
+    as it was before that table.
+    """
     started = datetime.now(timezone.utc)
-    con = db.connect(path)
+    con = db.connect(path, wait_s=wait_s)
     try:
         db.record_run(con, run_id, flow, config, inputs, code_version(), status="loading", started_at=started)
         counts = {
@@ -76,7 +83,8 @@ def load_warehouse(path: str, run_id: str, doc_shards: list[str], annotated_shar
             "entity_aliases_proposed": propose_aliases(con, "entity", entity_aliases or []),
         }
         summary = db.stats(con)
-        counts.update({k: summary.get(k) for k in ("documents", "triplets", "facts", "conflicts")})
+        counts.update(documents=summary["tables"]["documents"], triplets=summary["tables"]["triplets"],
+                      facts=summary["facts"], conflicts=summary["conflicts"])
         db.record_run(con, run_id, flow, config, inputs, code_version(), status="loaded", counts=counts,
                       started_at=started, finished_at=datetime.now(timezone.utc))
         return counts

@@ -45,6 +45,7 @@ def test_flow_writes_shards_warehouse_and_report(first_run):
     assert on_disk["run_id"] == report["run_id"]
     assert set(on_disk["timings_s"]) >= {"corpus", "ingest", "seed_annotation", "warehouse_load"}
     assert report["warehouse_load"]["facts"] > 0
+    assert report["warehouse_load"]["triplets"] == seed["calls"]
 
 
 def test_stock_duckdb_cli_reads_the_warehouse(first_run):
