@@ -67,7 +67,9 @@ def cmd_run(args) -> None:
     print(f"           {report['shards']['annotated']}")
     print(f"warehouse: {report['warehouse']} ({wh['facts']} facts, {wh['triplets']} triplets)")
     print(f"report:    {os.path.join(report['workdir'], 'report.json')}")
-    print(f"try:       duckdb {report['warehouse']} -c \"select count(*) from facts\"")
+    cli = os.path.join(os.path.dirname(sys.executable), "duckdb")
+    cli = os.path.relpath(cli) if os.path.exists(cli) else "duckdb"
+    print(f"try:       {cli} {report['warehouse']} -c \"select count(*) from facts\"")
 
 
 def cmd_seed(args) -> None:
@@ -259,6 +261,25 @@ def cmd_wh_alias(args) -> None:
     print(f"{args.kind} alias {args.alias!r} -> {args.canonical!r} recorded as reviewed (audit id {audit_id})")
 
 
+def cmd_mark_crashed(args) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+    from prefect.states import Crashed
+
+    if not PREFECT_API_URL.value():
+        raise UserError("set PREFECT_API_URL to the server the run belongs to (e.g. http://127.0.0.1:4200/api)")
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(args.flow_run)
+        except (ObjectNotFound, ValueError):
+            raise UserError(f"no flow run {args.flow_run!r} on {PREFECT_API_URL.value()}; copy its id from the UI")
+        if run.state and run.state.is_final():
+            raise UserError(f"flow run {run.name} already ended {run.state.name}; nothing to do")
+        client.set_flow_run_state(run.id, Crashed(message=args.reason), force=True)
+    print(f"flow run {run.name} ({run.id}) marked Crashed; its deployment slot is free, trigger it again to resume")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmlm", description="Knowledge-separated LM pipeline (Prefect + DuckDB)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -309,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--params", help="JSON object of parameters; unset: the deployment's defaults")
     t.add_argument("--wait", type=float, default=0, help="seconds to wait for the run to finish (0: return at once)")
     t.set_defaults(func=cmd_trigger)
+
+    mc = sub.add_parser("mark-crashed", help="mark a run whose process died (killed worker) Crashed, freeing its slot")
+    mc.add_argument("flow_run", help="flow run id (from the UI or lmlm trigger)")
+    mc.add_argument("--reason", default="its process was killed; marked by lmlm mark-crashed")
+    mc.set_defaults(func=cmd_mark_crashed)
 
     w = sub.add_parser("warehouse", help="inspect and edit the DuckDB warehouse")
     wsub = w.add_subparsers(dest="wcommand", required=True)
