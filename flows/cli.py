@@ -223,17 +223,36 @@ def cmd_serve(args) -> None:
     serve(config)
 
 
+def _need_prefect_server() -> str:
+    """The API URL of a Prefect server that answers; else one clear error."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise UserError("set PREFECT_API_URL to the server `lmlm serve` registered with "
+                        "(e.g. http://127.0.0.1:4200/api)")
+    with get_client(sync_client=True) as client:
+        unhealthy = client.api_healthcheck()
+    if unhealthy is not None:
+        raise UserError(f"no Prefect server answers at PREFECT_API_URL={url} ({unhealthy}); start it or fix the URL")
+    return url
+
+
 def cmd_trigger(args) -> None:
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+    from prefect.settings import PREFECT_UI_URL
 
-    if not PREFECT_API_URL.value():
-        raise UserError("set PREFECT_API_URL to the server `lmlm serve` registered with (e.g. http://127.0.0.1:4200/api)")
+    from prefect.exceptions import ObjectNotFound
+
     try:
         parameters = json.loads(args.params) if args.params else None
     except ValueError as exc:
-        raise UserError(f"--params is not JSON ({exc}); give an object such as '{{\"config\": {{\"workdir\": \"out/x\"}}}}'")
-    from prefect.exceptions import ObjectNotFound
+        raise UserError(f"--params is not JSON ({exc}); "
+                        "give an object such as '{\"config\": {\"workdir\": \"out/x\"}}'")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise UserError("--params must be a JSON object of parameter names, e.g. '{\"config\": {...}}'")
+    _need_prefect_server()
 
     try:
         run = run_deployment(args.deployment, parameters=parameters, timeout=args.wait, poll_interval=2,
@@ -264,20 +283,119 @@ def cmd_wh_alias(args) -> None:
 def cmd_mark_crashed(args) -> None:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
-    from prefect.settings import PREFECT_API_URL
     from prefect.states import Crashed
 
-    if not PREFECT_API_URL.value():
-        raise UserError("set PREFECT_API_URL to the server the run belongs to (e.g. http://127.0.0.1:4200/api)")
+    url = _need_prefect_server()
     with get_client(sync_client=True) as client:
         try:
             run = client.read_flow_run(args.flow_run)
         except (ObjectNotFound, ValueError):
-            raise UserError(f"no flow run {args.flow_run!r} on {PREFECT_API_URL.value()}; copy its id from the UI")
+            raise UserError(f"no flow run {args.flow_run!r} on {url}; copy its id from the UI")
         if run.state and run.state.is_final():
             raise UserError(f"flow run {run.name} already ended {run.state.name}; nothing to do")
         client.set_flow_run_state(run.id, Crashed(message=args.reason), force=True)
     print(f"flow run {run.name} ({run.id}) marked Crashed; its deployment slot is free, trigger it again to resume")
+
+
+def cmd_pipeline(args) -> None:
+    """``lmlm run`` with the small-annotator stages: seed -> fine-tune -> bulk annotation -> warehouse."""
+    from schemas.configs import CorpusFlowConfig
+
+    data = _load_config(args.config, CorpusFlowConfig)
+    data.setdefault("small_annotator", {})["enabled"] = True
+    if args.finetune_budget_s:
+        data["small_annotator"].setdefault("finetune", {}).setdefault("time_budget_s", args.finetune_budget_s)
+    config_path = os.path.join(args.workdir or data.get("workdir", "out"), "pipeline-config.json")
+    os.makedirs(os.path.dirname(config_path), exist_ok=True)
+    with open(config_path, "w") as f:
+        json.dump(data, f)
+    args.config = config_path
+    cmd_run(args)
+
+
+def cmd_annotator_finetune(args) -> None:
+    from pydantic import ValidationError
+
+    from flows.annotator import annotator_finetune
+    from schemas.configs import FinetuneFlowConfig
+
+    data = _load_config(args.config, FinetuneFlowConfig)
+    data.update(workdir=args.workdir or data.get("workdir", "out"), seed_shards=args.seed_shards)
+    if args.base:
+        data.setdefault("finetune", {})["base"] = args.base
+    if args.budget_s:
+        data.setdefault("finetune", {})["time_budget_s"] = args.budget_s
+    try:
+        config = FinetuneFlowConfig(**data)
+    except ValidationError as exc:
+        raise UserError(f"invalid config: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
+    report = annotator_finetune(config)
+    q = report["holdout_quality"]
+    print(f"checkpoint: {report['checkpoint']} ({report['parameters']:,} parameters, version {report['version']})")
+    if q:
+        print(f"held-out:   triplet P {q['precision']:.3f} R {q['recall']:.3f} F1 {q['f1']:.3f}, "
+              f"source preserved {q['source_preserved_rate']:.3f} on {q['documents']} documents")
+
+
+def cmd_annotator_bulk(args) -> None:
+    from pydantic import ValidationError
+
+    from flows.annotator import bulk_annotation
+    from schemas.configs import BulkFlowConfig
+
+    data = _load_config(args.config, BulkFlowConfig)
+    data.update(workdir=args.workdir or data.get("workdir", "out"), document_shards=args.shards)
+    bulk = data.setdefault("bulk", {})
+    for key in ("backend", "checkpoint", "server_command"):
+        if getattr(args, key, None):
+            bulk[key] = getattr(args, key)
+    if args.base_url:
+        bulk.setdefault("endpoint", {})["base_url"] = args.base_url
+    if args.no_warehouse:
+        data["load_warehouse"] = False
+    try:
+        config = BulkFlowConfig(**data)
+    except ValidationError as exc:
+        raise UserError(f"invalid config: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
+    report = bulk_annotation(config)
+    print(f"shards:    {report['shards']} ({report['shards_skipped']} finished earlier, skipped)")
+    print(f"documents: {report['docs']}, {report['annotated']} annotated, {report['failed']} failed, "
+          f"{report['calls']} calls, {report['docs_per_s']} documents/s")
+    print(f"report:    {os.path.join(config.workdir, 'bulk-report.json')}")
+
+
+def add_annotator_commands(sub) -> None:
+    """``lmlm pipeline`` and ``lmlm annotator {finetune,bulk}``."""
+    pl = sub.add_parser("pipeline", help="the whole pipeline: run + fine-tune the small annotator + bulk annotation")
+    pl.add_argument("--workdir", default=None, help="output folder (default out)")
+    pl.add_argument("--corpus", nargs="+", help="corpus files, folders, globs or fsspec URLs")
+    pl.add_argument("--docs", type=int, help="size of the synthetic corpus in documents")
+    pl.add_argument("--seed", type=int, default=0, help="synthetic corpus seed")
+    pl.add_argument("--config", help="JSON/YAML file of CorpusFlowConfig fields")
+    pl.add_argument("--no-validate", action="store_true", help="skip the Great Expectations gates")
+    pl.add_argument("--finetune-budget-s", type=float, default=240.0,
+                    help="stop fine-tuning after this many seconds (default 240, the demo's share; 0: train all epochs)")
+    pl.set_defaults(func=cmd_pipeline)
+
+    an = sub.add_parser("annotator", help="fine-tune the small annotator; annotate shards in bulk with it")
+    asub = an.add_subparsers(dest="acommand", required=True)
+    ft = asub.add_parser("finetune", help="fine-tune on annotated seed shards")
+    ft.add_argument("seed_shards", nargs="+", help="annotated seed shard files, folders or globs")
+    ft.add_argument("--workdir", default=None, help="the checkpoint goes to <workdir>/annotator/model")
+    ft.add_argument("--base", help="annotator-small (default), annotator-tiny, a models.lmlm shape, or a hub name")
+    ft.add_argument("--budget-s", type=float, help="stop training after this many seconds")
+    ft.add_argument("--config", help="JSON/YAML file of FinetuneFlowConfig fields")
+    ft.set_defaults(func=cmd_annotator_finetune)
+    bk = asub.add_parser("bulk", help="annotate document shards (resumable: finished shards are skipped)")
+    bk.add_argument("shards", nargs="+", help="document shard files, folders or globs")
+    bk.add_argument("--workdir", default=None, help="outputs go to <workdir>/bulk")
+    bk.add_argument("--backend", choices=["transformers", "vllm", "openai"])
+    bk.add_argument("--checkpoint", help="annotator folder (default <workdir>/annotator/model)")
+    bk.add_argument("--base-url", help="vllm/openai: the server, e.g. http://127.0.0.1:8000/v1")
+    bk.add_argument("--server-command", nargs="+", help="vllm: command that starts the server")
+    bk.add_argument("--no-warehouse", action="store_true", help="do not load the warehouse")
+    bk.add_argument("--config", help="JSON/YAML file of BulkFlowConfig fields")
+    bk.set_defaults(func=cmd_annotator_bulk)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -370,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--reason", required=True)
     al.add_argument("--user")
     al.set_defaults(func=cmd_wh_alias)
+    add_annotator_commands(sub)
     return p
 
 

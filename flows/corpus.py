@@ -1,4 +1,5 @@
-"""The corpus-processing flow: corpus -> document shards -> seed annotation -> validation -> warehouse -> report."""
+"""The corpus-processing flow: corpus -> document shards -> seed annotation -> correction -> [fine-tune ->
+bulk annotation] -> validation -> warehouse -> report (the bracketed stages with ``small_annotator.enabled``)."""
 
 from __future__ import annotations
 
@@ -86,16 +87,40 @@ def corpus_processing(config: CorpusFlowConfig = CorpusFlowConfig()) -> dict:
         validations["documents"] = v.model_dump()
         publish_validation(v, config.validation.fail_flow)
 
+    small = config.small_annotator  # fine-tune + bulk stages: the seed is then a sample of the corpus
+    seed_cfg = config.seed
+    if small.enabled and seed_cfg.sample_docs is None:
+        seed_cfg = seed_cfg.model_copy(update={"sample_docs": small.seed_docs})
     with _stage(timings, "seed_annotation"):
-        seed = run_seed_stage(doc_shards, config.seed, workdir, run_id, ground_truth, config.validation,
+        seed = run_seed_stage(doc_shards, seed_cfg, workdir, run_id, ground_truth, config.validation,
                               warehouse_path, config.warehouse_wait_s)
     relation_aliases, entity_aliases = seed.pop("relation_aliases"), seed.pop("entity_aliases")
     validations["annotations"] = seed.pop("validation", None) or {"success": True, "skipped": True}
     report["seed_annotation"] = seed
+    annotated_shards, triplet_shards = [seed["annotated_shard"]], [seed["triplet_shard"]]
+
+    if small.enabled:
+        from flows.annotator import run_bulk_stage, run_finetune_stage
+
+        with _stage(timings, "finetune"):
+            report["finetune"] = run_finetune_stage([seed["annotated_shard"]], small.finetune, workdir)
+        with _stage(timings, "bulk_annotation"):
+            bulk = run_bulk_stage(doc_shards, small.bulk, small.bulk.checkpoint or report["finetune"]["checkpoint"],
+                                  workdir, run_id, ground_truth, exclude_from_scoring=[seed["annotated_shard"]])
+        report["bulk_annotation"] = bulk
+        annotated_shards, triplet_shards = bulk["annotated_shards"], bulk["triplet_shards"]
+        if config.validation.enabled:
+            from tasks.validate import validate_annotations_task
+
+            with _stage(timings, "validate_bulk_annotations"):
+                v = validate_annotations_task(annotated_shards, triplet_shards, None,
+                                              config.validation.max_calls_per_100_words)
+            validations["bulk_annotations"] = v.model_dump()
+            publish_validation(v, config.validation.fail_flow)
 
     with _stage(timings, "warehouse_load"):
         loaded = load_warehouse_task(
-            warehouse_path, run_id, doc_shards, [seed["annotated_shard"]], [seed["triplet_shard"]],
+            warehouse_path, run_id, doc_shards, annotated_shards, triplet_shards,
             flow="corpus-processing", config=config.model_dump(), inputs=inputs,
             relation_aliases=relation_aliases, entity_aliases=entity_aliases, wait_s=config.warehouse_wait_s,
         )
@@ -111,8 +136,8 @@ def corpus_processing(config: CorpusFlowConfig = CorpusFlowConfig()) -> dict:
     report["timings_s"] = timings
     report["finished_at"] = datetime.now(timezone.utc).isoformat()
     report["shards"] = {"documents": os.path.abspath(os.path.join(shards_dir, "documents")),
-                        "annotated": os.path.abspath(os.path.dirname(seed["annotated_shard"])),
-                        "triplets": os.path.abspath(os.path.dirname(seed["triplet_shard"]))}
+                        "annotated": os.path.abspath(os.path.dirname(annotated_shards[0])),
+                        "triplets": os.path.abspath(os.path.dirname(triplet_shards[0]))}
     _publish_report(report, workdir)
     return report
 
@@ -141,8 +166,14 @@ def _publish_report(report: dict, workdir: str) -> None:
         {"stage": "seed_annotation", "in": seed["docs"], "out": seed["annotated"],
          "dropped": f"{seed['failed']} failed, {seed['rejected']} rejected by the corrector",
          "seconds": report["timings_s"].get("seed_annotation")},
-        {"stage": "warehouse_load", "in": seed["calls"], "out": wh.get("facts"), "dropped": "",
-         "seconds": report["timings_s"].get("warehouse_load")},
+        *([{"stage": "finetune", "in": report["finetune"]["train_docs"], "out": report["finetune"]["parameters"],
+            "dropped": f"held-out F1 {report['finetune']['holdout_quality'].get('f1', float('nan')):.3f}",
+            "seconds": report["timings_s"].get("finetune")},
+           {"stage": "bulk_annotation", "in": report["bulk_annotation"]["docs"],
+            "out": report["bulk_annotation"]["annotated"], "dropped": f"{report['bulk_annotation']['failed']} failed",
+            "seconds": report["timings_s"].get("bulk_annotation")}] if "bulk_annotation" in report else []),
+        {"stage": "warehouse_load", "in": report.get("bulk_annotation", seed)["calls"], "out": wh.get("facts"),
+         "dropped": "", "seconds": report["timings_s"].get("warehouse_load")},
     ]
     create_table_artifact(rows, key="corpus-stage-counts", description="Per-stage counts and timings")
     quarantine = ing.get("quarantine_reasons") or {}
@@ -167,9 +198,10 @@ def _publish_report(report: dict, workdir: str) -> None:
     ]
     create_markdown_artifact("\n".join(md), key="corpus-report", description="Corpus processing report")
     publish_table([{"reason": k, "documents": v} for k, v in quarantine.items()], key="corpus-quarantine-reasons",
-                  description="Documents quarantined at ingestion, by reason (the raw bytes are in quarantine/*.parquet)")
+                  description="Documents quarantined at ingestion, by reason (raw bytes in quarantine/*.parquet)")
     prof = report["profile"]
-    publish_table([{k: p[k] for k in ("shard", "documents", "words", "characters", "worker")} for p in prof["per_shard"]],
+    columns = ("shard", "documents", "words", "characters", "worker")
+    publish_table([{k: p[k] for k in columns} for p in prof["per_shard"]],
                   key="corpus-document-shards",
                   description=f"Document shards profiled on the {prof['task_runner']} task runner")
     if report["relations"]:
@@ -182,4 +214,4 @@ def _publish_report(report: dict, workdir: str) -> None:
         publish_png(bar_chart_png(prof["categories"], "Documents per category", "documents"),
                     key="corpus-categories", description="Ingested documents per category",
                     save_to=os.path.join(workdir, "plots", "categories.png"))
-    publish_links({"warehouse": report["warehouse"], **report["shards"], "report": path}, key_prefix="corpus")
+    publish_links({"warehouse": report["warehouse"], **report["shards"], "report": path}, key="corpus-outputs")

@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from flows.artifacts import publish_links
 from schemas import markup
 from schemas.configs import SeedAnnotationConfig, SeedFlowConfig, ValidationConfig
 from tasks.annotate import annotate_shard_task
@@ -49,7 +50,8 @@ def score_against_gold(annotated_shard: str, ground_truth_dir: str) -> dict:
 
 
 def run_seed_stage(doc_shards: list[str], cfg: SeedAnnotationConfig, workdir: str, run_id: str,
-                   ground_truth: str | None, validation: ValidationConfig, warehouse_path: str) -> dict:
+                   ground_truth: str | None, validation: ValidationConfig, warehouse_path: str,
+                   warehouse_wait_s: float = 0.0) -> dict:
     """Sample, annotate, correct and validate; returns the stage report (shards under <workdir>/seed)."""
     logger = get_run_logger()
     seed_dir = os.path.join(workdir, "seed")
@@ -58,7 +60,7 @@ def run_seed_stage(doc_shards: list[str], cfg: SeedAnnotationConfig, workdir: st
         seed_docs = write_imported_documents(annotator, seed_dir, run_id)
     else:
         seed_docs = write_seed_documents_task(doc_shards, cfg.sample_docs, cfg.stratify_by, cfg.sample_seed, seed_dir)
-    rel_overrides, ent_overrides = reviewed_overrides_task(warehouse_path)
+    rel_overrides, ent_overrides = reviewed_overrides_task(warehouse_path, warehouse_wait_s)
     corrector = cfg.corrector
     if corrector is not None and cfg.annotator.backend in KB_CANONICAL:
         # the knowledge base is the vocabulary: its names are canonical already, and unifying them
@@ -116,12 +118,17 @@ def seed_annotation(config: SeedFlowConfig) -> dict:
     warehouse_path = config.warehouse_path or os.path.join(config.workdir, "warehouse.duckdb")
     doc_shards = sorted({p for loc in config.document_shards for p in list_files(loc, (".parquet",))})
     report = run_seed_stage(doc_shards, config.seed, config.workdir, run_id, config.ground_truth,
-                            config.validation, warehouse_path)
+                            config.validation, warehouse_path, config.warehouse_wait_s)
     report["warehouse_load"] = load_warehouse_task(
         warehouse_path, run_id, doc_shards + [report["sample_shard"]], [report["annotated_shard"]],
         [report["triplet_shard"]], flow="seed-annotation", config=config.model_dump(), inputs=doc_shards,
         relation_aliases=report.pop("relation_aliases"), entity_aliases=report.pop("entity_aliases"),
+        wait_s=config.warehouse_wait_s,
     )
     report["run_id"], report["warehouse"] = run_id, os.path.abspath(warehouse_path)
-    Path(config.workdir, "seed-report.json").write_text(json.dumps(report, indent=2, default=str))
+    report_path = Path(config.workdir, "seed-report.json")
+    report_path.write_text(json.dumps(report, indent=2, default=str))
+    publish_links({"warehouse": report["warehouse"], "annotated": os.path.dirname(report["annotated_shard"]),
+                   "triplets": os.path.dirname(report["triplet_shard"]), "report": str(report_path)},
+                  key="seed-outputs")
     return report

@@ -199,3 +199,94 @@ class CorpusFlowConfig(BaseModel):
     warehouse_path: str | None = Field(None, description="DuckDB file; default <workdir>/warehouse.duckdb")
     warehouse_wait_s: float = Field(600.0, ge=0, description="how long loading waits for another writer of the warehouse")
     task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig)
+    small_annotator: SmallAnnotatorStagesConfig = Field(
+        default_factory=lambda: SmallAnnotatorStagesConfig(),
+        description="fine-tune the small annotator on the seed and annotate every shard with it (enabled: false skips)")
+
+
+# --- small annotator: fine-tuning and bulk annotation (models/annotator.py, tasks/finetune.py, tasks/bulk.py) ---
+
+
+class AnnotatorFinetuneConfig(BaseModel):
+    """Fine-tuning the small annotator on seed shards: input source text, target annotated text, loss on
+    the target only. ``base`` is a shape trained from scratch (with a BPE tokenizer trained on the seed
+    texts) or a hub name / folder, fine-tuned with LoRA when ``lora_r`` is set (the reference: r 32)."""
+
+    base: str = Field("annotator-small", description="annotator-small / annotator-tiny (from scratch), a models.lmlm shape, or a hub name / folder")
+    tokenizer: str | None = Field(None, description="folder or hub name; unset: a byte-level BPE trained on the seed texts (from scratch) or the base's own")
+    vocab_size: int = Field(2048, ge=262, description="vocabulary of a tokenizer trained on the seed texts")
+    lora_r: int | None = Field(None, ge=1, description="LoRA rank (needs peft); none: full fine-tuning")
+    lora_alpha: int = Field(64, ge=1)
+    max_source_tokens: int = Field(384, ge=16, description="longer documents are cut into segments of this many source tokens")
+    epochs: float = Field(20.0, gt=0, description="passes over the training split")
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(3e-3, gt=0, description="peak learning rate (use ~2e-4 for LoRA on a pretrained base)")
+    min_lr: float = Field(3e-4, ge=0)
+    warmup_steps: int = Field(30, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    holdout_fraction: float = Field(0.15, ge=0, lt=1, description="seed documents held out (by doc_id hash) for the quality report")
+    time_budget_s: float | None = Field(None, gt=0, description="stop training when this many seconds are spent (the demo's budget)")
+    decision_loss: bool = Field(
+        True, description="score source positions as constrained decoding uses them (true token vs <|db_entity|>); "
+                          "false: full softmax everywhere, as for an unconstrained server")
+    seed: int = Field(0, description="same seed and seed shards, same model")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; unset: torch's default")
+
+
+class BulkAnnotationConfig(BaseModel):
+    """Annotating every document shard with the fine-tuned annotator, one output pair per input shard.
+
+    Backends: ``transformers`` (in-process, constrained chunked decoding; the embedded default),
+    ``vllm`` (a ``vllm serve`` server at endpoint.base_url, started with ``server_command`` when given),
+    ``openai`` (any OpenAI-compatible endpoint, e.g. the strong model when the budget allows)."""
+
+    backend: Literal["transformers", "vllm", "openai"] = Field("transformers")
+    checkpoint: str | None = Field(None, description="annotator folder; default <workdir>/annotator/model")
+    batch_size: int = Field(16, ge=1, description="transformers: documents decoded together")
+    chunk_tokens: int = Field(32, ge=1, description="transformers: source tokens fed per forward pass (1 = step by step)")
+    draft_tokens: int = Field(8, ge=0, description="transformers: drafted call tokens per forward pass")
+    max_call_tokens: int = Field(48, ge=4, description="transformers: a call still open after this many tokens is rolled back")
+    device: str | None = Field(None, description="transformers: cpu, cuda, cuda:1 ...; unset: cuda when available")
+    threads: int | None = Field(None, ge=1, description="transformers: torch CPU threads")
+    endpoint: EndpointConfig = Field(
+        default_factory=lambda: EndpointConfig(base_url="http://127.0.0.1:8000/v1", model="annotator", api_key_env="",
+                                               structured_output="inline", concurrency=64, input_price_per_mtok=0,
+                                               output_price_per_mtok=0),
+        description="vllm/openai: the server; vllm serves the checkpoint under endpoint.model")
+    prompt_id: str = Field("annotate-v1", description="openai: prompt file (vllm ignores it: the checkpoint's chat template renders only the document)")
+    server_command: list[str] | None = Field(
+        None, description="vllm: command that starts the server, e.g. [vllm, serve, <checkpoint>, --port, 8000, "
+                          "--served-model-name, annotator]; unset: use a running server")
+    server_startup_timeout_s: float = Field(600.0, gt=0, description="vllm: how long to wait for /health")
+    shards_in_flight: int = Field(1, ge=1, description="shards annotated at once (threads; >1 pays off for endpoint backends)")
+    corrector: CorrectorConfig | None = Field(None, description="correction after annotation; none keeps the annotator's calls")
+
+
+class SmallAnnotatorStagesConfig(BaseModel):
+    """The corpus flow's fine-tune -> bulk-annotation stages (after seed annotation and correction)."""
+
+    enabled: bool = Field(False, description="chain fine-tuning and bulk annotation into the corpus flow")
+    seed_docs: int = Field(160, ge=1, description="seed sample size when seed.sample_docs is unset (the rest is annotated in bulk)")
+    finetune: AnnotatorFinetuneConfig = Field(default_factory=AnnotatorFinetuneConfig)
+    bulk: BulkAnnotationConfig = Field(default_factory=BulkAnnotationConfig)
+
+
+class FinetuneFlowConfig(BaseModel):
+    """The annotator fine-tune flow on seed shards that already exist (e.g. from `lmlm seed`)."""
+
+    workdir: str = Field("out", description="the checkpoint goes to <workdir>/annotator/model")
+    seed_shards: list[str] = Field(description="annotated seed shard files, folders or globs")
+    finetune: AnnotatorFinetuneConfig = Field(default_factory=AnnotatorFinetuneConfig)
+
+
+class BulkFlowConfig(BaseModel):
+    """The bulk-annotation flow over document shards that already exist."""
+
+    workdir: str = Field("out", description="outputs go to <workdir>/bulk/{annotated,triplets}")
+    document_shards: list[str] = Field(description="document shard files, folders or globs")
+    bulk: BulkAnnotationConfig = Field(default_factory=BulkAnnotationConfig)
+    ground_truth: str | None = Field(None, description="synthetic ground-truth folder: scores the output against gold")
+    exclude_from_scoring: list[str] = Field(default_factory=list, description="annotated shards whose documents are not scored (the seed the model was trained on)")
+    load_warehouse: bool = Field(True, description="load the bulk shards into <workdir>/warehouse.duckdb (or warehouse_path)")
+    warehouse_path: str | None = Field(None)
+    warehouse_wait_s: float = Field(600.0, ge=0)

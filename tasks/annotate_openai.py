@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import contextvars
 import email.utils
 import hashlib
 import json
@@ -299,6 +301,25 @@ def _rejects_response_format(exc: openai.APIStatusError) -> bool:
     return exc.status_code in (400, 422) and any(w in text for w in ("response_format", "json_schema", "json_object"))
 
 
+def global_slot(limit: str | None):
+    """One slot of the Prefect global concurrency limit ``limit``, shared by every flow run on the server.
+
+    Only inside a Prefect flow or task run (outside one no other run competes, and there may be no
+    server); a limit that does not exist on the server is a logged warning, not a failure (``lmlm
+    serve`` creates it).
+    """
+    if not limit:
+        return contextlib.nullcontext()
+    try:
+        from prefect.concurrency.asyncio import concurrency
+        from prefect.context import FlowRunContext, TaskRunContext
+    except ImportError:
+        return contextlib.nullcontext()
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        return contextlib.nullcontext()
+    return concurrency(limit, occupy=1, strict=False)
+
+
 def _run_logger() -> logging.Logger | logging.LoggerAdapter:
     """Prefect's run logger inside a flow or task, this module's logger elsewhere."""
     try:
@@ -362,9 +383,10 @@ class OpenAIAnnotator:
             asyncio.get_running_loop()
         except RuntimeError:
             return asyncio.run(self.annotate_async(docs))
-        # called from inside an event loop (a notebook, an async task): run on a private loop
+        # called from inside an event loop (a notebook, an async task): run on a private loop, keeping the
+        # caller's context (the Prefect run and its API settings, which the global limit needs)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, self.annotate_async(docs)).result()
+            return pool.submit(contextvars.copy_context().run, asyncio.run, self.annotate_async(docs)).result()
 
     async def annotate_async(self, docs: list[Document]) -> list[Annotation]:
         """:meth:`annotate` for callers that already run an event loop."""
@@ -443,10 +465,11 @@ class OpenAIAnnotator:
             try:
                 async with run.slots:
                     await run.limiter.acquire(estimate)
-                    self.stats.requests_sent += 1
-                    # the client's generic post: same auth, timeout and errors as chat.completions.create,
-                    # without re-validating our plain-JSON body (~10 ms of CPU a request with a few-shot prompt)
-                    completion = await run.client.post("/chat/completions", cast_to=ChatCompletion, body=request)
+                    async with global_slot(ep.global_limit):  # shared with every flow run, held only in flight
+                        self.stats.requests_sent += 1
+                        # the client's generic post: same auth, timeout and errors as chat.completions.create,
+                        # without re-validating our plain-JSON body (~10 ms of CPU a request with a few-shot prompt)
+                        completion = await run.client.post("/chat/completions", cast_to=ChatCompletion, body=request)
                 run.reached = True
             except openai.APIStatusError as exc:
                 run.reached = True

@@ -124,9 +124,11 @@ def connect(path: str | os.PathLike, read_only: bool = False, wait_s: float = 0.
             con.close()
             if lock_held:
                 holder = re.search(r"PID \d+", str(e))
+                waited = f" (still, after waiting {wait_s:g} s)" if wait_s else ""
                 raise WarehouseBusyError(
                     f"warehouse {path} is open for writing by another process"
-                    f"{' (' + holder.group(0) + ')' if holder else ''}; wait for it to finish and retry"
+                    f"{' (' + holder.group(0) + ')' if holder else ''}{waited}; wait for it to finish and retry"
+                    f"{', or raise warehouse_wait_s' if wait_s else ''}"
                 ) from None
             raise WarehouseError(f"warehouse {path}: cannot open it ({_first_line(e)})") from None
     con.execute(f"USE {CATALOG}")
