@@ -1,0 +1,201 @@
+"""Fine-tuning the small annotator on seed shards, and measuring it on held-out seed documents.
+
+``finetune_annotator`` reads annotated seed shards, holds out a fraction of documents (by doc_id
+hash, so the split does not depend on shard order), trains (``models.annotator.finetune``), saves a
+Hugging Face checkpoint, and scores the held-out documents: triplet precision/recall/F1 against the
+seed annotations and the share of outputs whose stripped text equals the source. A checkpoint whose
+recorded signature (seed shard contents + config) matches is reused instead of retrained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from schemas import markup
+from schemas.configs import AnnotatorFinetuneConfig
+from schemas.errors import UserInputError
+from tasks.evaluate_annotation import score_triplets, scored_calls
+from tasks.shardio import fs_and_path, read_table
+
+# from-scratch shapes of the annotator: small enough to fine-tune and annotate the demo corpus on 2 CPU cores
+ANNOTATOR_SHAPES = {
+    # (d_model, layers, heads, MLP width)
+    "annotator-tiny": (64, 2, 2, 176),
+    "annotator-small": (128, 4, 4, 344),
+}
+
+
+class FinetuneReport(BaseModel):
+    """What fine-tuning did and how good the annotator is on the held-out seed documents."""
+
+    checkpoint: str
+    version: str  # the annotator version recorded in annotated shards
+    reused: bool = False  # an up-to-date checkpoint existed: not retrained
+    base: str
+    parameters: int
+    train_docs: int
+    holdout_docs: int
+    train_examples: int
+    steps: int = 0
+    epochs: float = 0.0
+    train_seconds: float = 0.0
+    final_train_loss: float | None = None
+    final_holdout_loss: float | None = None
+    holdout_quality: dict = {}  # precision, recall, f1, span_*, source_preserved_rate, ...
+    history: list[dict] = []  # the training curve: {"step","epoch","loss","lr"} and {"step","holdout_loss"}
+
+
+def read_seed(annotated_shards: list[str]) -> list[tuple[str, markup.Annotated]]:
+    """(doc_id, annotated) of every document in the annotated seed shards."""
+    docs = []
+    for shard in annotated_shards:
+        for r in read_table(shard, ["doc_id", "annotated_text"]).to_pylist():
+            docs.append((r["doc_id"], markup.parse(r["annotated_text"])))
+    if not docs:
+        raise UserInputError(f"fine-tuning: the seed shards {annotated_shards} hold no annotated documents; "
+                             "run seed annotation first")
+    return docs
+
+
+def is_holdout(doc_id: str, fraction: float, seed: int) -> bool:
+    """Whether a document is held out: a stable hash of (seed, doc_id), independent of order."""
+    h = hashlib.sha1(f"{seed}:{doc_id}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < fraction
+
+
+def _signature(annotated_shards: list[str], cfg: AnnotatorFinetuneConfig) -> str:
+    digest = hashlib.sha1(cfg.model_dump_json(exclude={"threads", "time_budget_s"}).encode())
+    for shard in sorted(annotated_shards):
+        fs, path = fs_and_path(shard)
+        with fs.open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def build_base(cfg: AnnotatorFinetuneConfig, texts: list[str], out_dir: str):
+    """(model, tokenizer) to fine-tune: a from-scratch shape with a tokenizer trained on ``texts``, or a
+    pretrained hub/local model (wrapped with LoRA when ``cfg.lora_r``)."""
+    import torch
+
+    from models.lmlm import MODEL_SHAPES, build_model
+    from models.tokenizer import load_tokenizer, train_tokenizer
+
+    scratch = cfg.base in ANNOTATOR_SHAPES or cfg.base in MODEL_SHAPES
+    if cfg.tokenizer:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    elif scratch:
+        tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    else:
+        tokenizer = load_tokenizer(cfg.base)
+    torch.manual_seed(cfg.seed)
+    if cfg.base in ANNOTATOR_SHAPES:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        d, layers, heads, ff = ANNOTATOR_SHAPES[cfg.base]
+        eos = tokenizer.eos_token_id
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=heads, intermediate_size=ff, max_position_embeddings=4 * cfg.max_source_tokens,
+            tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))
+    else:
+        model = build_model(cfg.base, len(tokenizer), context_length=4 * cfg.max_source_tokens if scratch else None,
+                            eos_token_id=tokenizer.eos_token_id)
+    if cfg.lora_r:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise UserInputError("finetune.lora_r is set: install peft (pip install peft) or unset lora_r for full "
+                                 "fine-tuning") from None
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.05, task_type="CAUSAL_LM",
+                          target_modules="all-linear",
+                          modules_to_save=["embed_tokens", "lm_head"] if not scratch else None)
+        model = get_peft_model(model, lora)
+    return model, tokenizer
+
+
+def evaluate_on(model, tokenizer, docs: list[tuple[str, markup.Annotated]], opts=None) -> dict:
+    """Triplet/span P/R/F1 of the model's annotations against ``docs``' annotations, the source-preserved
+    rate (stripped output == source), calls dropped as malformed, and decoding throughput."""
+    from models.annotator import DecodeStats, annotate_texts
+
+    stats = DecodeStats()
+    out = annotate_texts(model, tokenizer, [a.text for _, a in docs], opts, stats)
+    predicted, expected, preserved = [], [], 0
+    for (doc_id, gold), got in zip(docs, out):
+        preserved += markup.strip(markup.render(got.annotated)) == gold.text
+        predicted += scored_calls(doc_id, got.annotated)
+        expected += scored_calls(doc_id, gold)
+    quality = score_triplets(predicted, expected)
+    quality.update(documents=len(docs), source_preserved_rate=preserved / max(len(docs), 1),
+                   calls_malformed=stats.calls_malformed, calls_aborted=stats.calls_aborted,
+                   docs_per_s=len(docs) / max(stats.seconds, 1e-9),
+                   source_tokens_per_s=stats.source_tokens / max(stats.seconds, 1e-9))
+    return quality
+
+
+def finetune_annotator(annotated_shards: list[str], cfg: AnnotatorFinetuneConfig, out_dir: str,
+                       log=print) -> FinetuneReport:
+    """Fine-tune on the seed shards into ``out_dir/model`` (reused when already trained on the same
+    inputs and config) and score the held-out split."""
+    import torch
+
+    from models.annotator import build_examples, finetune, load_annotator, save_annotator
+    from models.lmlm import count_parameters
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    checkpoint = os.path.join(out_dir, "model")
+    signature = _signature(annotated_shards, cfg)
+    version = f"{cfg.base}+{signature[:12]}"
+    docs = read_seed(annotated_shards)
+    holdout = [d for d in docs if is_holdout(d[0], cfg.holdout_fraction, cfg.seed)]
+    train = [d for d in docs if not is_holdout(d[0], cfg.holdout_fraction, cfg.seed)]
+    if not train:
+        raise UserInputError(f"fine-tuning: all {len(docs)} seed documents are held out; lower "
+                             "finetune.holdout_fraction or annotate a larger seed sample")
+    meta_path = os.path.join(checkpoint, "annotator.json")
+    if os.path.exists(meta_path):
+        meta = json.load(open(meta_path))
+        if meta.get("signature") == signature:
+            log(f"fine-tune: {checkpoint} is up to date (version {version}); not retrained")
+            return FinetuneReport(**meta["report"], reused=True)
+
+    model, tokenizer = build_base(cfg, [a.text for _, a in train], out_dir)
+    train_ex = build_examples(tokenizer, [a for _, a in train], cfg.max_source_tokens)
+    held_ex = build_examples(tokenizer, [a for _, a in holdout], cfg.max_source_tokens)
+    log(f"fine-tune {cfg.base}: {count_parameters(model):,} parameters, {len(train)} documents "
+        f"({len(train_ex)} examples), {len(holdout)} held out")
+    result = finetune(model, tokenizer, train_ex, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                      min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+                      seed=cfg.seed, holdout=held_ex[:64], eval_every=max(50, round(len(train_ex) / cfg.batch_size)),
+                      log=log, stop_after_s=cfg.time_budget_s, decision_loss=cfg.decision_loss)
+    if cfg.lora_r:
+        model = model.merge_and_unload()  # merged weights: what vLLM and AutoModelForCausalLM load directly
+    losses = [h["loss"] for h in result.history if "loss" in h]
+    held = [h["holdout_loss"] for h in result.history if "holdout_loss" in h]
+    t0 = time.perf_counter()
+    quality = evaluate_on(model, tokenizer, holdout) if holdout else {}
+    log(f"fine-tune: held-out seed F1 {quality.get('f1', float('nan')):.3f}, source preserved "
+        f"{quality.get('source_preserved_rate', float('nan')):.3f} ({time.perf_counter() - t0:.0f} s)")
+    report = FinetuneReport(
+        checkpoint=os.path.abspath(checkpoint), version=version, base=cfg.base, parameters=count_parameters(model),
+        train_docs=len(train), holdout_docs=len(holdout), train_examples=len(train_ex), steps=result.steps,
+        epochs=round(result.epochs, 3), train_seconds=round(result.seconds, 1),
+        final_train_loss=sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        final_holdout_loss=held[-1] if held else None, holdout_quality=quality, history=result.history)
+    save_annotator(model, tokenizer, checkpoint, {"signature": signature, "version": version,
+                                                  "max_source_tokens": cfg.max_source_tokens,
+                                                  "report": report.model_dump()})
+    load_annotator(checkpoint)  # what was written loads back (AutoModelForCausalLM + tokenizer)
+    return report
+
+
+finetune_annotator_task = task(finetune_annotator, name="finetune-annotator", cache_policy=NO_CACHE)
