@@ -7,14 +7,18 @@ entity; a known entity asked for a relation it lacks, by its canonical name and 
 Each query is scored right (the KB value), wrong fact (another value) or unknown. The synonyms
 are never given to the index: it sees the KB only (no alias tables), as a model's novel wording.
 
-Speed: at N keys (default 1M), every "entity relation" key string is embedded with
-all-MiniLM-L6-v2 (bf16 where the CPU has it; cached under bench/out/ because it takes long on
-2 cores), then the vector indexes are timed against exact flat search on those vectors: search
-time per query, top-1 agreement with flat search, build time and index memory. The entity-first
-lookup at N keys (N/10 entities) is timed end to end, query embedding included.
+Speed: at N keys (default 1M), the first --real-keys (default 100k) "entity relation" key strings
+are embedded with all-MiniLM-L6-v2 (bf16 where the CPU has it; cached under bench/out/: on 2
+shared cores this runs at 50-300 keys/s, so 1M real keys would take hours); the other N - real
+vectors are noisy copies of real ones (see fill_with_neighbours), a harder, less clustered set
+than real keys. Queries are real embeddings of synonym, name-variant and absent keys. HNSW and
+IVF indexes are timed against exact flat search over the same vectors (real set, then the full
+N): search time per query, top-1 agreement with flat search, build time, index memory (indexes
+are cached under bench/out/ with their build time). The entity-first lookup at N keys (N/10
+entities, real name embeddings) is timed end to end, query embedding included.
 
     .venv/bin/python bench/lookup.py quality [--people 2400 --companies 400]
-    .venv/bin/python bench/lookup.py speed [--keys 1000000]
+    .venv/bin/python bench/lookup.py speed [--keys 1000000 --real-keys 100000]
 """
 
 from __future__ import annotations
