@@ -30,13 +30,13 @@ def sentence_encoder(model_name_or_path: str | None = None, bf16: bool | None = 
         model_name_or_path = str(get_model_path())
     model = SentenceTransformer(model_name_or_path, device="cuda" if torch.cuda.is_available() else "cpu")
     if bf16 is None:
-        bf16 = torch.cuda.is_available() or _cpu_has_bf16()
+        bf16 = torch.cuda.is_available() or cpu_has_bf16()
     if bf16:
         model = model.to(torch.bfloat16)
     return model
 
 
-def _cpu_has_bf16() -> bool:
+def cpu_has_bf16() -> bool:
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:

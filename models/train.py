@@ -179,9 +179,9 @@ def autocast_dtype(bf16: str | bool, device: torch.device) -> torch.dtype | None
     """bfloat16 when asked, or for ``"auto"`` where it is faster: CUDA GPUs with bf16 and CPUs with
     native bf16 (AMX / AVX512-BF16; measured ~2.4x faster for the tiny model there)."""
     if bf16 == "auto":
-        from models.embed import _cpu_has_bf16  # the one CPU-feature probe of the project
+        from models.embed import cpu_has_bf16
 
-        bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else _cpu_has_bf16()
+        bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
     return torch.bfloat16 if bf16 else None
 
 

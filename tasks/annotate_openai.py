@@ -23,7 +23,6 @@ import contextvars
 import email.utils
 import hashlib
 import json
-import logging
 import os
 import random
 import re
@@ -41,6 +40,7 @@ from schemas.configs import AnnotatorConfig, EndpointConfig
 from schemas.errors import UserInputError
 from tasks.align import Fact, place_facts, realign
 from tasks.annotate import Annotation, Document
+from tasks.logs import run_logger
 
 MODES = ("json_schema", "json_object", "inline")  # downgrade order: each falls back to the next
 RETRYABLE_STATUS = {408, 409, 429}  # plus every 5xx
@@ -320,19 +320,6 @@ def global_slot(limit: str | None):
     return concurrency(limit, occupy=1, strict=False)
 
 
-def _run_logger() -> logging.Logger | logging.LoggerAdapter:
-    """Prefect's run logger inside a flow or task, this module's logger elsewhere."""
-    try:
-        from prefect import get_run_logger
-        from prefect.exceptions import MissingContextError
-    except ImportError:
-        return logging.getLogger(__name__)
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger(__name__)
-
-
 class _Failure(Exception):
     """A document that ran out of attempts or hit a non-retryable answer; ``reason`` is its record."""
 
@@ -418,7 +405,7 @@ class OpenAIAnnotator:
         self.stats.documents += len(docs)
         done = [r for r in results if r is not None]
         now = self.stats
-        _run_logger().info(
+        run_logger(__name__).info(
             "%s: %d documents, %d failed, %d from cache, %d requests, %d+%d tokens, ~$%.4f",
             self.name, len(docs), sum(r.error is not None for r in done), now.cache_hits - before.cache_hits,
             now.requests_sent - before.requests_sent, now.prompt_tokens - before.prompt_tokens,
@@ -558,7 +545,7 @@ class OpenAIAnnotator:
         run.mode = MODES[MODES.index(rejected) + 1]
         self.stats.output_mode = run.mode
         self.stats.downgrades.append(f"{rejected} -> {run.mode}: {detail}")
-        _run_logger().warning("%s: endpoint rejected response_format %s (%s); using %s for the rest of the run",
+        run_logger(__name__).warning("%s: endpoint rejected response_format %s (%s); using %s for the rest of the run",
                               self.name, rejected, detail, run.mode)
 
     def _backoff_s(self, attempt: int, retry_after: float | None, cause: str) -> float:

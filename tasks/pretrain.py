@@ -52,6 +52,7 @@ from models.train import (
 from schemas.configs import PretrainConfig
 from schemas.errors import UserInputError
 from schemas.shards import ANNOTATED_SCHEMA
+from tasks.logs import run_logger
 from tasks.shardio import fs_and_path, read_table
 
 Variant = Literal["lmlm", "standard"]
@@ -131,17 +132,6 @@ def holdout_texts(shards: list[str], column: str, fraction: float, limit: int) -
     return [text for _, text in held[:limit]]
 
 
-def _run_logger() -> logging.Logger | logging.LoggerAdapter:
-    """Prefect's run logger inside a flow or task, this module's logger elsewhere."""
-    from prefect import get_run_logger
-    from prefect.exceptions import MissingContextError
-
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger(__name__)
-
-
 def pretrain(
     cfg: PretrainConfig, annotated_shards: list[str], out_dir: str, variant: Variant = "lmlm", *,
     stop_after: int | None = None,
@@ -154,7 +144,7 @@ def pretrain(
     from transformers import AutoModelForCausalLM
 
     wall0 = time.perf_counter()
-    log = _run_logger()
+    log = run_logger(__name__)
     if variant not in TEXT_COLUMN:
         raise UserInputError(f"variant {variant!r}: use 'lmlm' or 'standard'")
     if not annotated_shards:
