@@ -13,7 +13,8 @@ constrained decoding makes there (next source token vs ``<|db_entity|>``); call 
 softmax. Without it every target token gets the full softmax (what an unconstrained server needs).
 
 Decoding is constrained so that the output, stripped of its calls, *is* the source: outside a call
-the only tokens allowed are the next source token or ``<|db_entity|>`` (at a character boundary);
+the only tokens allowed are the next source token or ``<|db_entity|>`` (at a character boundary that
+does not split a word);
 inside a call decoding is free (special tokens only in grammar order) until ``<|db_end|>``; after a
 call the rest of the source is re-tokenized, exactly as the training target tokenizes it. Because
 the source is known, it is not decoded token by token: each forward pass feeds the next chunk of
@@ -381,6 +382,12 @@ class DecodeOptions:
     max_source_tokens: int = 384  # longer documents are annotated in segments
 
 
+def splits_word(text: str, char: int) -> bool:
+    """A call at ``char`` would sit inside a word (between two letters or digits): never where markup
+    puts one (before the whitespace preceding a mention, or at the mention's start after punctuation)."""
+    return 0 < char < len(text) and text[char - 1].isalnum() and text[char].isalnum()
+
+
 class _Row:
     """One segment being annotated: where it stands in its source and in its call."""
 
@@ -406,7 +413,7 @@ class _Row:
         self.char_at: list[int | None] = []
         for k in range(len(self.src)):
             ok = k == 0 or offs[k - 1][1] <= offs[k][0]
-            self.char_at.append(pos + offs[k][0] if ok else None)
+            self.char_at.append(pos + offs[k][0] if ok and not splits_word(self.text, pos + offs[k][0]) else None)
 
     @property
     def done(self) -> bool:
