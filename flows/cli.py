@@ -489,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--user")
     al.set_defaults(func=cmd_wh_alias)
     add_annotator_commands(sub)
+    __import__("flows.lmlm", fromlist=["add_lmlm_commands"]).add_lmlm_commands(sub)
     return p
 
 

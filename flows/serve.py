@@ -89,6 +89,7 @@ REGISTRY: list[Registration] = [
                  description="(re)train the small annotator on the annotated seed shards; loss curve, held-out scores"),
     Registration("flows.annotator:bulk_annotation", _bulk_parameters, one_at_a_time=True,
                  description="annotate every document shard with the fine-tuned annotator, load the warehouse"),
+    *(Registration(f"flows.lmlm:{name}", lambda c: {"config": {"workdir": (c.corpus or CorpusFlowConfig(workdir=c.workdir)).workdir}}, one_at_a_time=True) for name in ("lmlm_pretraining", "lmlm_evaluation")),
 ]
 
 

@@ -367,10 +367,6 @@ class DecodeStats:
     calls_malformed: int = 0  # closed calls with an empty or invalid field: dropped
     seconds: float = 0.0
 
-    def add(self, other: "DecodeStats") -> None:
-        for k in self.__dataclass_fields__:
-            setattr(self, k, getattr(self, k) + getattr(other, k))
-
 
 @dataclass
 class DecodeOptions:
