@@ -67,7 +67,7 @@ def run_finetune_stage(seed_shards: list[str], cfg: AnnotatorFinetuneConfig, wor
 def _task_runner(cfg: BulkAnnotationConfig):
     from flows.runners import build_task_runner
 
-    return build_task_runner(TaskRunnerConfig(kind="threads", workers=cfg.shards_in_flight))
+    return build_task_runner(cfg.task_runner or TaskRunnerConfig(kind="threads", workers=cfg.shards_in_flight))
 
 
 def run_bulk_stage(doc_shards: list[str], cfg: BulkAnnotationConfig, checkpoint: str, workdir: str, run_id: str,
@@ -111,7 +111,7 @@ def run_bulk_stage(doc_shards: list[str], cfg: BulkAnnotationConfig, checkpoint:
         "per_shard": [r.model_dump(include={"shard", "skipped", "docs", "annotated", "failed", "repaired", "calls",
                                             "seconds"}) for r in reports],
     }
-    if processed:  # the annotator of this process did the work (threads runner): its counters
+    if processed and cfg.task_runner is None:  # the annotator of this process did the work (threads): its counters
         from dataclasses import asdict, is_dataclass
 
         stats = build_bulk_annotator(cfg, checkpoint, cache_dir).stats

@@ -8,9 +8,11 @@ One training example (token ids)::
 
 The annotated tokens are the canonical markup (``schemas.markup.render``): source pieces with
 ``<|db_entity|> e<|db_relationship|> r<|db_return|> v<|db_end|>`` between them, each special token one id.
-With the decision loss (default), a source position of the target is trained as the two-way choice
-constrained decoding makes there (next source token vs ``<|db_entity|>``); call tokens get the full
-softmax. Without it every target token gets the full softmax (what an unconstrained server needs).
+Every target token gets the full softmax (the default): copying the source is the signal from which
+the model learns to copy entities and values into its calls, and an unconstrained server needs it.
+With the decision loss, a source position is trained only as the two-way choice constrained decoding
+makes there (next source token vs ``<|db_entity|>``); measured on the synthetic corpus, that starves
+the copy signal (held-out triplet F1 0.00 vs 0.71 with the full loss, same data and time).
 
 Decoding is constrained so that the output, stripped of its calls, *is* the source: outside a call
 the only tokens allowed are the next source token or ``<|db_entity|>`` (at a character boundary that
@@ -189,7 +191,7 @@ def _collate(batch: list[Example], pad: int, device):
 
 
 def target_loss(model, ids: torch.Tensor, attn: torch.Tensor, target: torch.Tensor, rival: torch.Tensor,
-                amp: torch.dtype | None = None, decision_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                amp: torch.dtype | None = None, decision_loss: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed next-token loss over target positions, their number); ``amp``: autocast dtype.
 
     With ``decision_loss``, a source position is scored the way constrained decoding uses it: the true
@@ -211,7 +213,7 @@ def target_loss(model, ids: torch.Tensor, attn: torch.Tensor, target: torch.Tens
 
 @torch.no_grad()
 def holdout_loss(model, examples: list[Example], pad: int, batch_size: int = 8, amp: torch.dtype | None = None,
-                 decision_loss: bool = True) -> float:
+                 decision_loss: bool = False) -> float:
     """Mean target-token loss over ``examples``."""
     was = model.training
     model.eval()
@@ -228,11 +230,11 @@ def finetune(model, tokenizer, train: list[Example], *, epochs: float, batch_siz
              min_lr: float, warmup_steps: int, weight_decay: float = 0.1, grad_clip: float | None = 1.0,
              seed: int = 0, holdout: list[Example] | None = None, eval_every: int = 100,
              log=print, stop_after_s: float | None = None, bf16: str | bool = False,
-             decision_loss: bool = True) -> FinetuneResult:
+             decision_loss: bool = False) -> FinetuneResult:
     """Train ``model`` in place on ``train`` (loss on the target only) with AdamW and a cosine schedule.
 
-    ``stop_after_s`` ends training early (the schedule still assumes the full run) when a time budget
-    is spent; the result says how many epochs were done. ``bf16``: autocast (auto: where the CPU or GPU
+    ``stop_after_s`` ends training early when a time budget is spent (the cosine decay then follows
+    elapsed time, so the run still ends at ``min_lr``); the result says how many epochs were done. ``bf16``: autocast (auto: where the CPU or GPU
     has native bfloat16).
     """
     from models.train import autocast_dtype
@@ -255,6 +257,8 @@ def finetune(model, tokenizer, train: list[Example], *, epochs: float, batch_siz
         if step < warmup_steps:
             return lr * (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+        if stop_after_s is not None:  # a time budget ends the run early: decay over whichever ends first
+            progress = max(progress, min(1.0, (time.perf_counter() - t0) / stop_after_s))
         return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
 
     history, step, seen, t0 = [], 0, 0, time.perf_counter()

@@ -227,8 +227,8 @@ class AnnotatorFinetuneConfig(BaseModel):
     holdout_fraction: float = Field(0.15, ge=0, lt=1, description="seed documents held out (by doc_id hash) for the quality report")
     time_budget_s: float | None = Field(None, gt=0, description="stop training when this many seconds are spent (the demo's budget)")
     decision_loss: bool = Field(
-        True, description="score source positions as constrained decoding uses them (true token vs <|db_entity|>); "
-                          "false: full softmax everywhere, as for an unconstrained server")
+        False, description="score source positions only as constrained decoding uses them (true token vs "
+                           "<|db_entity|>); off (default): full softmax everywhere, which teaches copying")
     seed: int = Field(0, description="same seed and seed shards, same model")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; unset: torch's default")
 
@@ -259,6 +259,9 @@ class BulkAnnotationConfig(BaseModel):
                           "--served-model-name, annotator]; unset: use a running server")
     server_startup_timeout_s: float = Field(600.0, gt=0, description="vllm: how long to wait for /health")
     shards_in_flight: int = Field(1, ge=1, description="shards annotated at once (threads; >1 pays off for endpoint backends)")
+    task_runner: TaskRunnerConfig | None = Field(
+        None, description="where the per-shard tasks run: dask/ray spread shards over a cluster (each worker loads the "
+                          "checkpoint or speaks to the server itself); unset: threads, shards_in_flight at once")
     corrector: CorrectorConfig | None = Field(None, description="correction after annotation; none keeps the annotator's calls")
 
 

@@ -212,3 +212,20 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(checkpoint, tmp_
             assert content_digest(a) == content_digest(b)
     assert not list((work / "bulk").rglob("*.tmp"))  # no torn files left behind
     assert _warehouse_rows(rerun["warehouse"]) == _warehouse_rows(straight["warehouse"])
+
+
+@pytest.mark.slow
+def test_shards_spread_over_a_local_dask_cluster_give_the_same_shards(checkpoint, tmp_path, prefect_harness):
+    from flows.annotator import bulk_annotation
+    from schemas.configs import TaskRunnerConfig
+
+    shards = write_doc_shards(tmp_path / "in", 4)
+    bulk = BulkAnnotationConfig(backend="transformers", checkpoint=checkpoint, device="cpu", threads=1)
+    on_threads = bulk_annotation(BulkFlowConfig(workdir=str(tmp_path / "threads"), document_shards=shards, bulk=bulk,
+                                                load_warehouse=False))
+    spread = bulk.model_copy(update={"task_runner": TaskRunnerConfig(kind="dask", workers=2)})
+    on_dask = bulk_annotation(BulkFlowConfig(workdir=str(tmp_path / "dask"), document_shards=shards, bulk=spread,
+                                             load_warehouse=False))
+    assert on_dask["shards_processed"] == len(shards) and on_dask["docs"] == on_threads["docs"]
+    for a, b in zip(on_threads["annotated_shards"], on_dask["annotated_shards"]):
+        assert content_digest(a) == content_digest(b)
