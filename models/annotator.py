@@ -30,6 +30,7 @@ rejected draft slots stay in the KV cache as masked holes, compacted away when t
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -510,11 +511,15 @@ class _Decoder:
 
     def new_cache(self):
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
 
         try:
-            return DynamicCache(config=self.model.config)
+            cache = DynamicCache(config=self.model.config)
         except TypeError:
             return DynamicCache()
+        if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
+            cache.layers = [_growing_layer()() for _ in cache.layers]
+        return cache
 
     # -- the loop
 
@@ -634,6 +639,37 @@ class _Decoder:
                 t = getattr(layer, name)
                 setattr(layer, name, t.gather(2, gather.expand(-1, t.shape[1], -1, t.shape[3])))
         return new_valid
+
+
+@functools.cache
+def _growing_layer():
+    """A KV-cache layer that appends into spare capacity (doubling) instead of concatenating the whole
+    cache on every forward pass, as transformers' DynamicLayer does; the keys/values it returns are views.
+    Anything that replaces ``keys``/``values`` (batch selection, compaction) starts a new buffer."""
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, add = (self.keys.shape[-2] if self.keys.numel() else 0), key_states.shape[-2]
+            buf = getattr(self, "_buffers", None)
+            if buf is None or self.keys is not self._views[0] or n + add > buf[0].shape[-2]:
+                cap = max(2 * (n + add), 256)
+                buf = []
+                for old, new in ((self.keys, key_states), (self.values, value_states)):
+                    b = new.new_empty((*new.shape[:-2], cap, new.shape[-1]))
+                    if n:
+                        b[..., :n, :] = old
+                    buf.append(b)
+                self._buffers = buf
+            self._buffers[0][..., n:n + add, :] = key_states
+            self._buffers[1][..., n:n + add, :] = value_states
+            self._views = (self._buffers[0][..., :n + add, :], self._buffers[1][..., :n + add, :])
+            self.keys, self.values = self._views
+            return self.keys, self.values
+
+    return GrowingLayer
 
 
 @dataclass
