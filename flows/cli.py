@@ -65,6 +65,13 @@ def cmd_run(args) -> None:
     print(f"documents: {ing['docs_written']} written, {ing['duplicates']} duplicates, {ing['quarantined']} quarantined")
     print(f"shards:    {report['shards']['documents']}")
     print(f"           {report['shards']['annotated']}")
+    if report.get("finetune"):
+        ft, bulk = report["finetune"], report["bulk_annotation"]
+        q, g = ft.get("holdout_quality") or {}, bulk.get("quality_vs_gold") or {}
+        print(f"annotator: {ft['checkpoint']} ({ft['parameters']:,} parameters, {ft['train_seconds']:.0f} s), held-out "
+              f"seed F1 {q.get('f1', float('nan')):.3f}")
+        print(f"bulk:      {bulk['docs']} documents, {bulk['calls']} calls, {bulk['docs_per_s'] or 0:.2f} documents/s"
+              + (f", F1 vs gold {g['f1']:.3f} on {g['documents']} unseen documents" if g.get("documents") else ""))
     print(f"warehouse: {report['warehouse']} ({wh['facts']} facts, {wh['triplets']} triplets)")
     print(f"report:    {os.path.join(report['workdir'], 'report.json')}")
     cli = os.path.join(os.path.dirname(sys.executable), "duckdb")
@@ -489,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--user")
     al.set_defaults(func=cmd_wh_alias)
     add_annotator_commands(sub)
-    __import__("flows.lmlm", fromlist=["add_lmlm_commands"]).add_lmlm_commands(sub)
+    __import__("flows.lmlm_cli", fromlist=["add_lmlm_commands"]).add_lmlm_commands(sub)
     return p
 
 
