@@ -380,6 +380,9 @@ class DecodeOptions:
     batch_size: int = 16  # documents decoded together
     max_call_tokens: int = 48  # a call still open after this many tokens is rolled back
     max_calls_at_position: int = 3  # no further call at a character offset that already has this many
+    # calls opened (kept or rolled back) per segment, per 100 words (rounded up): bounds what a poorly trained
+    # model costs (the reference's density filter drops documents above 12 anyway); None: no cap
+    max_calls_per_100_words: float | None = 20.0
     max_source_tokens: int = 384  # longer documents are annotated in segments
 
 
@@ -392,8 +395,10 @@ def splits_word(text: str, char: int) -> bool:
 class _Row:
     """One segment being annotated: where it stands in its source and in its call."""
 
-    def __init__(self, index: int, text: str, tokenizer):
+    def __init__(self, index: int, text: str, tokenizer, max_calls_per_100_words: float | None = None):
         self.index, self.text = index, text
+        self.calls_left = (len(text) + 1 if max_calls_per_100_words is None  # more than it could ever open
+                           else math.ceil(max_calls_per_100_words * len(text.split()) / 100))
         self.state = SOURCE
         self.call: list[int] = []
         self.call_slots: list[int] = []  # cache slots of the open call (rolled back on abort)
@@ -448,7 +453,8 @@ class _Decoder:
         if state == SOURCE:
             src = row.src[i]
             char = row.char_at[i]
-            if char is None or char == row.blocked or row.calls_at(char) >= self.opts.max_calls_at_position:
+            if (char is None or char == row.blocked or row.calls_left <= 0
+                    or row.calls_at(char) >= self.opts.max_calls_at_position):
                 return src
             return self.ids.entity if logits[self.ids.entity] > logits[src] else src
         return int(logits.masked_fill(self.forbid[state], float("-inf")).argmax())
@@ -459,6 +465,7 @@ class _Decoder:
         if row.state == SOURCE:
             if tok == self.ids.entity:
                 row.state, row.call, row.call_slots = ENTITY, [tok], [slot]
+                row.calls_left -= 1
                 row.call_char = row.char_at[row.i]
             else:
                 row.i += 1
@@ -525,7 +532,7 @@ class _Decoder:
 
     @torch.no_grad()
     def run(self, texts: list[str], stats: DecodeStats) -> list[_Row]:
-        rows = [_Row(k, t, self.tok) for k, t in enumerate(texts)]
+        rows = [_Row(k, t, self.tok, self.opts.max_calls_per_100_words) for k, t in enumerate(texts)]
         prompts = [prompt_ids(self.tok, t) for t in texts]
         for r, p in zip(rows, prompts):
             r.context = list(p)

@@ -246,6 +246,9 @@ class BulkAnnotationConfig(BaseModel):
     chunk_tokens: int = Field(32, ge=1, description="transformers: source tokens fed per forward pass (1 = step by step)")
     draft_tokens: int = Field(8, ge=0, description="transformers: drafted call tokens per forward pass")
     max_call_tokens: int = Field(48, ge=4, description="transformers: a call still open after this many tokens is rolled back")
+    max_calls_per_100_words: float | None = Field(
+        20.0, gt=0, description="transformers: calls a document segment may open per 100 words (bounds what a poorly "
+                                "trained model costs); none: no cap")
     device: str | None = Field(None, description="transformers: cpu, cuda, cuda:1 ...; unset: cuda when available")
     threads: int | None = Field(None, ge=1, description="transformers: torch CPU threads")
     endpoint: EndpointConfig = Field(

@@ -56,6 +56,7 @@ class TransformersAnnotator:
         self.version = meta.get("version") or _folder_version(checkpoint)
         self.options = DecodeOptions(chunk_tokens=cfg.chunk_tokens, draft_tokens=cfg.draft_tokens,
                                      batch_size=cfg.batch_size, max_call_tokens=cfg.max_call_tokens,
+                                     max_calls_per_100_words=cfg.max_calls_per_100_words,
                                      max_source_tokens=meta.get("max_source_tokens", 384))
         self.stats = DecodeStats()
 

@@ -79,7 +79,7 @@ def tiny_model(tokenizer, seed=0, entity_bias=0.0):
 
 
 @torch.no_grad()
-def reference_decode(model, tokenizer, text, max_call_tokens=48, max_calls_at_position=3):
+def reference_decode(model, tokenizer, text, max_call_tokens=48, max_calls_at_position=3, max_calls_per_100_words=None):
     """The specification: step-by-step constrained greedy decoding, recomputing the whole sequence each
     step (no cache, no drafts, no batching), written as a plain loop over the grammar."""
     ids = lookup_token_ids(tokenizer)
@@ -87,7 +87,8 @@ def reference_decode(model, tokenizer, text, max_call_tokens=48, max_calls_at_po
     banned = {1: {ids.entity, ids.ret, ids.end, eos}, 2: {ids.entity, ids.relationship, ids.end, eos},
               3: {ids.entity, ids.relationship, ids.ret, eos}}
     seq = prompt_ids(tokenizer, text)
-    pos, blocked, calls = 0, None, []
+    pos, blocked, calls, opened = 0, None, [], 0
+    budget = None if max_calls_per_100_words is None else -(-max_calls_per_100_words * len(text.split()) // 100)
     while True:
         enc = tokenizer(text[pos:], add_special_tokens=False, return_offsets_mapping=True)
         src, offs = enc["input_ids"], enc["offset_mapping"]
@@ -97,12 +98,13 @@ def reference_decode(model, tokenizer, text, max_call_tokens=48, max_calls_at_po
             if char is not None and 0 < char < len(text) and text[char - 1].isalnum() and text[char].isalnum():
                 char = None  # a call never splits a word
             logits = model(torch.tensor([seq])).logits[0, -1]
-            can_call = char is not None and char != blocked and sum(c == char for c, _ in calls) < max_calls_at_position
+            can_call = (char is not None and char != blocked and sum(c == char for c, _ in calls) < max_calls_at_position
+                        and (budget is None or opened < budget))
             if not (can_call and logits[ids.entity] > logits[src[i]]):
                 seq.append(src[i])
                 i += 1
                 continue
-            call, state = [ids.entity], 1
+            call, state, opened = [ids.entity], 1, opened + 1
             while len(call) < max_call_tokens:
                 logits = model(torch.tensor([seq + call])).logits[0, -1].clone()
                 logits[list(banned[state])] = float("-inf")
@@ -174,16 +176,21 @@ def test_long_documents_are_cut_into_segments_with_their_calls(tokenizer):
     assert "".join(markup.render(p) for p in parts) == markup.render(ann)
 
 
-@pytest.mark.parametrize("bias,max_call", [(2.0, 8), (5.0, 5)])  # (5.0, 5): calls hit the limit mid-draft
-def test_chunked_batched_decoding_equals_step_by_step_constrained_greedy(tokenizer, bias, max_call):
+# (5.0, 5): calls hit the limit mid-draft; cap 20: the calls-per-100-words budget runs out
+@pytest.mark.parametrize("bias,max_call,cap", [(2.0, 8, None), (5.0, 5, None), (2.0, 8, 20.0)])
+def test_chunked_batched_decoding_equals_step_by_step_constrained_greedy(tokenizer, bias, max_call, cap):
     model = tiny_model(tokenizer, seed=int(bias), entity_bias=bias)
     texts = [TEXTS[0][:60], TEXTS[2][:50], TEXTS[3], TEXTS[4]]  # multi-byte characters included
-    expect = [reference_decode(model, tokenizer, t, max_call_tokens=max_call, max_calls_at_position=2) for t in texts]
+    expect = [reference_decode(model, tokenizer, t, max_call_tokens=max_call, max_calls_at_position=2,
+                               max_calls_per_100_words=cap) for t in texts]
     assert any(expect), "the model should open some calls, or the test exercises nothing"
+    if cap:  # the budget binds: fewer calls than without it
+        free = [reference_decode(model, tokenizer, t, max_call_tokens=max_call, max_calls_at_position=2) for t in texts]
+        assert sum(map(len, expect)) < sum(map(len, free))
     for opts in (DecodeOptions(chunk_tokens=1, draft_tokens=0, batch_size=1, max_call_tokens=max_call,
-                               max_calls_at_position=2),
+                               max_calls_at_position=2, max_calls_per_100_words=cap),
                  DecodeOptions(chunk_tokens=8, draft_tokens=4, batch_size=len(texts), max_call_tokens=max_call,
-                               max_calls_at_position=2)):
+                               max_calls_at_position=2, max_calls_per_100_words=cap)):
         dec = annotate_texts(model, tokenizer, texts, opts)
         for text, want, got in zip(texts, expect, dec):
             assert markup.strip(markup.render(got.annotated)) == text  # the source is never altered
