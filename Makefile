@@ -16,7 +16,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 DOCS ?=
 WORKDIR ?= out/demo
 
-.PHONY: demo demo-lmlm test test-fast bench install install-test clean
+.PHONY: demo demo-lmlm demo-diffusion test test-fast bench install install-test clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ install-# the LMLM and its standard baseline on their own corpus run (seed-annot
 # demo's briefly trained small annotator)
 demo-lmlm: $(VENV)/.installed
 	$(VENV)/bin/lmlm lmlm demo --workdir out/demo-lmlm
+
+# the text autoencoder and the latent diffusion model on the synthetic corpus; samples of one class
+demo-diffusion: $(VENV)/.installed
+	$(VENV)/bin/lmlm diffusion train --workdir out/diffusion-demo --threads 1
+	$(VENV)/bin/lmlm sample --checkpoint out/diffusion-demo --class science --n 5
 
 test: $(VENV)/.installed-test
 

@@ -312,6 +312,8 @@ def cmd_pipeline(args) -> None:
     data.setdefault("small_annotator", {})["enabled"] = True
     if args.finetune_budget_s:
         data["small_annotator"].setdefault("finetune", {}).setdefault("time_budget_s", args.finetune_budget_s)
+    if args.seed_docs:
+        data["small_annotator"]["seed_docs"] = args.seed_docs
     config_path = os.path.join(args.workdir or data.get("workdir", "out"), "pipeline-config.json")
     os.makedirs(os.path.dirname(config_path), exist_ok=True)
     with open(config_path, "w") as f:
@@ -380,6 +382,7 @@ def add_annotator_commands(sub) -> None:
     pl.add_argument("--seed", type=int, default=0, help="synthetic corpus seed")
     pl.add_argument("--config", help="JSON/YAML file of CorpusFlowConfig fields")
     pl.add_argument("--no-validate", action="store_true", help="skip the Great Expectations gates")
+    pl.add_argument("--seed-docs", type=int, help="documents annotated by the seed annotator to train on (default 160)")
     pl.add_argument("--finetune-budget-s", type=float, default=240.0,
                     help="stop fine-tuning after this many seconds (default 240, the demo's share; 0: train all epochs)")
     pl.set_defaults(func=cmd_pipeline)
@@ -497,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     al.set_defaults(func=cmd_wh_alias)
     add_annotator_commands(sub)
     __import__("flows.lmlm_cli", fromlist=["add_lmlm_commands"]).add_lmlm_commands(sub)
+    __import__("flows.diffusion_cli", fromlist=["add_diffusion_commands"]).add_diffusion_commands(sub)
     return p
 
 

@@ -1,0 +1,271 @@
+"""The latent-diffusion flows (LD4LG): text autoencoder, latent diffusion, and the whole job with evaluation.
+
+    document shards (or a generated synthetic corpus) -> texts -> autoencoder -> latents
+    -> diffusion -> samples per class (DDIM/DDPM, classifier-free guidance; latent-classifier guidance)
+    -> MAUVE, diversity, memorisation, class accuracy vs a class-prefixed AR baseline -> report
+
+Outputs under ``workdir``: ``autoencoder/``, ``diffusion/`` (safetensors checkpoints), ``samples.jsonl``,
+``report.json``, ``loss_curves.png``. ``lmlm sample --checkpoint <workdir> --class X`` reads them back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.artifacts import line_chart_png, publish_links, publish_png, publish_table
+from schemas.diffusion_configs import LatentDiffusionFlowConfig
+from schemas.errors import UserInputError
+
+
+@dataclass
+class TextData:
+    train: object  # tasks.diffusion.TextSplit
+    holdout: object
+    stats: dict
+    features: tuple | None = None  # cached encoder features of train.texts
+    encoder: object | None = None
+
+
+def _runtime(config: LatentDiffusionFlowConfig):
+    from models.train import autocast_dtype
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    return autocast_dtype(config.bf16, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def document_shards(config: LatentDiffusionFlowConfig) -> list[str]:
+    """The configured document shards, or those of a synthetic corpus generated (once) under the workdir."""
+    from tasks.shardio import list_files
+
+    if config.document_shards:
+        shards = sorted({p for loc in config.document_shards for p in list_files(loc, (".parquet",))})
+        if not shards:
+            raise UserInputError(f"no .parquet document shards under {config.document_shards}; pass shard files or folders")
+        return shards
+    from schemas.configs import IngestConfig
+    from tasks.ingest import ingest_corpus
+    from tasks.synthetic import generate_corpus
+
+    out = Path(config.workdir, "corpus")
+    shard_dir = out / "shards" / "documents"
+    marker = out / "synthetic-config.json"
+    wanted = config.synthetic.model_dump_json()
+    if not (marker.exists() and marker.read_text() == wanted and list_files(str(shard_dir), (".parquet",))):
+        generate_corpus(config.synthetic, str(out / "synthetic"))
+        ingest_corpus(IngestConfig(inputs=[str(out / "synthetic" / "corpus")], output=str(out / "shards"), workers=1),
+                      run_id="latent-diffusion")
+        marker.write_text(wanted)
+    return list_files(str(shard_dir), (".parquet",))
+
+
+def prepare_texts(config: LatentDiffusionFlowConfig, need_features: bool = True) -> TextData:
+    """Texts of the shards split into training / held-out, and the frozen encoder's features of the training texts."""
+    from tasks.diffusion import build_encoder, encoder_features, extract_texts
+
+    logger = get_run_logger()
+    encoder = build_encoder(config.autoencoder)
+    train, holdout, stats = extract_texts(
+        document_shards(config), count_tokens=encoder.token_count, max_tokens=config.max_tokens,
+        pack=config.pack_sentences, label_column=config.label_column, holdout_fraction=config.holdout_fraction,
+        max_texts=config.max_texts, seed=config.autoencoder.seed)
+    logger.info("texts: %d training, %d held out from %d documents", stats["train_texts"], stats["holdout_texts"], stats["documents"])
+    features = encoder_features(encoder, train.texts, config.max_tokens, log=logger.info) if need_features else None
+    return TextData(train, holdout, stats, features, encoder)
+
+
+def run_autoencoder_stage(config: LatentDiffusionFlowConfig, data: TextData, amp) -> tuple[object, dict]:
+    from tasks.diffusion import encoder_features, reconstruction_scores, train_autoencoder_task
+
+    ae, report = train_autoencoder_task(data.train, config.autoencoder, os.path.join(config.workdir, "autoencoder"),
+                                        config.max_tokens, data.features, data.encoder, amp)
+    held = data.holdout.texts[:1000]
+    scores = reconstruction_scores(ae, held, encoder_features(data.encoder, held, config.max_tokens, log=lambda _: None))
+    report["holdout"] = scores
+    get_run_logger().info("autoencoder held-out reconstruction: BLEU %.2f, exact match %.3f (%d texts)",
+                          scores["bleu"], scores["exact_match"], scores["texts"])
+    return ae, report
+
+
+def run_diffusion_stage(config: LatentDiffusionFlowConfig, data: TextData, ae, amp) -> tuple[object, torch.Tensor, dict]:
+    from tasks.diffusion import encoder_features, train_diffusion_task
+
+    feats = data.features or encoder_features(data.encoder, data.train.texts, config.max_tokens, log=get_run_logger().info)
+    latents = ae.encode(*feats)
+    labels = data.train.labels if config.label_column else [None] * len(latents)
+    dm, report = train_diffusion_task(latents, labels, config.diffusion, os.path.join(config.workdir, "diffusion"), amp)
+    return dm, latents, report
+
+
+def run_evaluation_stage(config: LatentDiffusionFlowConfig, data: TextData, ae, dm, latents, amp) -> dict:
+    """Samples of every generator scored side by side; returns {"rows", "classifier", "examples", ...}."""
+    from tasks import diffusion as ld
+
+    logger = get_run_logger()
+    ev, sampling = config.evaluation, config.sampling
+    classes = dm.classes
+    refs = ae.normalize(data.holdout.texts)
+    training_texts = ae.normalize(data.train.texts)
+    labelled = [(t, y) for t, y in zip(refs, data.holdout.labels) if y in classes]
+    classifier, real_accuracy = None, None
+    if classes:
+        half = len(labelled) // 2
+        classifier = ld.TextClassifier([t for t, _ in labelled[:half]], [y for _, y in labelled[:half]])
+        real_accuracy = classifier.accuracy([t for t, _ in labelled[half:]], [y for _, y in labelled[half:]])
+        logger.info("text classifier: %.3f accuracy on held-out real text", real_accuracy)
+    score = lambda samples, targets: ld.score_samples(  # noqa: E731
+        samples, targets, references=refs, training_texts=training_texts, classifier=classifier,
+        reference_lm=ev.reference_lm, mauve_seed=ev.mauve_seed)
+    n, shape = ev.samples_per_class, tuple(latents.shape[1:])
+    rows, examples = [], {}
+
+    def diffusion_samples(label, **kw):
+        t0 = time.perf_counter()
+        texts, targets = [], []
+        for i, c in enumerate(classes or [None]):
+            conditioned = label == "cfg"  # unconditional and latent-classifier-guided samples get no class label
+            z = dm.sample_latents(n if classes else n * 8, c if conditioned else None, sampling, shape, seed=ev.mauve_seed + i,
+                                  **({} if label != "guided" else {"target": i, **kw}))
+            texts += ae.decode(z)
+            targets += [c] * len(z)
+        return texts, targets, time.perf_counter() - t0
+
+    generators = [("diffusion", f"{sampling.sampler} {sampling.steps} steps, CFG w={sampling.guidance_scale}", "cfg", {})]
+    if classes:
+        generators.append(("diffusion, unconditional", f"{sampling.sampler} {sampling.steps} steps, no class", "uncond", {}))
+        clf = ld.train_latent_classifier(latents, data.train.labels, classes, dm.model, ev.latent_classifier, amp=amp,
+                                         log=logger.info)
+        generators.append(("diffusion + latent-classifier guidance", f"no class, gradient scale {ev.classifier_guidance_scale}",
+                           "guided", {"classifier": clf, "classifier_scale": ev.classifier_guidance_scale}))
+    for name, setting, label, kw in generators:
+        texts, targets, seconds = diffusion_samples(label, **kw)
+        row = {"generator": name, "setting": setting, **score(texts, targets if classes else None),
+               "samples_per_s": round(len(texts) / seconds, 2)}
+        rows.append(row)
+        examples[name] = [{"class": y, "text": t} for t, y in list(zip(texts, targets))[::max(1, n // 2)]][:2 * max(1, len(classes))]
+        logger.info("%s: %s", name, {k: v for k, v in row.items() if k not in ("generator", "setting")})
+    ar_report = None
+    if ev.ar_baseline is not None and ae.hub is None:
+        ar, ar_report = ld.train_ar_baseline(
+            data.train, classes, ae.tokenizer, ev.ar_baseline, width=config.autoencoder.width,
+            layers=config.autoencoder.decoder_layers + config.autoencoder.reconstruction_layers, heads=config.autoencoder.heads,
+            max_length=ae.max_length + 1, seed=config.autoencoder.seed, amp=amp, log=logger.info)
+        t0, texts, targets = time.perf_counter(), [], []
+        for i, c in enumerate(classes or [None]):
+            got = ld.sample_ar(ar, ae.tokenizer, len(ae.tokenizer) + (i if c else len(classes)), n, seed=ev.mauve_seed + i)
+            texts, targets = texts + got, targets + [c] * len(got)
+        row = {"generator": "AR baseline (class-prefixed)", "setting": f"{ar_report['parameters']:,} params, temperature 1",
+               **score(texts, targets if classes else None), "samples_per_s": round(len(texts) / (time.perf_counter() - t0), 2)}
+        rows.append(row)
+        examples[row["generator"]] = [{"class": y, "text": t} for t, y in list(zip(texts, targets))[::max(1, n // 2)]][:2 * max(1, len(classes))]
+    real = [t for t, _ in labelled[len(labelled) // 2:]] or refs
+    rows.append({"generator": "held-out real text", "setting": "reference", "samples": len(real), "mauve": None,
+                 "diversity": round(ld.diversity(real), 4), "distinct_2": round(ld.distinct_n(real, 2), 4),
+                 **{f"memorised_{k}": v for k, v in ld.memorisation(real, training_texts).items()},
+                 "class_accuracy": None if real_accuracy is None else round(real_accuracy, 4), "perplexity": None,
+                 "samples_per_s": None})
+    return {"rows": rows, "classes": classes, "real_text_accuracy": real_accuracy, "ar_baseline": ar_report,
+            "examples": examples, "reference_texts": len(refs)}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The evaluation rows as a markdown table (the CLI prints it too)."""
+    cols = ["generator", "setting", "mauve", "class_accuracy", "diversity", "memorised_verbatim", "memorised_train_4grams",
+            "perplexity", "samples_per_s"]
+    fmt = lambda v: "–" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _publish(report: dict, workdir: str) -> None:
+    series = {}
+    if "autoencoder" in report:
+        series["autoencoder (cross-entropy)"] = [(h["step"], h["loss"]) for h in report["autoencoder"]["history"]]
+    if "diffusion" in report:
+        series["diffusion (v MSE)"] = [(h["step"], h["loss"]) for h in report["diffusion"]["history"]]
+    if any(series.values()):
+        report["loss_curves_png"] = os.path.join(workdir, "loss_curves.png")
+        publish_png(line_chart_png(series, "latent diffusion training", "optimizer step", "loss"), key="latent-diffusion-loss",
+                    description="Autoencoder and diffusion training loss", save_to=report["loss_curves_png"])
+    lines = ["# Latent diffusion (LD4LG)", ""]
+    if "autoencoder" in report:
+        a = report["autoencoder"]
+        lines.append(f"- autoencoder: {a['parameters']:,} trainable parameters, {a['steps']} steps in {a['train_seconds']} s; "
+                     f"held-out BLEU **{a['holdout']['bleu']:.2f}**, exact match **{a['holdout']['exact_match']:.3f}**")
+    if "diffusion" in report:
+        d = report["diffusion"]
+        lines.append(f"- diffusion: {d['parameters']:,} parameters, {d['steps']} steps in {d['train_seconds']} s, "
+                     f"{len(d['classes'])} classes")
+    if "evaluation" in report:
+        lines += ["", markdown_table(report["evaluation"]["rows"])]
+        publish_table(report["evaluation"]["rows"], key="latent-diffusion-evaluation", description="Generators compared")
+    create_markdown_artifact("\n".join(lines), key="latent-diffusion", description="Latent diffusion report")
+    publish_links({"workdir": workdir, "report": os.path.join(workdir, "report.json")}, key="latent-diffusion-outputs")
+
+
+def _write_report(report: dict, workdir: str, name: str = "report.json") -> str:
+    path = os.path.join(workdir, name)
+    Path(path).write_text(json.dumps(report, indent=2, default=str))
+    return path
+
+
+@flow(name="autoencoder-training")
+def autoencoder_training(config: LatentDiffusionFlowConfig) -> dict:
+    """Train the text autoencoder on the shards' texts; report held-out reconstruction BLEU and exact match."""
+    amp = _runtime(config)
+    Path(config.workdir).mkdir(parents=True, exist_ok=True)
+    data = prepare_texts(config)
+    _, report = run_autoencoder_stage(config, data, amp)
+    out = {"texts": data.stats, "autoencoder": report}
+    _publish(out, config.workdir)
+    out["report"] = _write_report(out, config.workdir, "autoencoder-report.json")
+    return out
+
+
+@flow(name="diffusion-training")
+def diffusion_training(config: LatentDiffusionFlowConfig) -> dict:
+    """Train the latent diffusion model on the latents of a trained autoencoder in the workdir."""
+    from tasks.diffusion import load_autoencoder
+
+    amp = _runtime(config)
+    ae = load_autoencoder(os.path.join(config.workdir, "autoencoder"))
+    data = prepare_texts(config)
+    _, _, report = run_diffusion_stage(config, data, ae, amp)
+    out = {"texts": data.stats, "diffusion": report}
+    _publish(out, config.workdir)
+    out["report"] = _write_report(out, config.workdir, "diffusion-report.json")
+    return out
+
+
+@flow(name="latent-diffusion")
+def latent_diffusion(config: LatentDiffusionFlowConfig) -> dict:
+    """The whole job: autoencoder, diffusion, samples per class, evaluation table, report."""
+    amp = _runtime(config)
+    Path(config.workdir).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data = prepare_texts(config)
+    report = {"texts": data.stats, "config": config.model_dump(mode="json")}
+    stage = time.perf_counter()
+    ae, report["autoencoder"] = run_autoencoder_stage(config, data, amp)
+    report["autoencoder"]["stage_seconds"] = round(time.perf_counter() - stage, 1)
+    stage = time.perf_counter()
+    dm, latents, report["diffusion"] = run_diffusion_stage(config, data, ae, amp)
+    report["diffusion"]["stage_seconds"] = round(time.perf_counter() - stage, 1)
+    if config.evaluation is not None:
+        stage = time.perf_counter()
+        report["evaluation"] = run_evaluation_stage(config, data, ae, dm, latents, amp)
+        report["evaluation"]["stage_seconds"] = round(time.perf_counter() - stage, 1)
+    report["total_seconds"] = round(time.perf_counter() - t0, 1)
+    _publish(report, config.workdir)
+    report["workdir"] = os.path.abspath(config.workdir)
+    report["report"] = _write_report(report, config.workdir)
+    return report

@@ -1,0 +1,90 @@
+"""CLI of the latent-diffusion flows: ``lmlm diffusion train`` and ``lmlm sample``. Kept apart from
+flows/diffusion.py so that building the parser imports neither Prefect nor torch."""
+
+from __future__ import annotations
+
+from schemas.diffusion_configs import LatentDiffusionFlowConfig
+from schemas.errors import UserInputError
+
+
+def _config_from_args(args) -> LatentDiffusionFlowConfig:
+    from pydantic import ValidationError
+
+    from flows.cli import _load_config
+
+    data = _load_config(args.config, LatentDiffusionFlowConfig)
+    if args.workdir:
+        data["workdir"] = args.workdir
+    if args.shards:
+        data["document_shards"] = args.shards
+    if args.threads:
+        data["threads"] = args.threads
+    if args.no_eval:
+        data["evaluation"] = None
+    for key, value in (("autoencoder", args.ae_steps), ("diffusion", args.diffusion_steps)):
+        if value is not None:
+            data.setdefault(key, {}).setdefault("train", {})["steps"] = value
+    try:
+        return LatentDiffusionFlowConfig(**data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise UserInputError(f"invalid latent-diffusion config: {'.'.join(map(str, err['loc']))}: {err['msg']}") from exc
+
+
+def cmd_diffusion_train(args) -> None:
+    from flows.diffusion import autoencoder_training, diffusion_training, latent_diffusion, markdown_table
+
+    config = _config_from_args(args)
+    flows = {"all": latent_diffusion, "autoencoder": autoencoder_training, "diffusion": diffusion_training}
+    report = flows[args.stage](config)
+    print()
+    if "autoencoder" in report:
+        a = report["autoencoder"]
+        print(f"autoencoder: held-out BLEU {a['holdout']['bleu']:.2f}, exact match {a['holdout']['exact_match']:.3f} "
+              f"({a['steps']} steps, {a['train_seconds']} s)")
+    if "diffusion" in report:
+        d = report["diffusion"]
+        print(f"diffusion:   {d['steps']} steps, {d['train_seconds']} s, classes: {', '.join(d['classes']) or '(none)'}")
+    if "evaluation" in report:
+        print()
+        print(markdown_table(report["evaluation"]["rows"]))
+    print(f"\nreport:      {report['report']}")
+    if args.stage == "all":
+        print(f"try:         lmlm sample --checkpoint {config.workdir} --class <class> --n 10")
+
+
+def cmd_sample(args) -> None:
+    from schemas.diffusion_configs import SamplingConfig
+    from tasks.diffusion import sample_texts
+
+    if args.n < 1:
+        raise UserInputError(f"--n {args.n}: ask for at least one sample")
+    sampling = SamplingConfig(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
+    for text in sample_texts(args.checkpoint, args.n, args.class_name, sampling, seed=args.seed):
+        print(text)
+
+
+def add_diffusion_commands(sub) -> None:
+    """`lmlm diffusion train ...` and `lmlm sample ...` on the parser's subcommands ``sub``."""
+    d = sub.add_parser("diffusion", help="latent diffusion for language: train the autoencoder and the diffusion model")
+    dsub = d.add_subparsers(dest="diffusion_command", required=True)
+    t = dsub.add_parser("train", help="autoencoder -> diffusion -> samples -> evaluation (synthetic corpus unless --shards)")
+    t.add_argument("--workdir", help="checkpoints and report go here (default out/diffusion)")
+    t.add_argument("--shards", nargs="+", help="document shard files/folders; unset: a synthetic corpus is generated")
+    t.add_argument("--config", help="JSON/YAML file of LatentDiffusionFlowConfig fields")
+    t.add_argument("--stage", choices=["all", "autoencoder", "diffusion"], default="all",
+                   help="all (default), or one training stage (diffusion needs the workdir's autoencoder)")
+    t.add_argument("--ae-steps", type=int, help="autoencoder optimizer steps")
+    t.add_argument("--diffusion-steps", type=int, help="diffusion optimizer steps")
+    t.add_argument("--threads", type=int, help="torch CPU threads")
+    t.add_argument("--no-eval", action="store_true", help="skip sampling and evaluation")
+    t.set_defaults(func=cmd_diffusion_train)
+    s = sub.add_parser("sample", help="print samples of a trained latent diffusion model")
+    s.add_argument("--checkpoint", default="out/diffusion", help="workdir of `lmlm diffusion train` (default out/diffusion)")
+    s.add_argument("--class", dest="class_name", help="class label to condition on; unset: unconditional")
+    s.add_argument("--n", type=int, default=10, help="number of samples (default 10)")
+    s.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    s.add_argument("--steps", type=int, default=50, help="denoising steps (default 50; the reference DDPM uses 250)")
+    s.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale w (default 2)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_sample)

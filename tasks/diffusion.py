@@ -1,0 +1,746 @@
+"""Latent diffusion for language (LD4LG), as plain functions over document shards.
+
+    document shards -> texts (sentences packed per paragraph, up to max_tokens) split by doc_id hash
+    -> frozen encoder features (computed once) -> autoencoder training -> reconstruction BLEU / exact match
+    -> latents -> diffusion training (EMA) -> samples (DDPM / DDIM, classifier-free guidance)
+
+Output folders (each written atomically; a folder whose trainer state says it is complete is reused,
+an incomplete one resumes from its last checkpoint)::
+
+    <out>/autoencoder/   model.safetensors, config.json, tokenizer/ (minilm decoder), trainer_state.pt
+    <out>/diffusion/     model.safetensors, ema.safetensors, config.json (classes), trainer_state.pt
+
+Training is deterministic by seed: the batch and the noise of step s come from generators seeded with
+(seed, s), so a resumed run draws the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from prefect import task
+
+from models.autoencoder import (
+    CompactVocabulary,
+    HubSeq2Seq,
+    LatentAutoencoder,
+    MiniLMEncoder,
+    parallel_targets,
+    shifted_targets,
+)
+from models.diffusion import EMA, Denoiser, LatentDiffusion
+from schemas.diffusion_configs import AutoencoderConfig, DiffusionConfig, SamplingConfig, TrainingBudget
+from schemas.errors import UserInputError
+from tasks.pretrain import is_holdout
+from tasks.shardio import read_table
+
+TRAINER_STATE = "trainer_state.pt"
+SENTENCE_BOUNDARY = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
+
+
+# ----------------------------------------------------------------------------- texts from shards
+
+
+@dataclass
+class TextSplit:
+    texts: list[str] = field(default_factory=list)
+    labels: list[str | None] = field(default_factory=list)
+
+
+def paragraph_sentences(text: str) -> list[list[str]]:
+    """The sentences of each paragraph (blank-line separated) of a document."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    return [[s.strip() for s in SENTENCE_BOUNDARY.split(" ".join(p.split())) if s.strip()] for p in paragraphs]
+
+
+def pack_units(sentences: list[str], counts: list[int], max_tokens: int, pack: bool) -> tuple[list[str], int]:
+    """Consecutive sentences joined while their token count (``counts``, without special tokens) plus two
+    special tokens stays within ``max_tokens``; one sentence per unit when ``pack`` is false. Returns
+    (units, sentences dropped for being too long alone)."""
+    units, current, n, dropped = [], [], 0, 0
+    for sentence, k in zip(sentences, counts):
+        if k + 2 > max_tokens:
+            dropped += 1
+            if current:
+                units.append(" ".join(current))
+            current, n = [], 0
+            continue
+        if current and (not pack or n + k + 2 > max_tokens):
+            units.append(" ".join(current))
+            current, n = [], 0
+        current.append(sentence)
+        n += k
+    if current:
+        units.append(" ".join(current))
+    return units, dropped
+
+
+def extract_texts(shards: list[str], *, count_tokens: Callable[[list[str]], list[int]], max_tokens: int,
+                  pack: bool = True, label_column: str | None = "category", holdout_fraction: float = 0.1,
+                  max_texts: int | None = None, seed: int = 0) -> tuple[TextSplit, TextSplit, dict]:
+    """(training, held-out, counts): the texts of document shards with their labels, held-out documents
+    chosen by doc_id hash. ``count_tokens`` counts encoder tokens without special tokens."""
+    if not shards:
+        raise UserInputError("no document shards given; pass shard files or folders, or leave them unset for a synthetic corpus")
+    train, holdout = TextSplit(), TextSplit()
+    stats = {"documents": 0, "sentences": 0, "dropped_long_sentences": 0}
+    for shard in shards:
+        columns = ["doc_id", "text"] + ([label_column] if label_column else [])
+        try:
+            rows = read_table(shard, columns).to_pylist()
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserInputError(f"document shard {shard}: cannot read columns {columns} ({str(exc).splitlines()[0]}); "
+                                 "pass document shards, or set label_column to an existing column or none") from exc
+        for r in rows:
+            paragraphs = paragraph_sentences(r["text"] or "")
+            flat = [s for p in paragraphs for s in p]
+            counts = iter(count_tokens(flat)) if flat else iter(())
+            split = holdout if is_holdout(r["doc_id"], holdout_fraction) else train
+            label = r.get(label_column) if label_column else None
+            stats["documents"] += 1
+            stats["sentences"] += len(flat)
+            for p in paragraphs:
+                units, dropped = pack_units(p, [next(counts) for _ in p], max_tokens, pack)
+                stats["dropped_long_sentences"] += dropped
+                split.texts += units
+                split.labels += [label] * len(units)
+    if not train.texts or not holdout.texts:
+        raise UserInputError(
+            f"{len(train.texts)} training and {len(holdout.texts)} held-out texts from {len(shards)} shard(s) "
+            f"(max_tokens {max_tokens}); give more documents, a larger max_tokens, or another holdout_fraction")
+    if max_texts is not None and len(train.texts) > max_texts:
+        keep = np.sort(np.random.default_rng(seed).permutation(len(train.texts))[:max_texts])
+        train = TextSplit([train.texts[i] for i in keep], [train.labels[i] for i in keep])
+    stats.update(train_texts=len(train.texts), holdout_texts=len(holdout.texts))
+    return train, holdout, stats
+
+
+def class_ids(labels: list[str | None], classes: list[str]) -> torch.Tensor:
+    """Class index per label; ``len(classes)`` (the "no class" id) for a missing or unknown label."""
+    index = {c: i for i, c in enumerate(classes)}
+    return torch.tensor([index.get(label, len(classes)) for label in labels], dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def _lr_at(step: int, budget: TrainingBudget) -> float:
+    if step < budget.warmup_steps:
+        return budget.lr * (step + 1) / budget.warmup_steps
+    progress = min(1.0, (step - budget.warmup_steps) / max(1, budget.steps - budget.warmup_steps))
+    return budget.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def step_generators(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    """The batch and noise generators of one training step (so resuming redraws them exactly)."""
+    return np.random.default_rng([seed, step]), torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def write_folder_atomic(final: str, write: Callable[[str], None]) -> str:
+    """Run ``write(tmp_dir)`` then move the folder to ``final``; readers see the old or the new folder whole."""
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}.tmp")
+    os.makedirs(tmp)
+    try:
+        write(tmp)
+        old = None
+        if os.path.exists(final):
+            old = f"{tmp}.old"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old:
+            shutil.rmtree(old)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return final
+
+
+def fit(model: torch.nn.Module, batch_loss: Callable[[int], torch.Tensor], budget: TrainingBudget, *,
+        save: Callable[[str, dict], None], resume_state: dict | None = None, amp: torch.dtype | None = None,
+        after_step: Callable[[int], None] | None = None, log: Callable[[str], None] = print,
+        label: str = "train") -> dict:
+    """AdamW with warmup + cosine decay for ``budget.steps``; ``batch_loss(step)`` gives the loss of step
+    ``step``. ``save(kind, trainer_state)`` writes a checkpoint ("checkpoint" or "final"). Returns the
+    trainer state {"step", "history", "train_seconds", "optimizer"}."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": budget.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=budget.lr, betas=(0.9, 0.99), fused=True)
+    state = {"step": 0, "history": [], "train_seconds": 0.0}
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        state = {k: resume_state[k] for k in ("step", "history", "train_seconds")}
+        log(f"{label}: resumed at step {state['step']}/{budget.steps}")
+    model.train()
+    autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=amp or torch.float32,
+                              enabled=amp is not None)
+    running, t0 = [], time.perf_counter()
+    while state["step"] < budget.steps:
+        step = state["step"]
+        for g in optimizer.param_groups:
+            g["lr"] = _lr_at(step, budget)
+        with autocast:
+            loss = batch_loss(step)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, budget.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(step)
+        state["step"] = step + 1
+        running.append(loss.detach())
+        if state["step"] % budget.log_every == 0 or state["step"] == budget.steps:
+            elapsed = time.perf_counter() - t0
+            state["train_seconds"] += elapsed
+            mean = float(torch.stack(running).mean())
+            state["history"].append({"step": state["step"], "loss": mean})
+            log(f"{label}: step {state['step']}/{budget.steps} loss {mean:.4f} ({len(running) / elapsed:.1f} steps/s)")
+            running, t0 = [], time.perf_counter()
+        if state["step"] % budget.checkpoint_every == 0 and state["step"] < budget.steps:
+            state["train_seconds"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            save("checkpoint", {**state, "optimizer": optimizer.state_dict()})
+    state["optimizer"] = optimizer.state_dict()
+    save("final", state)
+    model.eval()
+    return state
+
+
+def read_trainer_state(folder: str) -> dict | None:
+    path = os.path.join(folder, TRAINER_STATE)
+    if not os.path.isfile(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _save_module(module: torch.nn.Module, path: str) -> None:
+    from safetensors.torch import save_model
+
+    save_model(module, path)
+
+
+def _load_module(module: torch.nn.Module, path: str) -> None:
+    from safetensors.torch import load_model
+
+    load_model(module, path, device=str(next(module.parameters()).device))
+
+
+# ----------------------------------------------------------------------------- autoencoder
+
+
+def build_encoder(cfg: AutoencoderConfig):
+    """The frozen encoder of ``cfg.backbone``: MiniLMEncoder, or a HubSeq2Seq (needs the hub)."""
+    if cfg.hub_name is None:
+        return MiniLMEncoder()
+    try:
+        return HubSeq2Seq(cfg.hub_name)
+    except OSError as exc:
+        raise UserInputError(
+            f"autoencoder backbone {cfg.backbone!r} ({cfg.hub_name}): cannot load it ({str(exc).splitlines()[0]}); "
+            "it needs the Hugging Face hub or a local copy (set backbone to its folder), or use backbone minilm"
+        ) from exc
+
+
+def encoder_features(encoder, texts: list[str], max_tokens: int, batch_size: int = 256,
+                     log: Callable[[str], None] = print):
+    """(features (N, max_tokens, D) bfloat16, mask (N, max_tokens) bool) of the frozen encoder, computed once."""
+    feats = torch.zeros(len(texts), max_tokens, encoder.dim, dtype=torch.bfloat16)
+    mask = torch.zeros(len(texts), max_tokens, dtype=torch.bool)
+    t0 = time.perf_counter()
+    for i in range(0, len(texts), batch_size):
+        f, m = encoder.features(texts[i:i + batch_size], max_tokens)
+        feats[i:i + len(f), :f.shape[1]] = f.to(torch.bfloat16).cpu()
+        mask[i:i + len(f), :m.shape[1]] = m.cpu()
+    log(f"encoder features of {len(texts)} texts in {time.perf_counter() - t0:.0f} s")
+    return feats, mask
+
+
+@dataclass
+class Autoencoder:
+    """A trained autoencoder ready to encode texts and decode latents."""
+
+    model: LatentAutoencoder
+    config: AutoencoderConfig
+    tokenizer: object  # decodes the decoder's ids (the trained BPE, or the hub tokenizer)
+    max_tokens: int  # encoder input limit
+    max_length: int  # decoder length limit (tokens, end-of-text included)
+    hub: HubSeq2Seq | None = None
+    encoder: object | None = None  # loaded on first use
+
+    @property
+    def eos(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    def normalize(self, texts: list[str]) -> list[str]:
+        """``texts`` as a perfect reconstruction spells them (lower case for the uncased minilm vocabulary)."""
+        return texts if self.hub is not None else self.tokenizer.normalize(texts)
+
+    def target_ids(self, texts: list[str]) -> list[list[int]]:
+        if self.hub is not None:
+            return self.hub.target_ids(texts, self.max_length)
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    @torch.no_grad()
+    def encode(self, features, mask, batch_size: int = 512) -> torch.Tensor:
+        """Latents (N, L, k) of cached encoder features."""
+        self.model.eval()
+        out = [self.model.encode(features[i:i + batch_size].float(), mask[i:i + batch_size])
+               for i in range(0, len(features), batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, self.config.num_latents, self.config.latent_dim)
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        if self.encoder is None:
+            self.encoder = self.hub or build_encoder(self.config)
+        return self.encode(*encoder_features(self.encoder, texts, self.max_tokens, log=lambda _: None))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int = 256) -> list[str]:
+        """Texts of latents (N, L, k), greedy decoding."""
+        self.model.eval()
+        texts = []
+        for i in range(0, len(latents), batch_size):
+            ids = self.model.decode(latents[i:i + batch_size], self.eos, self.hub)
+            texts += [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return texts
+
+
+def _autoencoder_model(cfg: AutoencoderConfig, d_encoder: int, vocab_size: int | None, max_length: int,
+                       d_hub: int | None) -> LatentAutoencoder:
+    torch.manual_seed(cfg.seed)
+    return LatentAutoencoder(d_encoder, cfg.num_latents, cfg.latent_dim, cfg.width, cfg.heads, cfg.perceiver_layers,
+                             cfg.reconstruction_layers, vocab_size=vocab_size, decoder_layers=cfg.decoder_layers,
+                             max_length=max_length, d_hub_decoder=d_hub, parallel=cfg.decoder == "parallel")
+
+
+def train_autoencoder(train: TextSplit, cfg: AutoencoderConfig, out_dir: str, *, max_tokens: int,
+                      features=None, encoder=None, amp: torch.dtype | None = None,
+                      log: Callable[[str], None] = print) -> tuple[Autoencoder, dict]:
+    """Train (or resume, or reuse a finished) autoencoder in ``out_dir`` on ``train.texts``.
+
+    ``features`` = cached (features, mask) of ``train.texts``; computed here when not given.
+    Returns the autoencoder and {"steps", "train_seconds", "history", "parameters", "reused"}.
+    """
+    state = read_trainer_state(out_dir)
+    if state is not None and state.get("config") != cfg.model_dump(mode="json"):
+        raise UserInputError(f"{out_dir} holds an autoencoder trained with another config; use a new workdir or delete it")
+    encoder = encoder or build_encoder(cfg)
+    hub = encoder if isinstance(encoder, HubSeq2Seq) else None
+    if hub is None:
+        tok_dir = os.path.join(out_dir, "tokenizer")
+        tokenizer = (CompactVocabulary.load(encoder.tokenizer, tok_dir) if state is not None
+                     else CompactVocabulary.build(encoder.tokenizer, train.texts))
+    else:
+        tokenizer = hub.tokenizer
+    ae = Autoencoder(None, cfg, tokenizer, max_tokens, 0, hub, encoder)
+    targets = ae.target_ids(train.texts)
+    ae.max_length = state["max_length"] if state else min(2 * max_tokens, max(len(t) for t in targets) + 1)
+    model = _autoencoder_model(cfg, encoder.dim, len(tokenizer) if hub is None else None, ae.max_length,
+                               hub.dim if hub else None)
+    ae.model = model
+    n_params = sum(p.numel() for p in model.parameters())
+    if state is not None:
+        _load_module(model, os.path.join(out_dir, "model.safetensors"))
+        if state["step"] >= cfg.train.steps:
+            log(f"autoencoder: reusing finished checkpoint {out_dir}")
+            return ae, {"steps": state["step"], "train_seconds": state["train_seconds"], "history": state["history"],
+                        "parameters": n_params, "reused": True}
+    if features is None:
+        features = encoder_features(encoder, train.texts, max_tokens, log=log)
+    feats, mask = features
+    eos = ae.eos if hub is None else -100
+
+    def batch_loss(step: int) -> torch.Tensor:
+        rng, gen = step_generators(cfg.seed, step)
+        idx = torch.from_numpy(rng.integers(0, len(feats), cfg.train.batch_size))
+        latents = model.encode(feats[idx].float(), mask[idx])
+        if cfg.latent_noise > 0:
+            latents = latents + cfg.latent_noise * torch.randn(latents.shape, generator=gen)
+        rows = [targets[i] for i in idx.tolist()]
+        if hub is None and cfg.decoder == "parallel":
+            inputs, tgt = None, parallel_targets(rows, eos, ae.max_length)
+        elif hub is None:
+            inputs, tgt = shifted_targets(rows, eos, ae.max_length)
+        else:
+            T = max(len(r) for r in rows)
+            tgt = torch.tensor([r + [-100] * (T - len(r)) for r in rows])
+            inputs = None
+        return model.reconstruction_loss(latents, inputs, tgt, hub)
+
+    def save(kind: str, trainer_state: dict) -> None:
+        def write(tmp: str) -> None:
+            _save_module(model, os.path.join(tmp, "model.safetensors"))
+            if hub is None:
+                tokenizer.save(os.path.join(tmp, "tokenizer"))
+            meta = {"autoencoder": cfg.model_dump(mode="json"), "max_tokens": max_tokens, "max_length": ae.max_length,
+                    "d_encoder": encoder.dim, "step": trainer_state["step"]}
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(meta, f, indent=2)
+            torch.save({**trainer_state, "config": cfg.model_dump(mode="json"), "max_length": ae.max_length},
+                       os.path.join(tmp, TRAINER_STATE))
+        write_folder_atomic(out_dir, write)
+
+    log(f"autoencoder: {n_params:,} trainable parameters, {len(train.texts)} texts, decoder length {ae.max_length}")
+    result = fit(model, batch_loss, cfg.train, save=save, resume_state=state, amp=amp, log=log, label="autoencoder")
+    return ae, {"steps": result["step"], "train_seconds": round(result["train_seconds"], 1),
+                "history": result["history"], "parameters": n_params, "reused": False}
+
+
+def load_autoencoder(folder: str) -> Autoencoder:
+    """The autoencoder saved in ``folder`` by :func:`train_autoencoder`."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise UserInputError(f"{folder}: no autoencoder here (config.json missing); train one with `lmlm diffusion train`")
+    with open(path) as f:
+        meta = json.load(f)
+    cfg = AutoencoderConfig(**meta["autoencoder"])
+    hub = HubSeq2Seq(cfg.hub_name) if cfg.hub_name else None
+    tokenizer = hub.tokenizer if hub else CompactVocabulary.load(MiniLMEncoder.tokenizer_only(), os.path.join(folder, "tokenizer"))
+    model = _autoencoder_model(cfg, meta["d_encoder"], len(tokenizer) if hub is None else None, meta["max_length"],
+                               hub.dim if hub else None)
+    _load_module(model, os.path.join(folder, "model.safetensors"))
+    model.eval()
+    return Autoencoder(model, cfg, tokenizer, meta["max_tokens"], meta["max_length"], hub, hub)
+
+
+# ----------------------------------------------------------------------------- text metrics
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def words(text: str) -> list[str]:
+    """Word and punctuation tokens (the tokenisation of BLEU and the n-gram metrics)."""
+    return _WORD.findall(text)
+
+
+def corpus_bleu(hypotheses: list[str], references: list[str], max_n: int = 4) -> float:
+    """Corpus BLEU-4 (0-100) with one reference per hypothesis, brevity penalty, no smoothing."""
+    from collections import Counter
+
+    matches, totals = [0] * max_n, [0] * max_n
+    hyp_len = ref_len = 0
+    for hyp, ref in zip(hypotheses, references):
+        h, r = words(hyp), words(ref)
+        hyp_len, ref_len = hyp_len + len(h), ref_len + len(r)
+        for n in range(1, max_n + 1):
+            hc = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
+            rc = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+            matches[n - 1] += sum(min(c, rc[g]) for g, c in hc.items())
+            totals[n - 1] += max(0, len(h) - n + 1)
+    if min(matches) == 0 or hyp_len == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_n
+    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    return 100.0 * brevity * math.exp(log_precision)
+
+
+def reconstruction_scores(ae: Autoencoder, texts: list[str], features=None) -> dict:
+    """Reconstruction BLEU (0-100) and exact-match rate of ``texts`` through the autoencoder, with examples."""
+    latents = ae.encode(*features) if features is not None else ae.encode_texts(texts)
+    decoded, texts = ae.decode(latents), ae.normalize(texts)
+    exact = sum(d == t for d, t in zip(decoded, texts)) / max(1, len(texts))
+    examples = [{"text": t, "reconstruction": d} for t, d in zip(texts[:5], decoded[:5])]
+    return {"texts": len(texts), "bleu": round(corpus_bleu(decoded, texts), 2), "exact_match": round(exact, 4),
+            "examples": examples}
+
+
+# ----------------------------------------------------------------------------- diffusion
+
+
+@dataclass
+class DiffusionModel:
+    model: LatentDiffusion  # the EMA weights (for sampling)
+    config: DiffusionConfig
+    classes: list[str]
+
+    def class_id(self, name: str | None) -> int:
+        if name is None:
+            return len(self.classes)
+        if name not in self.classes:
+            raise UserInputError(f"class {name!r}: not a class of this model; choose one of {', '.join(self.classes) or '(none: unconditional)'}")
+        return self.classes.index(name)
+
+    @torch.no_grad()
+    def sample_latents(self, n: int, class_name: str | None, sampling: SamplingConfig, shape: tuple[int, int], *,
+                       seed: int = 0, classifier=None, classifier_scale: float = 0.0, target: int | None = None):
+        """``n`` latents (n, L, k) of ``class_name`` (None: unconditional), in batches of ``sampling.batch_size``."""
+        gen = torch.Generator().manual_seed(seed)
+        label = self.class_id(class_name)
+        out = []
+        for i in range(0, n, sampling.batch_size):
+            b = min(sampling.batch_size, n - i)
+            labels = torch.full((b,), label, dtype=torch.long)
+            tgt = None if target is None else torch.full((b,), target, dtype=torch.long)
+            out.append(self.model.sample((b, *shape), labels, steps=sampling.steps, sampler=sampling.sampler,
+                                         guidance_scale=sampling.guidance_scale, generator=gen, classifier=classifier,
+                                         classifier_scale=classifier_scale, target=tgt))
+        return torch.cat(out)
+
+
+def _diffusion_model(cfg: DiffusionConfig, latent_shape: tuple[int, int], num_classes: int) -> LatentDiffusion:
+    torch.manual_seed(cfg.seed)
+    L, k = latent_shape
+    return LatentDiffusion(Denoiser(k, L, cfg.width, cfg.layers, cfg.heads, num_classes),
+                           cfg.logsnr_min, cfg.logsnr_max, cfg.logsnr_shift)
+
+
+def train_diffusion(latents: torch.Tensor, labels: list[str | None], cfg: DiffusionConfig, out_dir: str, *,
+                    amp: torch.dtype | None = None, log: Callable[[str], None] = print) -> tuple[DiffusionModel, dict]:
+    """Train (or resume, or reuse) the latent diffusion model on ``latents`` (N, L, k) in ``out_dir``.
+
+    Classes are the distinct non-missing ``labels``; texts without one train the "no class" branch only.
+    """
+    state = read_trainer_state(out_dir)
+    classes = sorted({label for label in labels if label is not None})
+    if state is not None and (state.get("config") != cfg.model_dump(mode="json") or state.get("classes") != classes):
+        raise UserInputError(f"{out_dir} holds a diffusion model trained with another config or classes; "
+                             "use a new workdir or delete it")
+    shape = tuple(latents.shape[1:])
+    model = _diffusion_model(cfg, shape, len(classes))
+    ema = EMA(model, cfg.ema_decay)
+    n_params = sum(p.numel() for p in model.parameters())
+    if state is not None:
+        _load_module(model, os.path.join(out_dir, "model.safetensors"))
+        _load_module(ema.model, os.path.join(out_dir, "ema.safetensors"))
+        if state["step"] >= cfg.train.steps:
+            log(f"diffusion: reusing finished checkpoint {out_dir}")
+            return DiffusionModel(ema.model, cfg, classes), {
+                "steps": state["step"], "train_seconds": state["train_seconds"], "history": state["history"],
+                "parameters": n_params, "classes": classes, "reused": True}
+    y = class_ids(labels, classes)
+    data = latents.float()
+
+    def batch_loss(step: int) -> torch.Tensor:
+        rng, gen = step_generators(cfg.seed, step)
+        idx = torch.from_numpy(rng.integers(0, len(data), cfg.train.batch_size))
+        return model.loss(data[idx], y[idx], self_condition_p=cfg.self_condition_p, class_dropout=cfg.class_dropout,
+                          generator=gen)
+
+    def save(kind: str, trainer_state: dict) -> None:
+        def write(tmp: str) -> None:
+            _save_module(model, os.path.join(tmp, "model.safetensors"))
+            _save_module(ema.model, os.path.join(tmp, "ema.safetensors"))
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump({"diffusion": cfg.model_dump(mode="json"), "classes": classes, "latent_shape": list(shape),
+                           "step": trainer_state["step"]}, f, indent=2)
+            torch.save({**trainer_state, "config": cfg.model_dump(mode="json"), "classes": classes},
+                       os.path.join(tmp, TRAINER_STATE))
+        write_folder_atomic(out_dir, write)
+
+    log(f"diffusion: {n_params:,} parameters, {len(data)} latents of shape {shape}, {len(classes)} classes")
+    result = fit(model, batch_loss, cfg.train, save=save, resume_state=state, amp=amp,
+                 after_step=lambda step: ema.update(model, step), log=log, label="diffusion")
+    return DiffusionModel(ema.model, cfg, classes), {
+        "steps": result["step"], "train_seconds": round(result["train_seconds"], 1), "history": result["history"],
+        "parameters": n_params, "classes": classes, "reused": False}
+
+
+def load_diffusion(folder: str) -> tuple[DiffusionModel, tuple[int, int]]:
+    """The EMA diffusion model saved in ``folder`` and its latent shape (L, k)."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise UserInputError(f"{folder}: no diffusion model here (config.json missing); train one with `lmlm diffusion train`")
+    with open(path) as f:
+        meta = json.load(f)
+    cfg, shape = DiffusionConfig(**meta["diffusion"]), tuple(meta["latent_shape"])
+    model = _diffusion_model(cfg, shape, len(meta["classes"]))
+    _load_module(model, os.path.join(folder, "ema.safetensors"))
+    return DiffusionModel(model.eval(), cfg, meta["classes"]), shape
+
+
+def sample_texts(checkpoint: str, n: int, class_name: str | None = None, sampling: SamplingConfig | None = None,
+                 seed: int = 0) -> list[str]:
+    """``n`` decoded samples from a latent-diffusion workdir (holding ``autoencoder/`` and ``diffusion/``)."""
+    for sub in ("autoencoder", "diffusion"):
+        if not os.path.isdir(os.path.join(checkpoint, sub)):
+            raise UserInputError(f"{checkpoint}: no {sub}/ folder; pass the workdir of `lmlm diffusion train`")
+    ae = load_autoencoder(os.path.join(checkpoint, "autoencoder"))
+    dm, shape = load_diffusion(os.path.join(checkpoint, "diffusion"))
+    latents = dm.sample_latents(n, class_name, sampling or SamplingConfig(), shape, seed=seed)
+    return ae.decode(latents)
+
+
+@task(name="train-autoencoder")
+def train_autoencoder_task(train: TextSplit, cfg: AutoencoderConfig, out_dir: str, max_tokens: int, features=None,
+                           encoder=None, amp=None):
+    from prefect import get_run_logger
+
+    return train_autoencoder(train, cfg, out_dir, max_tokens=max_tokens, features=features, encoder=encoder, amp=amp,
+                             log=get_run_logger().info)
+
+
+@task(name="train-diffusion")
+def train_diffusion_task(latents, labels, cfg: DiffusionConfig, out_dir: str, amp=None):
+    from prefect import get_run_logger
+
+    return train_diffusion(latents, labels, cfg, out_dir, amp=amp, log=get_run_logger().info)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct n-grams / all n-grams over ``texts`` (word tokens)."""
+    grams = [tuple(w[i:i + n]) for w in map(words, texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def diversity(texts: list[str]) -> float:
+    """LD4LG's diversity: the product of distinct-2, -3 and -4."""
+    return distinct_n(texts, 2) * distinct_n(texts, 3) * distinct_n(texts, 4)
+
+
+def memorisation(samples: list[str], training_texts: list[str]) -> dict:
+    """``verbatim``: fraction of samples found verbatim (case-insensitive) inside a training text;
+    ``train_4grams``: fraction of the samples' 4-grams that occur in the training text."""
+    corpus = "\n".join(t.lower() for t in training_texts)
+    verbatim = sum(1 for s in samples if s.strip() and s.strip().lower() in corpus) / max(1, len(samples))
+    seen = {tuple(w[i:i + 4]) for w in (words(t.lower()) for t in training_texts) for i in range(len(w) - 3)}
+    grams = [tuple(w[i:i + 4]) for w in (words(s.lower()) for s in samples) for i in range(len(w) - 3)]
+    return {"verbatim": round(verbatim, 4), "train_4grams": round(sum(g in seen for g in grams) / max(1, len(grams)), 4)}
+
+
+def mauve_score(samples: list[str], references: list[str], seed: int = 25) -> float:
+    """MAUVE of samples against reference text, features from the offline sentence encoder."""
+    import mauve
+
+    from models.embed import embed
+
+    p, q = embed(references), embed(samples)
+    out = mauve.compute_mauve(p_features=p, q_features=q, seed=seed, verbose=False, device_id=-1)
+    return float(out.mauve)
+
+
+def perplexity(texts: list[str], lm: str, batch_size: int = 16) -> float:
+    """Perplexity of ``texts`` under a causal LM (a folder or hub name): exp of the mean token loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(lm)
+        model = AutoModelForCausalLM.from_pretrained(lm).eval()
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"reference LM {lm!r}: cannot load it ({str(exc).splitlines()[0]}); "
+                             "pass a folder holding a Hugging Face causal LM, or leave reference_lm unset") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer([t for t in texts[i:i + batch_size] if t.strip()] or ["."], return_tensors="pt", padding=True)
+            labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+            logits = model(**enc).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="sum")
+            total, count = total + float(loss), count + int((labels[:, 1:] != -100).sum())
+    return math.exp(total / max(1, count))
+
+
+class TextClassifier:
+    """Logistic regression on all-MiniLM-L6-v2 sentence embeddings: the judge of class-conditional samples."""
+
+    def __init__(self, texts: list[str], labels: list[str], seed: int = 0):
+        from sklearn.linear_model import LogisticRegression
+
+        from models.embed import embed
+
+        if len(set(labels)) < 2:
+            raise UserInputError(f"class-conditional evaluation needs at least 2 classes in held-out text, got {sorted(set(labels))}")
+        self.model = LogisticRegression(max_iter=2000, C=10.0, random_state=seed).fit(embed(texts), labels)
+
+    def predict(self, texts: list[str]) -> list[str]:
+        from models.embed import embed
+
+        return list(self.model.predict(embed(texts))) if texts else []
+
+    def accuracy(self, texts: list[str], labels: list[str]) -> float:
+        pred = self.predict(texts)
+        return sum(p == y for p, y in zip(pred, labels)) / max(1, len(labels))
+
+
+def train_ar_baseline(train: TextSplit, classes: list[str], vocabulary: CompactVocabulary, budget: TrainingBudget, *,
+                      width: int, layers: int, heads: int, max_length: int, seed: int = 0,
+                      amp: torch.dtype | None = None, log: Callable[[str], None] = print):
+    """A class-prefixed causal LM trained from scratch on the training texts (ids: the vocabulary, then one
+    token per class and one for "no class"). Returns (model, report)."""
+    from models.autoencoder import TextDecoder
+
+    torch.manual_seed(seed)
+    V = len(vocabulary)
+    model = TextDecoder(V + len(classes) + 1, width, layers, heads, max_length)
+    ids = vocabulary(train.texts)["input_ids"]
+    prefix = (class_ids(train.labels, classes) + V).tolist()
+
+    def batch_loss(step: int) -> torch.Tensor:
+        rng, _ = step_generators(seed, step)
+        idx = rng.integers(0, len(ids), budget.batch_size).tolist()
+        inputs, targets = shifted_targets([ids[i] for i in idx], 0, max_length, [prefix[i] for i in idx])
+        logits = model(inputs)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"AR baseline: {n_params:,} parameters")
+    state = fit(model, batch_loss, budget, save=lambda kind, s: None, amp=amp, log=log, label="AR baseline")
+    return model, {"parameters": n_params, "steps": state["step"], "train_seconds": round(state["train_seconds"], 1)}
+
+
+def sample_ar(model, vocabulary: CompactVocabulary, prefix_id: int, n: int, *, seed: int = 0,
+              temperature: float = 1.0, batch_size: int = 256) -> list[str]:
+    """``n`` texts from the class-prefixed LM, ancestral sampling at ``temperature``."""
+    gen = torch.Generator().manual_seed(seed)
+    texts = []
+    model.eval()
+    for i in range(0, n, batch_size):
+        b = min(batch_size, n - i)
+        prefix = torch.full((b, 1), prefix_id, dtype=torch.long)
+        ids = model.generate(prefix, 0, temperature=temperature, generator=gen)
+        texts += [t.strip() for t in vocabulary.batch_decode(ids)]
+    return texts
+
+
+def train_latent_classifier(latents: torch.Tensor, labels: list[str | None], classes: list[str], diffusion: LatentDiffusion,
+                            budget: TrainingBudget, *, width: int = 128, layers: int = 2, heads: int = 4, seed: int = 0,
+                            amp: torch.dtype | None = None, log: Callable[[str], None] = print):
+    """p(class | z_t) on noisy training latents at noise levels of the diffusion schedule (labelled texts only)."""
+    from models.diffusion import LatentClassifier, alpha_sigma
+
+    keep = [i for i, label in enumerate(labels) if label is not None]
+    x, y = latents[keep].float(), class_ids([labels[i] for i in keep], classes)
+    torch.manual_seed(seed)
+    clf = LatentClassifier(x.shape[2], x.shape[1], width, layers, heads, len(classes))
+
+    def batch_loss(step: int) -> torch.Tensor:
+        rng, gen = step_generators(seed, step)
+        idx = torch.from_numpy(rng.integers(0, len(x), budget.batch_size))
+        t = torch.rand(len(idx), generator=gen)
+        logsnr = diffusion.logsnr(t)
+        alpha, sigma = (s[:, None, None] for s in alpha_sigma(logsnr))
+        z = alpha * x[idx] + sigma * torch.randn(x[idx].shape, generator=gen)
+        return torch.nn.functional.cross_entropy(clf(z, logsnr), y[idx])
+
+    fit(clf, batch_loss, budget, save=lambda kind, s: None, amp=amp, log=log, label="latent classifier")
+    for p in clf.parameters():
+        p.requires_grad_(False)
+    return clf
+
+
+def score_samples(samples: list[str], target_labels: list[str] | None, *, references: list[str], training_texts: list[str],
+                  classifier: TextClassifier | None, reference_lm: str | None, mauve_seed: int = 25) -> dict:
+    """MAUVE vs references, diversity, memorisation, class accuracy (when targets are given), perplexity (with an LM)."""
+    row = {"samples": len(samples), "mauve": round(mauve_score(samples, references, mauve_seed), 4),
+           "diversity": round(diversity(samples), 4), "distinct_2": round(distinct_n(samples, 2), 4),
+           **{f"memorised_{k}": v for k, v in memorisation(samples, training_texts).items()}}
+    row["class_accuracy"] = (round(classifier.accuracy(samples, target_labels), 4)
+                             if classifier is not None and target_labels is not None else None)
+    row["perplexity"] = round(perplexity(samples, reference_lm), 2) if reference_lm else None
+    return row
