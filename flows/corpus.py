@@ -108,6 +108,8 @@ def corpus_processing(config: CorpusFlowConfig = CorpusFlowConfig()) -> dict:
             bulk = run_bulk_stage(doc_shards, small.bulk, small.bulk.checkpoint or report["finetune"]["checkpoint"],
                                   workdir, run_id, ground_truth, exclude_from_scoring=[seed["annotated_shard"]])
         report["bulk_annotation"] = bulk
+        # the warehouse keeps both annotators' output (keyed by annotator and version): the strong annotator's
+        # for the seed documents, the small one's for every document; the training shards are the bulk ones
         annotated_shards, triplet_shards = bulk["annotated_shards"], bulk["triplet_shards"]
         if config.validation.enabled:
             from tasks.validate import validate_annotations_task
@@ -119,8 +121,9 @@ def corpus_processing(config: CorpusFlowConfig = CorpusFlowConfig()) -> dict:
             publish_validation(v, config.validation.fail_flow)
 
     with _stage(timings, "warehouse_load"):
+        seed_shards = ([seed["annotated_shard"]], [seed["triplet_shard"]]) if small.enabled else ([], [])
         loaded = load_warehouse_task(
-            warehouse_path, run_id, doc_shards, annotated_shards, triplet_shards,
+            warehouse_path, run_id, doc_shards, seed_shards[0] + annotated_shards, seed_shards[1] + triplet_shards,
             flow="corpus-processing", config=config.model_dump(), inputs=inputs,
             relation_aliases=relation_aliases, entity_aliases=entity_aliases, wait_s=config.warehouse_wait_s,
         )

@@ -97,3 +97,32 @@ def test_cli_reports_a_missing_warehouse_in_one_line(tmp_path, capsys):
     assert main(["warehouse", "stats", "--db", str(tmp_path / "nope.duckdb")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.duckdb" in err[0]
+
+
+@pytest.mark.slow
+def test_pipeline_chains_seed_finetune_bulk_and_warehouse(tmp_path, prefect_harness, capsys):
+    """`lmlm pipeline` (what `make demo` runs): the small annotator is trained on the seed and annotates every
+    document shard; the warehouse holds what it annotated and the report scores it on unseen documents."""
+    from flows.cli import main
+    from warehouse import db
+
+    config = {"synthetic": SMALL.model_dump(),
+              "small_annotator": {"seed_docs": 20, "finetune": {"base": "annotator-tiny", "vocab_size": 400, "epochs": 2},
+                                  "bulk": {"threads": 1, "max_call_tokens": 12, "max_calls_per_100_words": 5}}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["pipeline", "--workdir", str(tmp_path / "w"), "--config", str(tmp_path / "config.json"),
+                 "--finetune-budget-s", "30"]) == 0
+    report = json.loads((tmp_path / "w" / "report.json").read_text())
+    ft, bulk = report["finetune"], report["bulk_annotation"]
+    assert ft["train_docs"] + ft["holdout_docs"] == 20 and os.path.isdir(ft["checkpoint"])
+    n_docs = report["ingest"]["docs_written"]
+    assert bulk["docs"] == n_docs and bulk["annotated"] + bulk["failed"] == n_docs
+    assert bulk["quality_vs_gold"]["documents"] == n_docs - 20  # scored only on documents it was not trained on
+    assert bulk["quality_vs_gold"]["source_preserved_rate"] == 1.0
+    con = db.connect(report["warehouse"], read_only=True)
+    assert con.execute("select count(*) from documents").fetchone()[0] == n_docs
+    # the strong annotator's seed annotations stay beside the small annotator's, each under its own name
+    by = dict(con.execute("select annotator, count(*) from annotations group by annotator").fetchall())
+    assert by.get("lmlm-annotator") == n_docs and sum(by.values()) == n_docs + 20
+    out = capsys.readouterr().out
+    assert "held-out seed F1" in out and f"bulk:      {n_docs} documents" in out
