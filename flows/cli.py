@@ -40,9 +40,19 @@ def _load_config(path: str | None, model):
     return data or {}
 
 
-def cmd_run(args) -> None:
+def validated(model, data: dict, what: str = "config", hint: str = ""):
+    """``model(**data)``, or one error line naming the first invalid field (and ``hint``, how to fix it)."""
     from pydantic import ValidationError
 
+    try:
+        return model(**data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise UserError(f"invalid {what}: {'.'.join(map(str, err['loc'])) or '(top level)'}: {err['msg']}"
+                        + (f" ({hint})" if hint else "")) from None
+
+
+def cmd_run(args) -> None:
     from flows.corpus import corpus_processing
     from schemas.configs import CorpusFlowConfig
 
@@ -55,10 +65,7 @@ def cmd_run(args) -> None:
         data["synthetic"] = synthetic_config_for_docs(args.docs, args.seed).model_dump()
     if args.no_validate:
         data.setdefault("validation", {})["enabled"] = False
-    try:
-        config = CorpusFlowConfig(**data)
-    except ValidationError as exc:
-        raise UserError(f"invalid config: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
+    config = validated(CorpusFlowConfig, data)
     report = corpus_processing(config)
     wh, ing = report["warehouse_load"], report["ingest"]
     print()
@@ -80,8 +87,6 @@ def cmd_run(args) -> None:
 
 
 def cmd_seed(args) -> None:
-    from pydantic import ValidationError
-
     from flows.seed import seed_annotation
     from schemas.configs import SeedFlowConfig
 
@@ -101,11 +106,7 @@ def cmd_seed(args) -> None:
     for key, value in (("base_url", args.base_url), ("model", args.model)):
         if value:
             endpoint[key] = value
-    try:
-        config = SeedFlowConfig(**data)
-    except ValidationError as exc:
-        raise UserError(f"invalid seed config: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']} "
-                        "(give --shards or document_shards in --config)")
+    config = validated(SeedFlowConfig, data, "seed config", "give --shards or document_shards in --config")
     report = seed_annotation(config)
     print(f"seed: {report['docs']} documents, {report['annotated']} annotated, {report['failed']} failed "
           f"(retried on the next run), {report['rejected']} rejected, {report['calls']} calls")
@@ -212,8 +213,6 @@ def cmd_wh_edit(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from pydantic import ValidationError
-
     from flows.serve import ServeConfig, serve
 
     data = _load_config(args.config, ServeConfig)
@@ -223,10 +222,7 @@ def cmd_serve(args) -> None:
         data.setdefault("schedules", {"corpus-processing": None})["corpus-processing"] = args.corpus_cron or None
     if args.llm_slots:
         data["llm_slots"] = args.llm_slots
-    try:
-        config = ServeConfig(**data)
-    except ValidationError as exc:
-        raise UserError(f"invalid serve config: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
+    config = validated(ServeConfig, data, "serve config")
     serve(config)
 
 
@@ -323,8 +319,6 @@ def cmd_pipeline(args) -> None:
 
 
 def cmd_annotator_finetune(args) -> None:
-    from pydantic import ValidationError
-
     from flows.annotator import annotator_finetune
     from schemas.configs import FinetuneFlowConfig
 
@@ -334,10 +328,7 @@ def cmd_annotator_finetune(args) -> None:
         data.setdefault("finetune", {})["base"] = args.base
     if args.budget_s:
         data.setdefault("finetune", {})["time_budget_s"] = args.budget_s
-    try:
-        config = FinetuneFlowConfig(**data)
-    except ValidationError as exc:
-        raise UserError(f"invalid config: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
+    config = validated(FinetuneFlowConfig, data)
     report = annotator_finetune(config)
     q = report["holdout_quality"]
     print(f"checkpoint: {report['checkpoint']} ({report['parameters']:,} parameters, version {report['version']})")
@@ -347,8 +338,6 @@ def cmd_annotator_finetune(args) -> None:
 
 
 def cmd_annotator_bulk(args) -> None:
-    from pydantic import ValidationError
-
     from flows.annotator import bulk_annotation
     from schemas.configs import BulkFlowConfig
 
@@ -362,10 +351,7 @@ def cmd_annotator_bulk(args) -> None:
         bulk.setdefault("endpoint", {})["base_url"] = args.base_url
     if args.no_warehouse:
         data["load_warehouse"] = False
-    try:
-        config = BulkFlowConfig(**data)
-    except ValidationError as exc:
-        raise UserError(f"invalid config: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
+    config = validated(BulkFlowConfig, data)
     report = bulk_annotation(config)
     print(f"shards:    {report['shards']} ({report['shards_skipped']} finished earlier, skipped)")
     print(f"documents: {report['docs']}, {report['annotated']} annotated, {report['failed']} failed, "

@@ -8,9 +8,7 @@ from schemas.errors import UserInputError
 
 
 def _config_from_args(args) -> LatentDiffusionFlowConfig:
-    from pydantic import ValidationError
-
-    from flows.cli import _load_config
+    from flows.cli import _load_config, validated
 
     data = _load_config(args.config, LatentDiffusionFlowConfig)
     if args.workdir:
@@ -24,11 +22,7 @@ def _config_from_args(args) -> LatentDiffusionFlowConfig:
     for key, value in (("autoencoder", args.ae_steps), ("diffusion", args.diffusion_steps)):
         if value is not None:
             data.setdefault(key, {}).setdefault("train", {})["steps"] = value
-    try:
-        return LatentDiffusionFlowConfig(**data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise UserInputError(f"invalid latent-diffusion config: {'.'.join(map(str, err['loc']))}: {err['msg']}") from exc
+    return validated(LatentDiffusionFlowConfig, data, 'latent-diffusion config')
 
 
 def cmd_diffusion_train(args) -> None:

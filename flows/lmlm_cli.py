@@ -22,9 +22,7 @@ def format_comparison(rows: list[dict], variants: list[str]) -> str:
 
 
 def _flow_config(args) -> LMLMFlowConfig:
-    from pydantic import ValidationError
-
-    from flows.cli import _load_config
+    from flows.cli import _load_config, validated
 
     data = _load_config(getattr(args, "config", None), LMLMFlowConfig)
     if args.workdir:
@@ -49,11 +47,7 @@ def _flow_config(args) -> LMLMFlowConfig:
     from schemas.lmlm_configs import DEMO_PRETRAIN
 
     data["pretrain"] = {**DEMO_PRETRAIN, **pre}  # what is given goes on top of the demo's defaults
-    try:
-        return LMLMFlowConfig(**data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise UserInputError(f"invalid config: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    return validated(LMLMFlowConfig, data)
 
 
 def cmd_lmlm_pretrain(args) -> None:
