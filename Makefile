@@ -31,7 +31,12 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 install: $(VENV)/.installed
-install-# the LMLM and its standard baseline on their own corpus run (seed-annotated by the KB aligner, not by the
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/lmlm pipeline --workdir $(WORKDIR) $(if $(DOCS),--docs $(DOCS),)
+
+# the LMLM and its standard baseline on their own corpus run (seed-annotated by the KB aligner, not by the
 # demo's briefly trained small annotator)
 demo-lmlm: $(VENV)/.installed
 	$(VENV)/bin/lmlm lmlm demo --workdir out/demo-lmlm
@@ -40,11 +45,6 @@ demo-lmlm: $(VENV)/.installed
 demo-diffusion: $(VENV)/.installed
 	$(VENV)/bin/lmlm diffusion train --workdir out/diffusion-demo --threads 1
 	$(VENV)/bin/lmlm sample --checkpoint out/diffusion-demo --class science --n 5
-
-test: $(VENV)/.installed-test
-
-demo: $(VENV)/.installed
-	$(VENV)/bin/lmlm pipeline --workdir $(WORKDIR) $(if $(DOCS),--docs $(DOCS),)
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest tests
