@@ -104,8 +104,14 @@ def corpus_processing(config: CorpusFlowConfig = CorpusFlowConfig()) -> dict:
 
         with _stage(timings, "finetune"):
             report["finetune"] = run_finetune_stage([seed["annotated_shard"]], small.finetune, workdir)
+        bulk_cfg = small.bulk
+        if bulk_cfg.corrector is None and config.seed.corrector is not None:
+            # the seed's filters (density, entity in value, placement, ...) guard the small annotator's output
+            # too; its names were learned from the corrected seed, so they are not unified again
+            bulk_cfg = bulk_cfg.model_copy(update={"corrector": config.seed.corrector.model_copy(
+                update={"unify_relations": False, "unify_entities": False})})
         with _stage(timings, "bulk_annotation"):
-            bulk = run_bulk_stage(doc_shards, small.bulk, small.bulk.checkpoint or report["finetune"]["checkpoint"],
+            bulk = run_bulk_stage(doc_shards, bulk_cfg, small.bulk.checkpoint or report["finetune"]["checkpoint"],
                                   workdir, run_id, ground_truth, exclude_from_scoring=[seed["annotated_shard"]])
         report["bulk_annotation"] = bulk
         # the warehouse keeps both annotators' output (keyed by annotator and version): the strong annotator's

@@ -369,7 +369,7 @@ class DecodeStats:
     forward_passes: int = 0
     fed_tokens: int = 0  # slots fed to the model (drafts included, padding excluded)
     calls_aborted: int = 0  # calls that did not close within max_call_tokens: rolled back
-    calls_malformed: int = 0  # closed calls with an empty or invalid field: dropped
+    calls_malformed: int = 0  # closed calls with an empty or invalid field, or repeating a call at its place: dropped
     seconds: float = 0.0
 
 
@@ -682,7 +682,7 @@ def _growing_layer():
 @dataclass
 class DecodedDocument:
     annotated: markup.Annotated  # calls on the exact source text
-    malformed: int = 0  # calls dropped because a field was empty or invalid
+    malformed: int = 0  # calls dropped because a field was empty or invalid, or repeated at the same place
 
 
 def decode_call(tokenizer, ids: list[int]) -> markup.LookupCall:
@@ -717,9 +717,14 @@ def annotate_texts(model, tokenizer, texts: list[str], opts: DecodeOptions | Non
             d, offset, _ = batch[row.index]
             for char, ids in row.calls:
                 try:
-                    calls[d].append(markup.PlacedCall(offset + char, decode_call(tokenizer, ids)))
+                    placed = markup.PlacedCall(offset + char, decode_call(tokenizer, ids))
                 except markup.MarkupError:
                     malformed[d] += 1
+                    continue
+                if placed in calls[d]:  # the same call again at the same place says nothing new
+                    malformed[d] += 1
+                else:
+                    calls[d].append(placed)
     stats.calls_malformed += sum(malformed)
     stats.documents += len(texts)
     stats.seconds += time.perf_counter() - t0
