@@ -359,15 +359,21 @@ def cmd_annotator_bulk(args) -> None:
     print(f"report:    {os.path.join(config.workdir, 'bulk-report.json')}")
 
 
+def corpus_run_arguments() -> argparse.ArgumentParser:
+    """The corpus flow's flags, shared by ``lmlm run`` and ``lmlm pipeline``."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--workdir", default=None, help="output folder (default out)")
+    p.add_argument("--corpus", nargs="+", help="corpus files, folders, globs or fsspec URLs")
+    p.add_argument("--docs", type=int, help="size of the synthetic corpus in documents")
+    p.add_argument("--seed", type=int, default=0, help="synthetic corpus seed")
+    p.add_argument("--config", help="JSON/YAML file of CorpusFlowConfig fields")
+    p.add_argument("--no-validate", action="store_true", help="skip the Great Expectations gates")
+    return p
+
+
 def add_annotator_commands(sub) -> None:
     """``lmlm pipeline`` and ``lmlm annotator {finetune,bulk}``."""
-    pl = sub.add_parser("pipeline", help="the whole pipeline: run + fine-tune the small annotator + bulk annotation")
-    pl.add_argument("--workdir", default=None, help="output folder (default out)")
-    pl.add_argument("--corpus", nargs="+", help="corpus files, folders, globs or fsspec URLs")
-    pl.add_argument("--docs", type=int, help="size of the synthetic corpus in documents")
-    pl.add_argument("--seed", type=int, default=0, help="synthetic corpus seed")
-    pl.add_argument("--config", help="JSON/YAML file of CorpusFlowConfig fields")
-    pl.add_argument("--no-validate", action="store_true", help="skip the Great Expectations gates")
+    pl = sub.add_parser("pipeline", parents=[corpus_run_arguments()], help="the whole pipeline: run + fine-tune the small annotator + bulk annotation")
     pl.add_argument("--seed-docs", type=int, help="documents annotated by the seed annotator to train on (default 160)")
     pl.add_argument("--finetune-budget-s", type=float, default=240.0,
                     help="stop fine-tuning after this many seconds (default 240, the demo's share; 0: train all epochs)")
@@ -398,13 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmlm", description="Knowledge-separated LM pipeline (Prefect + DuckDB)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="run the corpus-processing flow (synthetic corpus unless --corpus is given)")
-    r.add_argument("--workdir", default=None, help="output folder (default out)")
-    r.add_argument("--corpus", nargs="+", help="corpus files, folders, globs or fsspec URLs")
-    r.add_argument("--docs", type=int, help="size of the synthetic corpus in documents")
-    r.add_argument("--seed", type=int, default=0, help="synthetic corpus seed")
-    r.add_argument("--config", help="JSON/YAML file of CorpusFlowConfig fields")
-    r.add_argument("--no-validate", action="store_true", help="skip the Great Expectations gates")
+    r = sub.add_parser("run", parents=[corpus_run_arguments()], help="run the corpus-processing flow (synthetic corpus unless --corpus is given)")
     r.set_defaults(func=cmd_run)
 
     sd = sub.add_parser("seed", help="seed annotation of existing document shards (sample, annotate, correct, load)")
