@@ -15,6 +15,7 @@ Documents are held-out synthetic biographies (a corpus generated with another se
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -62,17 +63,25 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/out/annotate")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the card is named in the output)")
+    ap.add_argument("--texts", help="a JSON list of source texts to annotate instead of a generated synthetic corpus")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not os.path.isdir(args.checkpoint):
         sys.exit(f"bench/annotate.py: no annotator at {args.checkpoint}; run `lmlm pipeline` (or `lmlm annotator "
                  "finetune`) first, or pass --checkpoint")
-    model, tok, meta = load_annotator(args.checkpoint, "cpu")
+    model, tok, meta = load_annotator(args.checkpoint, args.device)
     params = sum(p.numel() for p in model.parameters())
-    texts = bench_texts(args.docs, os.path.join(args.out, "synthetic"))
+    if args.texts:
+        with open(args.texts) as f:
+            texts = json.load(f)[:args.docs]
+    else:
+        texts = bench_texts(args.docs, os.path.join(args.out, "synthetic"))
+    device = torch.device(args.device)
+    where = f"{args.device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
     few = texts[:args.step_docs]
     print(f"annotator {meta.get('version', args.checkpoint)}: {params:,} parameters; {len(texts)} documents "
-          f"({len(few)} for step-by-step runs); torch threads {args.threads}; device cpu")
+          f"({len(few)} for step-by-step runs); torch threads {args.threads}; device {where}")
 
     def rate(opts: DecodeOptions, docs: list[str]) -> tuple[float, DecodeStats, list]:
         stats = DecodeStats()
@@ -112,8 +121,8 @@ def main() -> None:
     docs_s = len(texts) / s_batch.seconds
     print()
     print(f"best: {docs_s:.1f} documents/s ({r_batch:,.0f} source tokens/s, {s_batch.call_tokens / len(texts):.0f} call "
-          f"tokens/doc) on this CPU with a {params / 1e6:.1f}M-parameter model")
-    print(f"the reference's 6.1M documents would take {REFERENCE_DOCS / docs_s / 3600:,.0f} h on this CPU at this rate "
+          f"tokens/doc) on {where} with a {params / 1e6:.1f}M-parameter model")
+    print(f"the reference's 6.1M documents would take {REFERENCE_DOCS / docs_s / 3600:,.0f} h on one such device at this rate "
           f"(the paper: ~2 days on 64 A6000 GPUs with an 8B model through vLLM)")
 
 

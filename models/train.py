@@ -339,7 +339,7 @@ def train(
         torch.manual_seed(cfg.seed + rank)  # per-process RNG streams (dropout); data order is seeded separately
 
     train_model = model
-    if cfg.compile:
+    if cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda"):
         train_model = torch.compile(model)
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(

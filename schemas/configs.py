@@ -140,7 +140,9 @@ class PretrainConfig(BaseModel):
     bf16: Literal["auto"] | bool = Field(
         "auto", description="bfloat16 autocast; auto: on GPUs that support it and CPUs with native bf16 (AMX/AVX512-BF16)"
     )
-    compile: bool = Field(False, description="torch.compile the model (GPU runs)")
+    compile: Literal["auto"] | bool = Field(
+        "auto", description="torch.compile the model; auto: on CUDA GPUs (1.8x the tokens/s of eager for gpt2-124m on an H200)"
+    )
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="most recent checkpoints kept")
     resume: bool = Field(True, description="continue from the newest checkpoint in the output folder, exactly")
