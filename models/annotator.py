@@ -21,8 +21,9 @@ inside a call decoding is free (special tokens only in grammar order) until ``<|
 call the rest of the source is re-tokenized, exactly as the training target tokenizes it. Because
 the source is known, it is not decoded token by token: each forward pass feeds the next chunk of
 source tokens as a draft and keeps the prefix the model agrees with (the first place where it
-would open a call ends the chunk); inside a call, the value is drafted from the upcoming source text
-and entity/relation from earlier text (prompt lookup). Every draft is verified against the greedy
+would open a call ends the chunk); inside a call, the value is drafted from the upcoming source text,
+the entity from earlier text (prompt lookup) and the relation from the relations of the calls closed so
+far in the run, all documents (a small vocabulary). Every draft is verified against the greedy
 choice, so the result equals step-by-step constrained greedy decoding (``chunk_tokens=1,
 draft_tokens=0``), up to floating-point ties. Documents are batched (length-sorted); per-row
 rejected draft slots stay in the KV cache as masked holes, compacted away when they pile up.
@@ -37,6 +38,7 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -445,6 +447,7 @@ class _Decoder:
         self.base = model.base_model
         self.head = model.get_output_embeddings()
         self.cache_arg = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
+        self.relations: Counter[tuple[int, ...]] = Counter()  # relation tokens + <|db_return|> of closed calls
 
     # -- grammar
 
@@ -478,11 +481,14 @@ class _Decoder:
             row.state = VALUE
         elif row.state == VALUE and tok == self.ids.end:
             row.calls.append((row.call_char, row.call))
+            rel_start, ret_at = row.call.index(self.ids.relationship) + 1, row.call.index(self.ids.ret)
+            self.relations[tuple(row.call[rel_start:ret_at + 1])] += 1
             row.state, row.call, row.call_slots, row.blocked = SOURCE, [], [], None
             row.retokenize(row.call_char, self.tok)
 
     def draft(self, row: _Row) -> list[int]:
-        """Tokens likely to follow: the source itself, or (in a call) a continuation seen earlier."""
+        """Tokens likely to follow: the source itself, or (in a call) a continuation seen earlier, and
+        after ``<|db_return|>`` the upcoming source as the value."""
         o = self.opts
         if row.state == SOURCE:
             return row.src[row.i:row.i + o.chunk_tokens - 1]
@@ -490,22 +496,41 @@ class _Decoder:
             return []
         if row.state == VALUE:  # the value is the mention that follows the call
             return row.src[row.i:row.i + o.draft_tokens]
+        out = ((self.recall_relation(row) if row.state == RELATION else []) or self.prompt_lookup(row))[:o.draft_tokens]
+        if out and out[-1] == self.ids.ret:
+            out += row.src[row.i:row.i + o.draft_tokens - len(out)]
+        return out
+
+    def prompt_lookup(self, row: _Row) -> list[int]:
+        """What followed the latest earlier occurrence of the context's last 3, 2 or 1 tokens, up to
+        ``<|db_return|>`` (the value comes from the source instead)."""
         ctx = row.context
-        for n in (3, 2, 1):  # prompt lookup: the latest earlier occurrence of the last n tokens
+        for n in (3, 2, 1):
             if len(ctx) <= n:
                 continue
             key = ctx[-n:]
             for s in range(len(ctx) - n - 1, -1, -1):
                 if ctx[s:s + n] == key:
                     out = []
-                    for t in ctx[s + n:s + n + o.draft_tokens]:
+                    for t in ctx[s + n:s + n + self.opts.draft_tokens]:
                         out.append(t)
-                        if t == self.ids.ret:  # values are drafted from the source instead
+                        if t == self.ids.ret:
                             break
                     if out:
                         return out
                     break
         return []
+
+    def recall_relation(self, row: _Row) -> list[int]:
+        """The rest of the most frequent relation (through ``<|db_return|>``) of the calls closed so far in
+        this run, all documents, that starts with the relation tokens chosen so far: relation names come
+        from a small vocabulary that one document rarely repeats but the corpus does."""
+        prefix = tuple(row.call[row.call.index(self.ids.relationship) + 1:])
+        best, count = None, 0
+        for rel, n in self.relations.items():
+            if n > count and len(rel) > len(prefix) and rel[:len(prefix)] == prefix:
+                best, count = rel, n
+        return list(best[len(prefix):]) if best else []
 
     # -- model
 
