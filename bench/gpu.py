@@ -262,6 +262,8 @@ def run(args) -> None:
     parts = args.only.split(",")
 
     def attempt(key: str, fn) -> None:
+        if not any(key.startswith(prefix) for prefix in parts):
+            return
         if time.perf_counter() > deadline:
             record(results, out, key, {"skipped": "time budget spent"})
             return
@@ -276,31 +278,32 @@ def run(args) -> None:
         if cuda:
             torch.cuda.empty_cache()
 
-    if "pretrain" in parts:
-        small = args.smoke
-        attempt(f"pretrain_{gpt}_eager", lambda: bench_pretrain(data, device, gpt, 2 if small else 16, 12 if small else 40, False, 5 if small else 15))
-        if not small:
-            attempt(f"pretrain_{gpt}_compiled", lambda: bench_pretrain(data, device, gpt, 16, 60, True, 30))
-            attempt(f"pretrain_{llama}_eager", lambda: bench_pretrain(data, device, llama, 16, 40, False, 15))
-    if "diffusion" in parts:
-        toy = args.smoke  # batch and iteration counts cut to a few so a CPU gets through in seconds
-        attempt("encoder_minilm_shape", lambda: bench_encoder(device, 8 if toy else 512, 2 if toy else 30))
-        attempt("autoencoder_demo", lambda: bench_autoencoder(device, 32, 2 if toy else 100))
-        attempt("autoencoder_batch256", lambda: bench_autoencoder(device, 8 if toy else 256, 2 if toy else 50))
-        attempt("diffusion_demo", lambda: bench_diffusion(device, 128, 6, 4, 64, 2 if toy else 100, 4 if toy else 256))
-        attempt("diffusion_reference_width",
-                lambda: bench_diffusion(device, 96 if toy else 768, 2 if toy else 12, 4 if toy else 12, 8 if toy else 256,
-                                        2 if toy else 30, 4 if toy else 256))
-    if "annotate" in parts and (data / "annotator").is_dir():
-        def annotate() -> dict:
-            cmd = [sys.executable, str(ROOT / "bench" / "annotate.py"), "--checkpoint", str(data / "annotator"),
-                   "--texts", str(data / ANNOTATE_TEXTS), "--docs", "8" if args.smoke else "128",
-                   "--step-docs", "2" if args.smoke else "6", "--batch-size", "64", "--device", args.device, "--threads", "4"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            print(proc.stdout[-3000:], proc.stderr[-2000:], flush=True)
-            if proc.returncode != 0:
-                return {"error": proc.stderr[-800:]}
-            return {"lines": [line for line in proc.stdout.splitlines() if line.strip()][-10:]}
+    toy = args.smoke  # steps, batches and iterations cut so that a CPU gets through in seconds
+    attempt(f"pretrain_{gpt}_eager", lambda: bench_pretrain(data, device, gpt, 2 if toy else 16, 12 if toy else 40, False,
+                                                            5 if toy else 15))
+    if not toy:
+        attempt(f"pretrain_{gpt}_compiled", lambda: bench_pretrain(data, device, gpt, 16, 60, True, 30))
+        attempt(f"pretrain_{gpt}_compiled_batch64", lambda: bench_pretrain(data, device, gpt, 64, 40, True, 20))
+        attempt(f"pretrain_{llama}_eager", lambda: bench_pretrain(data, device, llama, 16, 40, False, 15))
+    attempt("encoder_minilm_shape", lambda: bench_encoder(device, 8 if toy else 512, 2 if toy else 30))
+    attempt("autoencoder_demo", lambda: bench_autoencoder(device, 32, 2 if toy else 100))
+    attempt("autoencoder_batch256", lambda: bench_autoencoder(device, 8 if toy else 256, 2 if toy else 50))
+    attempt("diffusion_demo", lambda: bench_diffusion(device, 128, 6, 4, 64, 2 if toy else 100, 4 if toy else 256))
+    attempt("diffusion_reference_width",
+            lambda: bench_diffusion(device, 96 if toy else 768, 2 if toy else 12, 4 if toy else 12, 8 if toy else 256,
+                                    2 if toy else 30, 4 if toy else 256))
+
+    def annotate() -> dict:
+        cmd = [sys.executable, str(ROOT / "bench" / "annotate.py"), "--checkpoint", str(data / "annotator"),
+               "--texts", str(data / ANNOTATE_TEXTS), "--docs", "8" if toy else "128", "--step-docs", "2" if toy else "6",
+               "--batch-size", "64", "--device", args.device, "--threads", "4"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        print(proc.stdout[-3000:], proc.stderr[-2000:], flush=True)
+        if proc.returncode != 0:
+            return {"error": proc.stderr[-800:]}
+        return {"lines": [line for line in proc.stdout.splitlines() if line.strip()][-10:]}
+
+    if (data / "annotator").is_dir():
         attempt("annotate", annotate)
 
     print("\n" + "=" * 100)
@@ -326,7 +329,8 @@ def main() -> None:
     r = sub.add_parser("run", help="measure on the GPU")
     r.add_argument("--data", default=".gpu")
     r.add_argument("--out", default=os.environ.get("OUT", "bench/out/gpu"))
-    r.add_argument("--only", default="pretrain,diffusion,annotate", help="comma-separated parts")
+    r.add_argument("--only", default="pretrain,encoder,autoencoder,diffusion,annotate",
+                   help="comma-separated prefixes of the figures' names (e.g. pretrain_gpt2-124m_compiled,annotate)")
     r.add_argument("--budget-s", type=float, default=420, help="parts not started by then are skipped")
     r.add_argument("--device", default="cuda")
     r.add_argument("--smoke", action="store_true", help="toy sizes: check the script (e.g. on a CPU) before a GPU run")
