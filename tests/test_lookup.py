@@ -173,6 +173,20 @@ def test_hnsw_index_answers_like_the_flat_one():
     assert [r.value for r in auto.lookup_batch(keys)] == [r.value for r in flat.lookup_batch(keys)]
 
 
+def test_entity_first_hnsw_resolves_names_like_flat_search():
+    facts = [Fact(f"Person{i} Surname{i}", "Birth Place", f"City {i}") for i in range(300)]
+    db = LookupDatabase(facts)
+    options = dict(mode="entity-first", entity_threshold=0.6)  # reordered names reach the vector search
+    flat = FuzzyIndex(db, TrigramEmbed(), vector_index="flat", **options)
+    auto = FuzzyIndex(db, TrigramEmbed(), vector_index="auto", hnsw_min=100, **options)
+    keys = [(f"Surname{i} Person{i}", "Birth Place") for i in range(0, 300, 7)] + [("Nobody Atall", "Birth Place")]
+    got, want = auto.lookup_batch(keys), flat.lookup_batch(keys)
+    assert auto.names.index.kind == "hnsw"
+    assert sum(r.hit for r in want) >= 40  # the set exercises the vector search, not only misses
+    assert [(r.value, r.entity) for r in got] == [(r.value, r.entity) for r in want]
+    assert [r.score for r in got] == pytest.approx([r.score for r in want], abs=1e-5)
+
+
 def test_read_facts_rejects_bad_files_naming_them(tmp_path):
     with pytest.raises(UserInputError, match="missing.parquet not found"):
         read_facts(tmp_path / "missing.parquet")
