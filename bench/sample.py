@@ -47,6 +47,9 @@ def main() -> None:
     _, holdout, _ = extract_texts(shards, count_tokens=count, max_tokens=config.max_tokens, pack=config.pack_sentences,
                                   label_column=config.label_column, holdout_fraction=config.holdout_fraction)
     references = ae.normalize(holdout.texts)
+    from models.embed import embed
+
+    reference_features = embed(references)
     classes = dm.classes or [None]
     print(f"checkpoint {args.checkpoint}: {len(classes)} classes x {args.per_class} samples, CFG w={args.guidance}, "
           f"{torch.get_num_threads()} threads")
@@ -58,7 +61,7 @@ def main() -> None:
             texts += ae.decode(dm.sample_latents(args.per_class, c, sampling, shape, seed=i))
         seconds = time.perf_counter() - t0
         print(f"{sampler + ' ' + str(steps):<14}{len(texts):>8}{seconds:>9.1f}{len(texts) / seconds:>11.2f}"
-              f"{mauve_score(texts, references):>8.3f}")
+              f"{mauve_score(texts, references, reference_features=reference_features):>8.3f}")
 
 
 if __name__ == "__main__":

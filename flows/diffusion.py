@@ -117,13 +117,17 @@ def run_evaluation_stage(config: LatentDiffusionFlowConfig, data: TextData, ae, 
     labelled = [(t, y) for t, y in zip(refs, data.holdout.labels) if y in classes]
     classifier, real_accuracy = None, None
     if classes:
-        half = len(labelled) // 2
-        classifier = ld.TextClassifier([t for t, _ in labelled[:half]], [y for _, y in labelled[:half]])
-        real_accuracy = classifier.accuracy([t for t, _ in labelled[half:]], [y for _, y in labelled[half:]])
+        # the judge learns from the training texts (held-out documents stay unseen) and is scored on all held-out ones
+        train_labelled = [(t, y) for t, y in zip(training_texts, data.train.labels) if y in classes]
+        classifier = ld.TextClassifier([t for t, _ in train_labelled], [y for _, y in train_labelled])
+        real_accuracy = classifier.accuracy([t for t, _ in labelled], [y for _, y in labelled])
         logger.info("text classifier: %.3f accuracy on held-out real text", real_accuracy)
+    from models.embed import embed
+
+    ref_features = embed(refs)  # once, not per generator
     score = lambda samples, targets: ld.score_samples(  # noqa: E731
         samples, targets, references=refs, training_texts=training_texts, classifier=classifier,
-        reference_lm=ev.reference_lm, mauve_seed=ev.mauve_seed)
+        reference_lm=ev.reference_lm, mauve_seed=ev.mauve_seed, reference_features=ref_features)
     n, shape = ev.samples_per_class, tuple(latents.shape[1:])
     rows, examples = [], {}
 
@@ -166,7 +170,7 @@ def run_evaluation_stage(config: LatentDiffusionFlowConfig, data: TextData, ae, 
                **score(texts, targets if classes else None), "samples_per_s": round(len(texts) / (time.perf_counter() - t0), 2)}
         rows.append(row)
         examples[row["generator"]] = [{"class": y, "text": t} for t, y in list(zip(texts, targets))[::max(1, n // 2)]][:2 * max(1, len(classes))]
-    real = [t for t, _ in labelled[len(labelled) // 2:]] or refs
+    real = [t for t, _ in labelled] or refs
     rows.append({"generator": "held-out real text", "setting": "reference", "samples": len(real), "mauve": None,
                  "diversity": round(ld.diversity(real), 4), "distinct_2": round(ld.distinct_n(real, 2), 4),
                  **{f"memorised_{k}": v for k, v in ld.memorisation(real, training_texts).items()},

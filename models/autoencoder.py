@@ -7,7 +7,9 @@
 
 Backbones:
 - ``minilm`` (embedded default, offline): frozen all-MiniLM-L6-v2 (its last hidden state) and a small
-  :class:`TextDecoder` trained from scratch on a byte-level BPE learned from the training text (cased).
+  decoder trained from scratch over the encoder's (uncased) tokens seen in training: the autoregressive
+  :class:`TextDecoder` (default) or the one-pass :class:`ParallelDecoder`. Both read the latents
+  position-aligned (token p starts from the memory around latent p·L/T), which makes them learn fast.
 - a hub seq2seq model (``facebook/bart-base``, ``google/flan-t5-base``, the paper's setup): its encoder
   and decoder both frozen; only the resampler and reconstruction network train. Loading needs the hub
   (or a local folder); the same code runs offline on a small randomly initialised model in the tests.
@@ -139,7 +141,8 @@ class Reconstruction(nn.Module):
 class TextDecoder(nn.Module):
     """A small causal transformer LM; cross-attends to ``memory`` when built with ``d_memory``.
 
-    Without memory it is a plain causal LM (the class-prefixed autoregressive baseline uses it so).
+    Without memory it is a plain causal LM (the class-prefixed autoregressive baseline uses it so). As the
+    autoencoder's decoder, its language model also repairs imperfect (sampled) latents into fluent text.
     """
 
     def __init__(self, vocab_size: int, width: int, layers: int, heads: int, max_length: int, d_memory: int | None = None):
@@ -149,16 +152,29 @@ class TextDecoder(nn.Module):
         self.pos = nn.Embedding(max_length, width)
         self.blocks = nn.ModuleList(Block(width, heads, causal=True, d_memory=d_memory) for _ in range(layers))
         self.ln_out = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab_size, bias=False)
-        self.head.weight = self.tok.weight  # tied, as in GPT-2
+        # not tied to the input embedding as in GPT-2: in short CPU runs an own output layer learns much faster
+        # (decoder loss 4.7 vs 5.9 after 150 steps in the demo setting)
+        self.head = nn.Linear(width, vocab_size)
         nn.init.normal_(self.tok.weight, std=0.02)
 
     def forward(self, ids, memory=None, memory_mask=None):
         """Logits (B, T, V) of the next token at every position of ``ids`` (B, T)."""
-        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        return self.head(self.hidden(ids, memory, memory_mask))
+
+    def hidden(self, ids, memory=None, memory_mask=None):
+        """Final hidden states (B, T, width), before the output layer."""
+        T = ids.shape[1]
+        x = self.tok(ids) + self.pos(torch.arange(T, device=ids.device))
+        bias = None
+        if memory is not None:
+            # latents are position-aligned (as for the parallel decoder): position p, which predicts token p,
+            # starts from the memory around slot p·L/T and attends mostly near it
+            x = x + F.interpolate(memory.transpose(1, 2), size=self.max_length, mode="linear",
+                                  align_corners=True).transpose(1, 2)[:, :T]
+            bias = locality_bias(self.max_length, memory.shape[1], self.blocks[0].cross.heads, memory.device)[:, :T]
         for block in self.blocks:
-            x = block(x, memory, memory_mask)
-        return self.head(self.ln_out(x))
+            x = block(x, memory, memory_mask, memory_bias=bias)
+        return self.ln_out(x)
 
     @torch.no_grad()
     def generate(self, prefix, eos: int, memory=None, max_new_tokens: int | None = None,
@@ -168,7 +184,7 @@ class TextDecoder(nn.Module):
         limit = self.max_length - prefix.shape[1] if max_new_tokens is None else max_new_tokens
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(max(0, min(limit, self.max_length - prefix.shape[1]))):
-            logits = self(ids, memory)[:, -1].float()
+            logits = self.head(self.hidden(ids, memory)[:, -1]).float()
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
@@ -198,15 +214,19 @@ class ParallelDecoder(nn.Module):
         self.head = nn.Linear(width, vocab_size)
         assert d_memory == width, "the parallel decoder adds memory to its position queries"
 
-    def forward(self, memory):
-        """Logits (B, max_length, V)."""
+    def hidden(self, memory):
+        """Final hidden states (B, max_length, width), before the output layer."""
         # a direct path: position p starts from the memory around slot p·L/T, not only what attention finds
         x = self.pos + F.interpolate(memory.transpose(1, 2), size=self.max_length, mode="linear",
                                      align_corners=True).transpose(1, 2)
         bias = locality_bias(self.max_length, memory.shape[1], self.blocks[0].cross.heads, memory.device)
         for block in self.blocks:
             x = block(x, memory, memory_bias=bias)
-        return self.head(self.ln_out(x))
+        return self.ln_out(x)
+
+    def forward(self, memory):
+        """Logits (B, max_length, V)."""
+        return self.head(self.hidden(memory))
 
     @torch.no_grad()
     def generate(self, memory, eos: int) -> list[list[int]]:
@@ -217,11 +237,13 @@ class ParallelDecoder(nn.Module):
 
 
 def parallel_targets(ids: list[list[int]], eos: int, max_length: int) -> torch.Tensor:
-    """(B, max_length) targets of the parallel decoder: the ids, then end-of-text to the end (cut at max_length - 1)."""
-    out = torch.full((len(ids), max_length), eos, dtype=torch.long)
+    """(B, max_length) targets of the parallel decoder: the ids (cut at max_length - 1), one end-of-text, then
+    -100 (no loss: decoding stops at the first end-of-text, so later positions never matter)."""
+    out = torch.full((len(ids), max_length), -100, dtype=torch.long)
     for i, seq in enumerate(ids):
         seq = seq[:max_length - 1]
         out[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        out[i, len(seq)] = eos
     return out
 
 
@@ -262,13 +284,18 @@ class LatentAutoencoder(nn.Module):
         """Latents (B, L, k) of encoder features (B, T, D) with mask (B, T)."""
         return self.perceiver(features, mask)
 
-    def reconstruction_loss(self, latents, inputs, targets, hub_decoder=None):
-        """Mean cross-entropy per target token of the decoder given ``latents``."""
+    def reconstruction_loss(self, latents, inputs, targets, hub_decoder=None, eos: int = 0):
+        """Mean cross-entropy per target token of the decoder given ``latents``. The autoregressive decoder's
+        ``inputs`` may be None: teacher forcing then feeds the targets shifted right behind end-of-text ``eos``."""
         memory = self.reconstruction(latents)
         if hub_decoder is not None:
             return hub_decoder.loss(memory, targets)
-        logits = self.decoder(memory) if self.parallel else self.decoder(inputs, memory)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        if inputs is None and not self.parallel:
+            previous = targets[:, :-1].masked_fill(targets[:, :-1] == -100, eos)
+            inputs = torch.cat([torch.full_like(targets[:, :1], eos), previous], dim=1)
+        hidden = self.decoder.hidden(memory) if self.parallel else self.decoder.hidden(inputs, memory)
+        keep = targets != -100  # the output layer (most of the cost) only where a target is
+        return F.cross_entropy(self.decoder.head(hidden[keep]).float(), targets[keep])
 
     @torch.no_grad()
     def decode(self, latents, eos: int, hub_decoder=None) -> list[list[int]]:

@@ -171,9 +171,10 @@ def encoder():
     return MiniLMEncoder()
 
 
-def test_autoencoder_learns_to_reconstruct_and_reloads_identically(tmp_path, encoder):
-    cfg = AutoencoderConfig(**TINY_AE, train=TrainingBudget(steps=250, batch_size=8, lr=5e-3, warmup_steps=10, log_every=1000,
-                                                            checkpoint_every=1000))
+@pytest.mark.parametrize("decoder", ["parallel", "autoregressive"])
+def test_autoencoder_learns_to_reconstruct_and_reloads_identically(tmp_path, encoder, decoder):
+    cfg = AutoencoderConfig(**TINY_AE, decoder=decoder, train=TrainingBudget(steps=250, batch_size=8, lr=5e-3, warmup_steps=10,
+                                                                             log_every=1000, checkpoint_every=1000))
     train = ld.TextSplit(TEXTS, ["science", "arts", "law", "medicine"])
     ae, report = ld.train_autoencoder(train, cfg, str(tmp_path / "ae"), max_tokens=16, encoder=encoder, log=lambda m: None)
     scores = ld.reconstruction_scores(ae, TEXTS)
@@ -243,7 +244,60 @@ def test_hub_seq2seq_backbone_trains_through_a_frozen_encoder_decoder(tmp_path, 
     assert len(ae.decode(ae.encode_texts(TEXTS[:2]))) == 2
 
 
+def test_parallel_decoder_is_trained_up_to_the_first_end_of_text_only():
+    from models.autoencoder import LatentAutoencoder, parallel_targets
+
+    targets = parallel_targets([[5, 6, 7], [8]], eos=0, max_length=6)
+    assert targets.tolist() == [[5, 6, 7, 0, -100, -100], [8, 0, -100, -100, -100, -100]]
+    torch.manual_seed(0)
+    model = LatentAutoencoder(8, 4, 8, 16, 2, 1, 1, vocab_size=10, decoder_layers=1, max_length=6)
+    latents = torch.randn(2, 4, 8)
+    logits = model.decoder(model.reconstruction(latents))  # the loss is the cross-entropy at the target positions only
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    assert model.reconstruction_loss(latents, None, targets).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_ar_baseline_samples_follow_their_class_prefix(encoder):
+    from models.autoencoder import CompactVocabulary
+
+    train = ld.TextSplit(["the river is wide and cold."] * 8 + ["the market opens at nine."] * 8, ["geo"] * 8 + ["biz"] * 8)
+    vocab = CompactVocabulary.build(encoder.tokenizer, train.texts)
+    # 300 steps: a causal LM picks up a single prefix token late (the loss sits at ln 2 per text until it does)
+    model, report = ld.train_ar_baseline(train, ["biz", "geo"], vocab, TrainingBudget(steps=300, batch_size=16, lr=5e-3, warmup_steps=5,
+                                         log_every=1000), width=32, layers=1, heads=2, max_length=12, log=lambda m: None)
+    assert report["steps"] == 300
+    biz = ld.sample_ar(model, vocab, len(vocab) + 0, 4, temperature=0.5)
+    geo = ld.sample_ar(model, vocab, len(vocab) + 1, 4, temperature=0.5)
+    assert all("market" in t for t in biz) and all("river" in t for t in geo)
+
+
+def test_autoregressive_decoder_teacher_forces_from_the_targets_alone():
+    from models.autoencoder import LatentAutoencoder, shifted_targets
+
+    torch.manual_seed(0)
+    model = LatentAutoencoder(8, 4, 8, 16, 2, 1, 1, vocab_size=10, decoder_layers=1, max_length=6, parallel=False)
+    latents = torch.randn(2, 4, 8)
+    inputs, targets = shifted_targets([[5, 6, 7], [8]], eos=0, max_length=6)
+    given = model.reconstruction_loss(latents, inputs, targets)
+    assert model.reconstruction_loss(latents, None, targets, eos=0).item() == pytest.approx(given.item(), rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- metrics
+
+
+def test_text_classifier_reads_the_class_vocabulary_of_unseen_texts():
+    names = ["Ann", "Bob", "Cy", "Di", "Ed", "Flo", "Gus", "Hal"]
+    fields = {"science": ["chemist", "physicist", "geologist"], "arts": ["painter", "poet", "sculptor"],
+              "law": ["judge", "barrister", "solicitor"]}
+    texts, labels = [], []
+    for c, jobs in fields.items():
+        for i, name in enumerate(names):
+            texts.append(f"{name} was born in a small town and works as a {jobs[i % 2]}.")
+            labels.append(c)
+    judge = ld.TextClassifier(texts, labels)
+    # new names and word order: only the occupation tells the class
+    unseen = [f"A {jobs[0]} named Yan lives in a small town." for jobs in fields.values()]
+    assert judge.predict(unseen) == list(fields) and judge.accuracy(unseen, list(fields)) == 1.0
 
 
 def test_bleu_is_100_for_identical_text_and_0_without_shared_4grams():
