@@ -41,9 +41,11 @@ demo: $(VENV)/.installed
 demo-lmlm: $(VENV)/.installed
 	$(VENV)/bin/lmlm lmlm demo --workdir out/demo-lmlm
 
-# the text autoencoder and the latent diffusion model on the synthetic corpus; samples of one class
+# the text autoencoder and the latent diffusion model on the synthetic corpus; samples of one class;
+# perplexity under the standard model of `make demo-lmlm` when that has run
 demo-diffusion: $(VENV)/.installed
-	$(VENV)/bin/lmlm diffusion train --workdir out/diffusion-demo --threads 1
+	$(VENV)/bin/lmlm diffusion train --workdir out/diffusion-demo --threads 1 \
+		$(if $(wildcard out/demo-lmlm/lmlm/standard/checkpoint-*),--reference-lm out/demo-lmlm,)
 	$(VENV)/bin/lmlm sample --checkpoint out/diffusion-demo --class science --n 5
 
 test: $(VENV)/.installed-test

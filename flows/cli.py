@@ -40,6 +40,22 @@ def _load_config(path: str | None, model):
     return data or {}
 
 
+def with_overrides(data: dict, overrides: dict) -> dict:
+    """``data`` (a loaded config) with each override that is not None set at its dotted key ("a.b.c"): command-line
+    flags win over the config file; a missing or null section on the way becomes a dict. Returns ``data``."""
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        *sections, field = key.split(".")
+        node = data
+        for name in sections:
+            if not isinstance(node.get(name), dict):
+                node[name] = {}
+            node = node[name]
+        node[field] = value
+    return data
+
+
 def validated(model, data: dict, what: str = "config", hint: str = ""):
     """``model(**data)``, or one error line naming the first invalid field (and ``hint``, how to fix it)."""
     from pydantic import ValidationError
@@ -56,15 +72,10 @@ def cmd_run(args) -> None:
     from flows.corpus import corpus_processing
     from schemas.configs import CorpusFlowConfig
 
-    data = _load_config(args.config, CorpusFlowConfig)
-    if args.workdir:
-        data["workdir"] = args.workdir
-    if args.corpus:
-        data["corpus"] = args.corpus
-    if args.docs:
-        data["synthetic"] = synthetic_config_for_docs(args.docs, args.seed).model_dump()
-    if args.no_validate:
-        data.setdefault("validation", {})["enabled"] = False
+    data = with_overrides(_load_config(args.config, CorpusFlowConfig), {
+        "workdir": args.workdir or None, "corpus": args.corpus or None,
+        "synthetic": synthetic_config_for_docs(args.docs, args.seed).model_dump() if args.docs else None,
+        "validation.enabled": False if args.no_validate else None})
     config = validated(CorpusFlowConfig, data)
     report = corpus_processing(config)
     wh, ing = report["warehouse_load"], report["ingest"]

@@ -8,21 +8,20 @@ from schemas.errors import UserInputError
 
 
 def _config_from_args(args) -> LatentDiffusionFlowConfig:
-    from flows.cli import _load_config, validated
+    from flows.cli import _load_config, validated, with_overrides
 
-    data = _load_config(args.config, LatentDiffusionFlowConfig)
-    if args.workdir:
-        data["workdir"] = args.workdir
-    if args.shards:
-        data["document_shards"] = args.shards
-    if args.threads:
-        data["threads"] = args.threads
+    data = with_overrides(_load_config(args.config, LatentDiffusionFlowConfig), {
+        "workdir": args.workdir or None, "document_shards": args.shards, "threads": args.threads or None, "device": args.device,
+        "autoencoder.train.steps": args.ae_steps, "diffusion.train.steps": args.diffusion_steps,
+        "evaluation.reference_lm": args.reference_lm})
     if args.no_eval:
         data["evaluation"] = None
-    for key, value in (("autoencoder", args.ae_steps), ("diffusion", args.diffusion_steps)):
-        if value is not None:
-            data.setdefault(key, {}).setdefault("train", {})["steps"] = value
-    return validated(LatentDiffusionFlowConfig, data, 'latent-diffusion config')
+    config = validated(LatentDiffusionFlowConfig, data, 'latent-diffusion config')
+    if config.evaluation is not None and config.evaluation.reference_lm:
+        from tasks.diffusion import resolve_reference_lm
+
+        resolve_reference_lm(config.evaluation.reference_lm)  # a wrong folder fails now, not after training
+    return config
 
 
 def cmd_diffusion_train(args) -> None:
@@ -54,7 +53,7 @@ def cmd_sample(args) -> None:
     if args.n < 1:
         raise UserInputError(f"--n {args.n}: ask for at least one sample")
     sampling = SamplingConfig(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
-    for text in sample_texts(args.checkpoint, args.n, args.class_name, sampling, seed=args.seed):
+    for text in sample_texts(args.checkpoint, args.n, args.class_name, sampling, seed=args.seed, device=args.device):
         print(text)
 
 
@@ -71,7 +70,10 @@ def add_diffusion_commands(sub) -> None:
     t.add_argument("--ae-steps", type=int, help="autoencoder optimizer steps")
     t.add_argument("--diffusion-steps", type=int, help="diffusion optimizer steps")
     t.add_argument("--threads", type=int, help="torch CPU threads")
+    t.add_argument("--device", help="auto (default: the first CUDA GPU when PyTorch sees one, else the CPU), cpu, cuda or cuda:N")
     t.add_argument("--no-eval", action="store_true", help="skip sampling and evaluation")
+    t.add_argument("--reference-lm", help="causal LM for the perplexity column: a model folder, a pretraining folder, the "
+                   "workdir of `lmlm lmlm pretrain` (its standard model, e.g. out/demo-lmlm), or a hub name")
     t.set_defaults(func=cmd_diffusion_train)
     s = sub.add_parser("sample", help="print samples of a trained latent diffusion model")
     s.add_argument("--checkpoint", default="out/diffusion", help="workdir of `lmlm diffusion train` (default out/diffusion)")
@@ -81,4 +83,5 @@ def add_diffusion_commands(sub) -> None:
     s.add_argument("--steps", type=int, default=50, help="denoising steps (default 50; the reference DDPM uses 250)")
     s.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale w (default 2)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     s.set_defaults(func=cmd_sample)
