@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.artifacts import line_chart_png, publish_links, publish_png, publish_table
@@ -34,12 +34,36 @@ class TextData:
     encoder: object | None = None
 
 
-def _runtime(config: LatentDiffusionFlowConfig):
+@dataclass
+class Runtime:
+    amp: torch.dtype | None  # autocast dtype, None: full precision
+    device: torch.device  # where the models train and sample
+
+
+def _runtime(config: LatentDiffusionFlowConfig) -> Runtime:
     from models.train import autocast_dtype
+    from tasks.diffusion import resolve_device
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    return autocast_dtype(config.bf16, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(config.device)
+    get_run_logger().info("models on %s%s", device, f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    return Runtime(autocast_dtype(config.bf16, device), device)
+
+
+@task(name="train-autoencoder")
+def train_autoencoder_task(train, cfg, out_dir: str, max_tokens: int, features, encoder, rt: Runtime):
+    from tasks.diffusion import train_autoencoder
+
+    return train_autoencoder(train, cfg, out_dir, max_tokens=max_tokens, features=features, encoder=encoder, amp=rt.amp,
+                             device=rt.device, log=get_run_logger().info)
+
+
+@task(name="train-diffusion")
+def train_diffusion_task(latents, labels, cfg, out_dir: str, rt: Runtime):
+    from tasks.diffusion import train_diffusion
+
+    return train_diffusion(latents, labels, cfg, out_dir, amp=rt.amp, device=rt.device, log=get_run_logger().info)
 
 
 def document_shards(config: LatentDiffusionFlowConfig) -> list[str]:
@@ -67,12 +91,12 @@ def document_shards(config: LatentDiffusionFlowConfig) -> list[str]:
     return list_files(str(shard_dir), (".parquet",))
 
 
-def prepare_texts(config: LatentDiffusionFlowConfig, need_features: bool = True) -> TextData:
+def prepare_texts(config: LatentDiffusionFlowConfig, rt: Runtime, need_features: bool = True) -> TextData:
     """Texts of the shards split into training / held-out, and the frozen encoder's features of the training texts."""
     from tasks.diffusion import build_encoder, encoder_features, extract_texts
 
     logger = get_run_logger()
-    encoder = build_encoder(config.autoencoder)
+    encoder = build_encoder(config.autoencoder).to(rt.device)
     train, holdout, stats = extract_texts(
         document_shards(config), count_tokens=encoder.token_count, max_tokens=config.max_tokens,
         pack=config.pack_sentences, label_column=config.label_column, holdout_fraction=config.holdout_fraction,
@@ -82,11 +106,11 @@ def prepare_texts(config: LatentDiffusionFlowConfig, need_features: bool = True)
     return TextData(train, holdout, stats, features, encoder)
 
 
-def run_autoencoder_stage(config: LatentDiffusionFlowConfig, data: TextData, amp) -> tuple[object, dict]:
-    from tasks.diffusion import encoder_features, reconstruction_scores, train_autoencoder_task
+def run_autoencoder_stage(config: LatentDiffusionFlowConfig, data: TextData, rt: Runtime) -> tuple[object, dict]:
+    from tasks.diffusion import encoder_features, reconstruction_scores
 
     ae, report = train_autoencoder_task(data.train, config.autoencoder, os.path.join(config.workdir, "autoencoder"),
-                                        config.max_tokens, data.features, data.encoder, amp)
+                                        config.max_tokens, data.features, data.encoder, rt)
     held = data.holdout.texts[:1000]
     scores = reconstruction_scores(ae, held, encoder_features(data.encoder, held, config.max_tokens, log=lambda _: None))
     report["holdout"] = scores
@@ -95,17 +119,17 @@ def run_autoencoder_stage(config: LatentDiffusionFlowConfig, data: TextData, amp
     return ae, report
 
 
-def run_diffusion_stage(config: LatentDiffusionFlowConfig, data: TextData, ae, amp) -> tuple[object, torch.Tensor, dict]:
-    from tasks.diffusion import encoder_features, train_diffusion_task
+def run_diffusion_stage(config: LatentDiffusionFlowConfig, data: TextData, ae, rt: Runtime) -> tuple[object, torch.Tensor, dict]:
+    from tasks.diffusion import encoder_features
 
     feats = data.features or encoder_features(data.encoder, data.train.texts, config.max_tokens, log=get_run_logger().info)
     latents = ae.encode(*feats)
     labels = data.train.labels if config.label_column else [None] * len(latents)
-    dm, report = train_diffusion_task(latents, labels, config.diffusion, os.path.join(config.workdir, "diffusion"), amp)
+    dm, report = train_diffusion_task(latents, labels, config.diffusion, os.path.join(config.workdir, "diffusion"), rt)
     return dm, latents, report
 
 
-def run_evaluation_stage(config: LatentDiffusionFlowConfig, data: TextData, ae, dm, latents, amp) -> dict:
+def run_evaluation_stage(config: LatentDiffusionFlowConfig, data: TextData, ae, dm, latents, rt: Runtime) -> dict:
     """Samples of every generator scored side by side; returns {"rows", "classifier", "examples", ...}."""
     from tasks import diffusion as ld
 
@@ -125,9 +149,12 @@ def run_evaluation_stage(config: LatentDiffusionFlowConfig, data: TextData, ae, 
     from models.embed import embed
 
     ref_features = embed(refs)  # once, not per generator
+    lm = ld.load_reference_lm(ev.reference_lm, rt.device) if ev.reference_lm else None  # once, not per generator
+    if lm is not None:
+        logger.info("perplexity under %s (texts as the generators spell them: lower case for the uncased decoder)", lm.path)
     score = lambda samples, targets: ld.score_samples(  # noqa: E731
         samples, targets, references=refs, training_texts=training_texts, classifier=classifier,
-        reference_lm=ev.reference_lm, mauve_seed=ev.mauve_seed, reference_features=ref_features)
+        reference_lm=lm, mauve_seed=ev.mauve_seed, reference_features=ref_features)
     n, shape = ev.samples_per_class, tuple(latents.shape[1:])
     rows, examples = [], {}
 
@@ -145,7 +172,7 @@ def run_evaluation_stage(config: LatentDiffusionFlowConfig, data: TextData, ae, 
     generators = [("diffusion", f"{sampling.sampler} {sampling.steps} steps, CFG w={sampling.guidance_scale}", "cfg", {})]
     if classes:
         generators.append(("diffusion, unconditional", f"{sampling.sampler} {sampling.steps} steps, no class", "uncond", {}))
-        clf = ld.train_latent_classifier(latents, data.train.labels, classes, dm.model, ev.latent_classifier, amp=amp,
+        clf = ld.train_latent_classifier(latents, data.train.labels, classes, dm.model, ev.latent_classifier, amp=rt.amp,
                                          log=logger.info)
         generators.append(("diffusion + latent-classifier guidance", f"no class, gradient scale {ev.classifier_guidance_scale}",
                            "guided", {"classifier": clf, "classifier_scale": ev.classifier_guidance_scale}))
@@ -161,7 +188,7 @@ def run_evaluation_stage(config: LatentDiffusionFlowConfig, data: TextData, ae, 
         ar, ar_report = ld.train_ar_baseline(
             data.train, classes, ae.tokenizer, ev.ar_baseline, width=config.autoencoder.width,
             layers=config.autoencoder.decoder_layers + config.autoencoder.reconstruction_layers, heads=config.autoencoder.heads,
-            max_length=ae.max_length + 1, seed=config.autoencoder.seed, amp=amp, log=logger.info)
+            max_length=ae.max_length + 1, seed=config.autoencoder.seed, amp=rt.amp, device=rt.device, log=logger.info)
         t0, texts, targets = time.perf_counter(), [], []
         for i, c in enumerate(classes or [None]):
             got = ld.sample_ar(ar, ae.tokenizer, len(ae.tokenizer) + (i if c else len(classes)), n, seed=ev.mauve_seed + i)
@@ -170,11 +197,12 @@ def run_evaluation_stage(config: LatentDiffusionFlowConfig, data: TextData, ae, 
                **score(texts, targets if classes else None), "samples_per_s": round(len(texts) / (time.perf_counter() - t0), 2)}
         rows.append(row)
         examples[row["generator"]] = [{"class": y, "text": t} for t, y in list(zip(texts, targets))[::max(1, n // 2)]][:2 * max(1, len(classes))]
-    real = [t for t, _ in labelled] or refs
+    real = [t for t, _ in labelled] or refs  # normalized as the generators spell their samples, so rows compare
     rows.append({"generator": "held-out real text", "setting": "reference", "samples": len(real), "mauve": None,
                  "diversity": round(ld.diversity(real), 4), "distinct_2": round(ld.distinct_n(real, 2), 4),
                  **{f"memorised_{k}": v for k, v in ld.memorisation(real, training_texts).items()},
-                 "class_accuracy": None if real_accuracy is None else round(real_accuracy, 4), "perplexity": None,
+                 "class_accuracy": None if real_accuracy is None else round(real_accuracy, 4),
+                 "perplexity": None if lm is None else round(ld.perplexity(real, lm), 2),
                  "samples_per_s": None})
     return {"rows": rows, "classes": classes, "real_text_accuracy": real_accuracy, "ar_baseline": ar_report,
             "examples": examples, "reference_texts": len(refs)}
@@ -222,17 +250,20 @@ def _write_report(report: dict, workdir: str, name: str = "report.json") -> str:
     return path
 
 
+def _stage_report(config: LatentDiffusionFlowConfig, data: TextData, stage: str, report: dict) -> dict:
+    out = {"texts": data.stats, stage: report}
+    _publish(out, config.workdir)
+    out["report"] = _write_report(out, config.workdir, f"{stage}-report.json")
+    return out
+
+
 @flow(name="autoencoder-training")
 def autoencoder_training(config: LatentDiffusionFlowConfig) -> dict:
     """Train the text autoencoder on the shards' texts; report held-out reconstruction BLEU and exact match."""
-    amp = _runtime(config)
+    rt = _runtime(config)
     Path(config.workdir).mkdir(parents=True, exist_ok=True)
-    data = prepare_texts(config)
-    _, report = run_autoencoder_stage(config, data, amp)
-    out = {"texts": data.stats, "autoencoder": report}
-    _publish(out, config.workdir)
-    out["report"] = _write_report(out, config.workdir, "autoencoder-report.json")
-    return out
+    data = prepare_texts(config, rt)
+    return _stage_report(config, data, "autoencoder", run_autoencoder_stage(config, data, rt)[1])
 
 
 @flow(name="diffusion-training")
@@ -240,33 +271,29 @@ def diffusion_training(config: LatentDiffusionFlowConfig) -> dict:
     """Train the latent diffusion model on the latents of a trained autoencoder in the workdir."""
     from tasks.diffusion import load_autoencoder
 
-    amp = _runtime(config)
-    ae = load_autoencoder(os.path.join(config.workdir, "autoencoder"))
-    data = prepare_texts(config)
-    _, _, report = run_diffusion_stage(config, data, ae, amp)
-    out = {"texts": data.stats, "diffusion": report}
-    _publish(out, config.workdir)
-    out["report"] = _write_report(out, config.workdir, "diffusion-report.json")
-    return out
+    rt = _runtime(config)
+    ae = load_autoencoder(os.path.join(config.workdir, "autoencoder"), rt.device)
+    data = prepare_texts(config, rt)
+    return _stage_report(config, data, "diffusion", run_diffusion_stage(config, data, ae, rt)[2])
 
 
 @flow(name="latent-diffusion")
 def latent_diffusion(config: LatentDiffusionFlowConfig) -> dict:
     """The whole job: autoencoder, diffusion, samples per class, evaluation table, report."""
-    amp = _runtime(config)
+    rt = _runtime(config)
     Path(config.workdir).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    data = prepare_texts(config)
+    data = prepare_texts(config, rt)
     report = {"texts": data.stats, "config": config.model_dump(mode="json")}
     stage = time.perf_counter()
-    ae, report["autoencoder"] = run_autoencoder_stage(config, data, amp)
+    ae, report["autoencoder"] = run_autoencoder_stage(config, data, rt)
     report["autoencoder"]["stage_seconds"] = round(time.perf_counter() - stage, 1)
     stage = time.perf_counter()
-    dm, latents, report["diffusion"] = run_diffusion_stage(config, data, ae, amp)
+    dm, latents, report["diffusion"] = run_diffusion_stage(config, data, ae, rt)
     report["diffusion"]["stage_seconds"] = round(time.perf_counter() - stage, 1)
     if config.evaluation is not None:
         stage = time.perf_counter()
-        report["evaluation"] = run_evaluation_stage(config, data, ae, dm, latents, amp)
+        report["evaluation"] = run_evaluation_stage(config, data, ae, dm, latents, rt)
         report["evaluation"]["stage_seconds"] = round(time.perf_counter() - stage, 1)
     report["total_seconds"] = round(time.perf_counter() - t0, 1)
     _publish(report, config.workdir)

@@ -369,6 +369,10 @@ class MiniLMEncoder:
         st = sentence_encoder()
         self.model, self.tokenizer = st[0].auto_model.eval(), st.tokenizer
 
+    def to(self, device) -> "MiniLMEncoder":
+        self.model.to(device)
+        return self
+
     @staticmethod
     def tokenizer_only():
         """Its tokenizer, without loading the model (decoding needs only this)."""
@@ -409,13 +413,17 @@ class HubSeq2Seq:
             p.requires_grad_(False)
         self.dim = self.model.config.d_model
 
+    def to(self, device) -> "HubSeq2Seq":
+        self.model.to(device)
+        return self
+
     def token_count(self, texts: list[str]) -> list[int]:
         """Tokens per text, special tokens excluded."""
         return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     @torch.no_grad()
     def features(self, texts: list[str], max_tokens: int):
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt").to(self.model.device)
         out = self.model.get_encoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
         return out.last_hidden_state.float(), enc["attention_mask"].bool()
 

@@ -124,7 +124,7 @@ class LatentDiffusion(nn.Module):
         drop = torch.rand(B, generator=generator, device=x.device) < class_dropout
         labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         x_self_cond = None
-        if torch.rand((), generator=generator).item() < self_condition_p:
+        if torch.rand((), generator=generator, device=x.device).item() < self_condition_p:
             with torch.no_grad():
                 x_self_cond = self.predict(z, logsnr, labels)[0].detach()
         v_pred = self.denoiser(z, logsnr, labels, x_self_cond)

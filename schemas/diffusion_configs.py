@@ -133,5 +133,7 @@ class LatentDiffusionFlowConfig(BaseModel):
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     evaluation: EvaluationConfig | None = Field(default_factory=EvaluationConfig, description="none skips evaluation")
+    device: str = Field("auto", description="where the models train and sample: auto (the first CUDA GPU when PyTorch "
+                        "sees one, else the CPU), cpu, cuda or cuda:N")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; unset: torch's default")
     bf16: Literal["auto"] | bool = Field("auto", description="bfloat16 autocast; auto: where the hardware has it (AMX CPUs, GPUs)")

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from prefect import task
 
 from models.autoencoder import (
     CompactVocabulary,
@@ -41,7 +40,6 @@ from models.autoencoder import (
 from models.diffusion import EMA, Denoiser, LatentDiffusion
 from schemas.diffusion_configs import AutoencoderConfig, DiffusionConfig, SamplingConfig, TrainingBudget
 from schemas.errors import UserInputError
-from tasks.pretrain import is_holdout
 from tasks.shardio import read_table
 
 TRAINER_STATE = "trainer_state.pt"
@@ -90,6 +88,8 @@ def extract_texts(shards: list[str], *, count_tokens: Callable[[list[str]], list
                   max_texts: int | None = None, seed: int = 0) -> tuple[TextSplit, TextSplit, dict]:
     """(training, held-out, counts): the texts of document shards with their labels, held-out documents
     chosen by doc_id hash. ``count_tokens`` counts encoder tokens without special tokens."""
+    from tasks.pretrain import is_holdout  # the LMLM's split, so both model families hold out the same documents
+
     if not shards:
         raise UserInputError("no document shards given; pass shard files or folders, or leave them unset for a synthetic corpus")
     train, holdout = TextSplit(), TextSplit()
@@ -141,9 +141,29 @@ def _lr_at(step: int, budget: TrainingBudget) -> float:
     return budget.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
-def step_generators(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
-    """The batch and noise generators of one training step (so resuming redraws them exactly)."""
-    return np.random.default_rng([seed, step]), torch.Generator().manual_seed(seed * 1_000_003 + step)
+def step_generators(seed: int, step: int, device: torch.device | str = "cpu") -> tuple[np.random.Generator, torch.Generator]:
+    """The batch and noise generators of one training step (so resuming redraws them exactly); the noise
+    generator lives on ``device`` (the same seed draws other numbers on a GPU than on the CPU)."""
+    return np.random.default_rng([seed, step]), torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (or None): the first CUDA GPU when PyTorch sees one, else the CPU; otherwise the named device."""
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserInputError(f"device {name!r}: not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError(f"device {name!r}: PyTorch sees no CUDA GPU here; use device auto or cpu")
+    return device
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def write_folder_atomic(final: str, write: Callable[[str], None]) -> str:
@@ -184,8 +204,7 @@ def fit(model: torch.nn.Module, batch_loss: Callable[[int], torch.Tensor], budge
         state = {k: resume_state[k] for k in ("step", "history", "train_seconds")}
         log(f"{label}: resumed at step {state['step']}/{budget.steps}")
     model.train()
-    autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=amp or torch.float32,
-                              enabled=amp is not None)
+    autocast = torch.autocast(device_of(model).type, dtype=amp or torch.float32, enabled=amp is not None)
     running, t0 = [], time.perf_counter()
     while state["step"] < budget.steps:
         step = state["step"]
@@ -296,22 +315,24 @@ class Autoencoder:
     def encode(self, features, mask, batch_size: int = 512) -> torch.Tensor:
         """Latents (N, L, k) of cached encoder features."""
         self.model.eval()
-        out = [self.model.encode(features[i:i + batch_size].float(), mask[i:i + batch_size])
+        device = device_of(self.model)
+        out = [self.model.encode(features[i:i + batch_size].to(device).float(), mask[i:i + batch_size].to(device)).cpu()
                for i in range(0, len(features), batch_size)]
         return torch.cat(out) if out else torch.zeros(0, self.config.num_latents, self.config.latent_dim)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         if self.encoder is None:
-            self.encoder = self.hub or build_encoder(self.config)
+            self.encoder = (self.hub or build_encoder(self.config)).to(device_of(self.model))
         return self.encode(*encoder_features(self.encoder, texts, self.max_tokens, log=lambda _: None))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 256) -> list[str]:
         """Texts of latents (N, L, k), greedy decoding."""
         self.model.eval()
+        device = device_of(self.model)
         texts = []
         for i in range(0, len(latents), batch_size):
-            ids = self.model.decode(latents[i:i + batch_size], self.eos, self.hub)
+            ids = self.model.decode(latents[i:i + batch_size].to(device), self.eos, self.hub)
             texts += [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         return texts
 
@@ -325,11 +346,12 @@ def _autoencoder_model(cfg: AutoencoderConfig, d_encoder: int, vocab_size: int |
 
 
 def train_autoencoder(train: TextSplit, cfg: AutoencoderConfig, out_dir: str, *, max_tokens: int,
-                      features=None, encoder=None, amp: torch.dtype | None = None,
+                      features=None, encoder=None, amp: torch.dtype | None = None, device: str | torch.device = "auto",
                       log: Callable[[str], None] = print) -> tuple[Autoencoder, dict]:
-    """Train (or resume, or reuse a finished) autoencoder in ``out_dir`` on ``train.texts``.
+    """Train (or resume, or reuse a finished) autoencoder in ``out_dir`` on ``train.texts``, on ``device``.
 
-    ``features`` = cached (features, mask) of ``train.texts``; computed here when not given.
+    ``features`` = cached (features, mask) of ``train.texts``; computed here when not given (they stay on
+    the CPU: each batch is moved to the device).
     Returns the autoencoder and {"steps", "train_seconds", "history", "parameters", "reused"}.
     """
     state = read_trainer_state(out_dir)
@@ -346,8 +368,10 @@ def train_autoencoder(train: TextSplit, cfg: AutoencoderConfig, out_dir: str, *,
     ae = Autoencoder(None, cfg, tokenizer, max_tokens, 0, hub, encoder)
     targets = ae.target_ids(train.texts)
     ae.max_length = state["max_length"] if state else min(2 * max_tokens, max(len(t) for t in targets) + 1)
+    device = resolve_device(device)
     model = _autoencoder_model(cfg, encoder.dim, len(tokenizer) if hub is None else None, ae.max_length,
-                               hub.dim if hub else None)
+                               hub.dim if hub else None).to(device)
+    encoder.to(device)  # the frozen encoder (or hub model) too: features of new texts and the hub decoder run there
     ae.model = model
     n_params = sum(p.numel() for p in model.parameters())
     if state is not None:
@@ -362,11 +386,11 @@ def train_autoencoder(train: TextSplit, cfg: AutoencoderConfig, out_dir: str, *,
     eos = ae.eos if hub is None else -100
 
     def batch_loss(step: int) -> torch.Tensor:
-        rng, gen = step_generators(cfg.seed, step)
+        rng, gen = step_generators(cfg.seed, step, device)
         idx = torch.from_numpy(rng.integers(0, len(feats), cfg.train.batch_size))
-        latents = model.encode(feats[idx].float(), mask[idx])
+        latents = model.encode(feats[idx].to(device).float(), mask[idx].to(device))
         if cfg.latent_noise > 0:
-            latents = latents + cfg.latent_noise * torch.randn(latents.shape, generator=gen)
+            latents = latents + cfg.latent_noise * torch.randn(latents.shape, generator=gen, device=device)
         rows = [targets[i] for i in idx.tolist()]
         if hub is None and cfg.decoder == "parallel":
             inputs, tgt = None, parallel_targets(rows, eos, ae.max_length)
@@ -376,7 +400,7 @@ def train_autoencoder(train: TextSplit, cfg: AutoencoderConfig, out_dir: str, *,
             T = max(len(r) for r in rows)
             tgt = torch.tensor([r + [-100] * (T - len(r)) for r in rows])
             inputs = None
-        return model.reconstruction_loss(latents, inputs, tgt, hub)
+        return model.reconstruction_loss(latents, None if inputs is None else inputs.to(device), tgt.to(device), hub)
 
     def save(kind: str, trainer_state: dict) -> None:
         def write(tmp: str) -> None:
@@ -397,8 +421,8 @@ def train_autoencoder(train: TextSplit, cfg: AutoencoderConfig, out_dir: str, *,
                 "history": result["history"], "parameters": n_params, "reused": False}
 
 
-def load_autoencoder(folder: str) -> Autoencoder:
-    """The autoencoder saved in ``folder`` by :func:`train_autoencoder`."""
+def load_autoencoder(folder: str, device: str | torch.device = "auto") -> Autoencoder:
+    """The autoencoder saved in ``folder`` by :func:`train_autoencoder`, on ``device``."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise UserInputError(f"{folder}: no autoencoder here (config.json missing); train one with `lmlm diffusion train`")
@@ -407,8 +431,11 @@ def load_autoencoder(folder: str) -> Autoencoder:
     cfg = AutoencoderConfig(**meta["autoencoder"])
     hub = HubSeq2Seq(cfg.hub_name) if cfg.hub_name else None
     tokenizer = hub.tokenizer if hub else CompactVocabulary.load(MiniLMEncoder.tokenizer_only(), os.path.join(folder, "tokenizer"))
+    device = resolve_device(device)
     model = _autoencoder_model(cfg, meta["d_encoder"], len(tokenizer) if hub is None else None, meta["max_length"],
-                               hub.dim if hub else None)
+                               hub.dim if hub else None).to(device)
+    if hub is not None:
+        hub.to(device)
     _load_module(model, os.path.join(folder, "model.safetensors"))
     model.eval()
     return Autoencoder(model, cfg, tokenizer, meta["max_tokens"], meta["max_length"], hub, hub)
@@ -476,17 +503,18 @@ class DiffusionModel:
     def sample_latents(self, n: int, class_name: str | None, sampling: SamplingConfig, shape: tuple[int, int], *,
                        seed: int = 0, classifier=None, classifier_scale: float = 0.0, target: int | None = None):
         """``n`` latents (n, L, k) of ``class_name`` (None: unconditional), in batches of ``sampling.batch_size``."""
-        gen = torch.Generator().manual_seed(seed)
+        device = device_of(self.model)
+        gen = torch.Generator(device).manual_seed(seed)
         label = self.class_id(class_name)
         out = []
         for i in range(0, n, sampling.batch_size):
             b = min(sampling.batch_size, n - i)
-            labels = torch.full((b,), label, dtype=torch.long)
-            tgt = None if target is None else torch.full((b,), target, dtype=torch.long)
+            labels = torch.full((b,), label, dtype=torch.long, device=device)
+            tgt = None if target is None else torch.full((b,), target, dtype=torch.long, device=device)
             out.append(self.model.sample((b, *shape), labels, steps=sampling.steps, sampler=sampling.sampler,
                                          guidance_scale=sampling.guidance_scale, generator=gen, classifier=classifier,
                                          classifier_scale=classifier_scale, target=tgt))
-        return torch.cat(out)
+        return torch.cat(out).cpu()
 
 
 def _diffusion_model(cfg: DiffusionConfig, latent_shape: tuple[int, int], num_classes: int) -> LatentDiffusion:
@@ -497,8 +525,9 @@ def _diffusion_model(cfg: DiffusionConfig, latent_shape: tuple[int, int], num_cl
 
 
 def train_diffusion(latents: torch.Tensor, labels: list[str | None], cfg: DiffusionConfig, out_dir: str, *,
-                    amp: torch.dtype | None = None, log: Callable[[str], None] = print) -> tuple[DiffusionModel, dict]:
-    """Train (or resume, or reuse) the latent diffusion model on ``latents`` (N, L, k) in ``out_dir``.
+                    amp: torch.dtype | None = None, device: str | torch.device = "auto",
+                    log: Callable[[str], None] = print) -> tuple[DiffusionModel, dict]:
+    """Train (or resume, or reuse) the latent diffusion model on ``latents`` (N, L, k) in ``out_dir``, on ``device``.
 
     Classes are the distinct non-missing ``labels``; texts without one train the "no class" branch only.
     """
@@ -508,7 +537,8 @@ def train_diffusion(latents: torch.Tensor, labels: list[str | None], cfg: Diffus
         raise UserInputError(f"{out_dir} holds a diffusion model trained with another config or classes; "
                              "use a new workdir or delete it")
     shape = tuple(latents.shape[1:])
-    model = _diffusion_model(cfg, shape, len(classes))
+    device = resolve_device(device)
+    model = _diffusion_model(cfg, shape, len(classes)).to(device)
     ema = EMA(model, cfg.ema_decay)
     n_params = sum(p.numel() for p in model.parameters())
     if state is not None:
@@ -519,12 +549,12 @@ def train_diffusion(latents: torch.Tensor, labels: list[str | None], cfg: Diffus
             return DiffusionModel(ema.model, cfg, classes), {
                 "steps": state["step"], "train_seconds": state["train_seconds"], "history": state["history"],
                 "parameters": n_params, "classes": classes, "reused": True}
-    y = class_ids(labels, classes)
-    data = latents.float()
+    y = class_ids(labels, classes).to(device)
+    data = latents.float().to(device)
 
     def batch_loss(step: int) -> torch.Tensor:
-        rng, gen = step_generators(cfg.seed, step)
-        idx = torch.from_numpy(rng.integers(0, len(data), cfg.train.batch_size))
+        rng, gen = step_generators(cfg.seed, step, device)
+        idx = torch.from_numpy(rng.integers(0, len(data), cfg.train.batch_size)).to(device)
         return model.loss(data[idx], y[idx], self_condition_p=cfg.self_condition_p, class_dropout=cfg.class_dropout,
                           generator=gen)
 
@@ -547,45 +577,29 @@ def train_diffusion(latents: torch.Tensor, labels: list[str | None], cfg: Diffus
         "parameters": n_params, "classes": classes, "reused": False}
 
 
-def load_diffusion(folder: str) -> tuple[DiffusionModel, tuple[int, int]]:
-    """The EMA diffusion model saved in ``folder`` and its latent shape (L, k)."""
+def load_diffusion(folder: str, device: str | torch.device = "auto") -> tuple[DiffusionModel, tuple[int, int]]:
+    """The EMA diffusion model saved in ``folder`` (on ``device``) and its latent shape (L, k)."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise UserInputError(f"{folder}: no diffusion model here (config.json missing); train one with `lmlm diffusion train`")
     with open(path) as f:
         meta = json.load(f)
     cfg, shape = DiffusionConfig(**meta["diffusion"]), tuple(meta["latent_shape"])
-    model = _diffusion_model(cfg, shape, len(meta["classes"]))
+    model = _diffusion_model(cfg, shape, len(meta["classes"])).to(resolve_device(device))
     _load_module(model, os.path.join(folder, "ema.safetensors"))
     return DiffusionModel(model.eval(), cfg, meta["classes"]), shape
 
 
 def sample_texts(checkpoint: str, n: int, class_name: str | None = None, sampling: SamplingConfig | None = None,
-                 seed: int = 0) -> list[str]:
+                 seed: int = 0, device: str | torch.device = "auto") -> list[str]:
     """``n`` decoded samples from a latent-diffusion workdir (holding ``autoencoder/`` and ``diffusion/``)."""
     for sub in ("autoencoder", "diffusion"):
         if not os.path.isdir(os.path.join(checkpoint, sub)):
             raise UserInputError(f"{checkpoint}: no {sub}/ folder; pass the workdir of `lmlm diffusion train`")
-    ae = load_autoencoder(os.path.join(checkpoint, "autoencoder"))
-    dm, shape = load_diffusion(os.path.join(checkpoint, "diffusion"))
+    ae = load_autoencoder(os.path.join(checkpoint, "autoencoder"), device)
+    dm, shape = load_diffusion(os.path.join(checkpoint, "diffusion"), device)
     latents = dm.sample_latents(n, class_name, sampling or SamplingConfig(), shape, seed=seed)
     return ae.decode(latents)
-
-
-@task(name="train-autoencoder")
-def train_autoencoder_task(train: TextSplit, cfg: AutoencoderConfig, out_dir: str, max_tokens: int, features=None,
-                           encoder=None, amp=None):
-    from prefect import get_run_logger
-
-    return train_autoencoder(train, cfg, out_dir, max_tokens=max_tokens, features=features, encoder=encoder, amp=amp,
-                             log=get_run_logger().info)
-
-
-@task(name="train-diffusion")
-def train_diffusion_task(latents, labels, cfg: DiffusionConfig, out_dir: str, amp=None):
-    from prefect import get_run_logger
-
-    return train_diffusion(latents, labels, cfg, out_dir, amp=amp, log=get_run_logger().info)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -625,27 +639,79 @@ def mauve_score(samples: list[str], references: list[str], seed: int = 25, *, re
     return float(out.mauve)
 
 
-def perplexity(texts: list[str], lm: str, batch_size: int = 16) -> float:
-    """Perplexity of ``texts`` under a causal LM (a folder or hub name): exp of the mean token loss."""
+_REFERENCE_LM_FIX = ("pass a folder holding a Hugging Face causal LM (config.json), a pretraining variant folder of "
+                     "checkpoint-* folders, the workdir of `lmlm lmlm pretrain` (run `make demo-lmlm` first), or a hub name")
+
+
+@dataclass
+class ReferenceLM:
+    """A causal LM loaded once for scoring many sample sets; ``path``: the folder (or hub name) it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    path: str
+
+
+def resolve_reference_lm(lm: str) -> str:
+    """The folder (or hub name) of the causal LM that ``lm`` names: a folder holding one (config.json); a
+    pretraining variant folder (its newest checkpoint); the output folder or workdir of `lmlm lmlm pretrain`
+    (the standard model's newest checkpoint: the LMLM's own text carries lookup calls); else a hub name."""
+    from models.train import latest_checkpoint
+
+    folder = os.path.expanduser(lm)
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    candidates = (folder, os.path.join(folder, "standard"), os.path.join(folder, "lmlm", "standard"))
+    found = next((c for c in map(latest_checkpoint, candidates) if c), None)
+    if found:
+        return found
+    if os.path.exists(folder) or os.path.isabs(folder) or folder.startswith(".") or folder.count("/") > 1:
+        raise UserInputError(f"reference LM {lm!r}: no causal LM and no standard-model checkpoint there; {_REFERENCE_LM_FIX}")
+    return lm
+
+
+def load_reference_lm(lm: str, device: str | torch.device | None = "auto") -> ReferenceLM:
+    """The causal LM that ``lm`` names (see ``resolve_reference_lm``), in eval mode, on ``device`` (auto: CUDA
+    when available, else the CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from models.train import quiet_progress
+
+    path = resolve_reference_lm(lm)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(lm)
-        model = AutoModelForCausalLM.from_pretrained(lm).eval()
+        with quiet_progress():
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise UserInputError(f"reference LM {lm!r}: cannot load it ({str(exc).splitlines()[0]}); "
-                             "pass a folder holding a Hugging Face causal LM, or leave reference_lm unset") from exc
+        what = "it" if path == lm else repr(path)
+        raise UserInputError(f"reference LM {lm!r}: cannot load {what} ({str(exc).splitlines()[0]}); "
+                             f"{_REFERENCE_LM_FIX}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"  # every text starts at position 0
+    model.to(resolve_device(device)).eval()
+    return ReferenceLM(model, tokenizer, path)
+
+
+def perplexity(texts: list[str], lm: str | ReferenceLM, batch_size: int = 16) -> float:
+    """Perplexity of ``texts`` under a causal LM (a loaded one, or anything ``load_reference_lm`` takes): exp of
+    the mean loss over every token after each text's first; texts longer than the LM's context are scored on
+    their first context-length tokens; nan when no text has two tokens."""
+    ref = load_reference_lm(lm) if isinstance(lm, str) else lm
+    model, tokenizer = ref.model, ref.tokenizer
+    device = next(model.parameters()).device
+    context = getattr(model.config, "max_position_embeddings", None)
+    kept = [t for t in texts if t.strip()]
     total, count = 0.0, 0
     with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer([t for t in texts[i:i + batch_size] if t.strip()] or ["."], return_tensors="pt", padding=True)
-            labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-            logits = model(**enc).logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="sum")
-            total, count = total + float(loss), count + int((labels[:, 1:] != -100).sum())
-    return math.exp(total / max(1, count))
+        for i in range(0, len(kept), batch_size):
+            enc = tokenizer(kept[i:i + batch_size], return_tensors="pt", padding=True, truncation=context is not None,
+                            max_length=context).to(device)
+            labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)[:, 1:]
+            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+            total, count = total + float(loss), count + int((labels != -100).sum())
+    return math.exp(total / count) if count else float("nan")
 
 
 class TextClassifier:
@@ -675,14 +741,16 @@ class TextClassifier:
 
 def train_ar_baseline(train: TextSplit, classes: list[str], vocabulary: CompactVocabulary, budget: TrainingBudget, *,
                       width: int, layers: int, heads: int, max_length: int, seed: int = 0,
-                      amp: torch.dtype | None = None, log: Callable[[str], None] = print):
+                      amp: torch.dtype | None = None, device: str | torch.device = "auto",
+                      log: Callable[[str], None] = print):
     """A class-prefixed causal LM trained from scratch on the training texts (ids: the vocabulary, then one
-    token per class and one for "no class"). Returns (model, report)."""
+    token per class and one for "no class"), on ``device``. Returns (model, report)."""
     from models.autoencoder import TextDecoder
 
     torch.manual_seed(seed)
     V = len(vocabulary)
-    model = TextDecoder(V + len(classes) + 1, width, layers, heads, max_length)
+    device = resolve_device(device)
+    model = TextDecoder(V + len(classes) + 1, width, layers, heads, max_length).to(device)
     ids = vocabulary(train.texts)["input_ids"]
     prefix = (class_ids(train.labels, classes) + V).tolist()
 
@@ -690,6 +758,7 @@ def train_ar_baseline(train: TextSplit, classes: list[str], vocabulary: CompactV
         rng, _ = step_generators(seed, step)
         idx = rng.integers(0, len(ids), budget.batch_size).tolist()
         inputs, targets = shifted_targets([ids[i] for i in idx], 0, max_length, [prefix[i] for i in idx])
+        inputs, targets = inputs.to(device), targets.to(device)
         keep = targets != -100  # the output layer only where a target is
         return torch.nn.functional.cross_entropy(model.head(model.hidden(inputs)[keep]).float(), targets[keep])
 
@@ -702,12 +771,13 @@ def train_ar_baseline(train: TextSplit, classes: list[str], vocabulary: CompactV
 def sample_ar(model, vocabulary: CompactVocabulary, prefix_id: int, n: int, *, seed: int = 0,
               temperature: float = 1.0, batch_size: int = 256) -> list[str]:
     """``n`` texts from the class-prefixed LM, ancestral sampling at ``temperature``."""
-    gen = torch.Generator().manual_seed(seed)
+    device = device_of(model)
+    gen = torch.Generator(device).manual_seed(seed)
     texts = []
     model.eval()
     for i in range(0, n, batch_size):
         b = min(batch_size, n - i)
-        prefix = torch.full((b, 1), prefix_id, dtype=torch.long)
+        prefix = torch.full((b, 1), prefix_id, dtype=torch.long, device=device)
         ids = model.generate(prefix, 0, temperature=temperature, generator=gen)
         texts += [t.strip() for t in vocabulary.batch_decode(ids)]
     return texts
@@ -719,18 +789,19 @@ def train_latent_classifier(latents: torch.Tensor, labels: list[str | None], cla
     """p(class | z_t) on noisy training latents at noise levels of the diffusion schedule (labelled texts only)."""
     from models.diffusion import LatentClassifier, alpha_sigma
 
+    device = device_of(diffusion)  # the classifier guides the diffusion model where it samples
     keep = [i for i, label in enumerate(labels) if label is not None]
-    x, y = latents[keep].float(), class_ids([labels[i] for i in keep], classes)
+    x, y = latents[keep].float().to(device), class_ids([labels[i] for i in keep], classes).to(device)
     torch.manual_seed(seed)
-    clf = LatentClassifier(x.shape[2], x.shape[1], width, layers, heads, len(classes))
+    clf = LatentClassifier(x.shape[2], x.shape[1], width, layers, heads, len(classes)).to(device)
 
     def batch_loss(step: int) -> torch.Tensor:
-        rng, gen = step_generators(seed, step)
-        idx = torch.from_numpy(rng.integers(0, len(x), budget.batch_size))
-        t = torch.rand(len(idx), generator=gen)
+        rng, gen = step_generators(seed, step, device)
+        idx = torch.from_numpy(rng.integers(0, len(x), budget.batch_size)).to(device)
+        t = torch.rand(len(idx), generator=gen, device=device)
         logsnr = diffusion.logsnr(t)
         alpha, sigma = (s[:, None, None] for s in alpha_sigma(logsnr))
-        z = alpha * x[idx] + sigma * torch.randn(x[idx].shape, generator=gen)
+        z = alpha * x[idx] + sigma * torch.randn(x[idx].shape, generator=gen, device=device)
         return torch.nn.functional.cross_entropy(clf(z, logsnr), y[idx])
 
     fit(clf, batch_loss, budget, save=lambda kind, s: None, amp=amp, log=log, label="latent classifier")
@@ -740,7 +811,7 @@ def train_latent_classifier(latents: torch.Tensor, labels: list[str | None], cla
 
 
 def score_samples(samples: list[str], target_labels: list[str] | None, *, references: list[str], training_texts: list[str],
-                  classifier: TextClassifier | None, reference_lm: str | None, mauve_seed: int = 25,
+                  classifier: TextClassifier | None, reference_lm: str | ReferenceLM | None, mauve_seed: int = 25,
                   reference_features=None) -> dict:
     """MAUVE vs references, diversity, memorisation, class accuracy (when targets are given), perplexity (with an LM)."""
     row = {"samples": len(samples),

@@ -349,13 +349,23 @@ def test_train_command_builds_the_config_from_flags(tmp_path):
     cfg_file = tmp_path / "c.json"
     cfg_file.write_text(json.dumps({"max_tokens": 24, "diffusion": {"width": 64}}))
     args = _parser().parse_args(["diffusion", "train", "--config", str(cfg_file), "--workdir", str(tmp_path / "w"),
-                                 "--ae-steps", "7", "--no-eval"])
+                                 "--ae-steps", "7", "--no-eval", "--device", "cpu"])
     config = _config_from_args(args)
     assert (config.max_tokens, config.diffusion.width, config.autoencoder.train.steps) == (24, 64, 7)
+    assert config.device == "cpu"
     assert config.evaluation is None and config.workdir == str(tmp_path / "w")
     bad = _parser().parse_args(["diffusion", "train", "--config", str(cfg_file), "--ae-steps", "0"])
     with pytest.raises(UserInputError, match="autoencoder.train.steps"):
         _config_from_args(bad)
+
+
+def test_device_auto_is_the_cpu_without_a_gpu_and_a_missing_gpu_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ld.resolve_device("auto") == torch.device("cpu") == ld.resolve_device(None)
+    with pytest.raises(UserInputError, match="device 'cuda:1': PyTorch sees no CUDA GPU here; use device auto or cpu"):
+        ld.resolve_device("cuda:1")
+    with pytest.raises(UserInputError, match="device 'gpu': not a torch device"):
+        ld.resolve_device("gpu")
 
 
 @pytest.mark.slow
