@@ -158,15 +158,12 @@ def _rate(fn, warm: int, iters: int, device) -> float:
 def bench_autoencoder(device, batch: int, iters: int) -> dict:
     import torch
 
-    from models.autoencoder import LatentAutoencoder
     from schemas.diffusion_configs import AutoencoderConfig
+    from tasks.diffusion import _autoencoder_model
 
-    # built from the models/ classes as tasks.diffusion does (that module needs Prefect, often absent on a GPU box)
     cfg = AutoencoderConfig()
     vocab, max_tokens, max_length, pool = 8_000, 32, 64, 8_192
-    model = LatentAutoencoder(384, cfg.num_latents, cfg.latent_dim, cfg.width, cfg.heads, cfg.perceiver_layers,
-                              cfg.reconstruction_layers, vocab_size=vocab, decoder_layers=cfg.decoder_layers,
-                              max_length=max_length, parallel=cfg.decoder == "parallel").to(device)
+    model = _autoencoder_model(cfg, 384, vocab, max_length, None).to(device)
     feats = torch.randn(pool, max_tokens, 384, device=device, dtype=torch.bfloat16)
     mask = torch.ones(pool, max_tokens, dtype=torch.bool, device=device)
     mask[:, 24:] = torch.rand(pool, 1, device=device) < 0.5
@@ -192,12 +189,12 @@ def bench_autoencoder(device, batch: int, iters: int) -> dict:
 def bench_diffusion(device, width: int, layers: int, heads: int, batch: int, iters: int, n_samples: int) -> dict:
     import torch
 
-    from models.diffusion import EMA, Denoiser, LatentDiffusion
+    from models.diffusion import EMA
     from schemas.diffusion_configs import DiffusionConfig
+    from tasks.diffusion import _diffusion_model
 
     cfg = DiffusionConfig(width=width, layers=layers, heads=heads)
-    model = LatentDiffusion(Denoiser(64, 32, cfg.width, cfg.layers, cfg.heads, 11), cfg.logsnr_min, cfg.logsnr_max,
-                            cfg.logsnr_shift).to(device)
+    model = _diffusion_model(cfg, (32, 64), 11).to(device)
     ema = EMA(model, cfg.ema_decay)
     x = torch.randn(8_192, 32, 64, device=device)
     y = torch.randint(0, 11, (8_192,), device=device)
