@@ -44,7 +44,7 @@ demo-lmlm: $(VENV)/.installed
 # the text autoencoder and the latent diffusion model on the synthetic corpus; samples of one class;
 # perplexity under the standard model of `make demo-lmlm` when that has run
 demo-diffusion: $(VENV)/.installed
-	$(VENV)/bin/lmlm diffusion train --workdir out/diffusion-demo --threads 1 \
+	$(VENV)/bin/lmlm diffusion train --workdir out/diffusion-demo \
 		$(if $(wildcard out/demo-lmlm/lmlm/standard/checkpoint-*),--reference-lm out/demo-lmlm,)
 	$(VENV)/bin/lmlm sample --checkpoint out/diffusion-demo --class science --n 5
 

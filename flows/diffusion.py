@@ -158,26 +158,29 @@ def run_evaluation_stage(config: LatentDiffusionFlowConfig, data: TextData, ae, 
     n, shape = ev.samples_per_class, tuple(latents.shape[1:])
     rows, examples = [], {}
 
-    def diffusion_samples(label, **kw):
+    def diffusion_samples(label, how, **kw):
         t0 = time.perf_counter()
         texts, targets = [], []
         for i, c in enumerate(classes or [None]):
             conditioned = label == "cfg"  # unconditional and latent-classifier-guided samples get no class label
-            z = dm.sample_latents(n if classes else n * 8, c if conditioned else None, sampling, shape, seed=ev.mauve_seed + i,
+            z = dm.sample_latents(n if classes else n * 8, c if conditioned else None, how, shape, seed=ev.mauve_seed + i,
                                   **({} if label != "guided" else {"target": i, **kw}))
             texts += ae.decode(z)
             targets += [c] * len(z)
         return texts, targets, time.perf_counter() - t0
 
-    generators = [("diffusion", f"{sampling.sampler} {sampling.steps} steps, CFG w={sampling.guidance_scale}", "cfg", {})]
-    if classes:
-        generators.append(("diffusion, unconditional", f"{sampling.sampler} {sampling.steps} steps, no class", "uncond", {}))
+    steps = f"{sampling.sampler} {sampling.steps} steps"
+    generators = [("diffusion", f"{steps}, CFG w={sampling.guidance_scale}", "cfg", sampling, {})]
+    if classes:  # further guidance weights show the trade between fluency (MAUVE) and class accuracy
+        generators += [(f"diffusion, CFG w={w:g}", f"{steps}, CFG w={w:g}", "cfg", sampling.model_copy(update={"guidance_scale": w}), {})
+                       for w in dict.fromkeys(ev.extra_guidance_scales) if w != sampling.guidance_scale]
+        generators.append(("diffusion, unconditional", f"{steps}, no class", "uncond", sampling, {}))
         clf = ld.train_latent_classifier(latents, data.train.labels, classes, dm.model, ev.latent_classifier, amp=rt.amp,
                                          log=logger.info)
         generators.append(("diffusion + latent-classifier guidance", f"no class, gradient scale {ev.classifier_guidance_scale}",
-                           "guided", {"classifier": clf, "classifier_scale": ev.classifier_guidance_scale}))
-    for name, setting, label, kw in generators:
-        texts, targets, seconds = diffusion_samples(label, **kw)
+                           "guided", sampling, {"classifier": clf, "classifier_scale": ev.classifier_guidance_scale}))
+    for name, setting, label, how, kw in generators:
+        texts, targets, seconds = diffusion_samples(label, how, **kw)
         row = {"generator": name, "setting": setting, **score(texts, targets if classes else None),
                "samples_per_s": round(len(texts) / seconds, 2)}
         rows.append(row)

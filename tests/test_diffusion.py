@@ -383,6 +383,7 @@ def test_latent_diffusion_flow_end_to_end(tmp_path, prefect_harness):
     report = latent_diffusion(config)
     generators = [r["generator"] for r in report["evaluation"]["rows"]]
     assert generators[0] == "diffusion" and "AR baseline (class-prefixed)" in generators
+    assert "diffusion, CFG w=3" in generators  # the default further guidance weight gets its own row
     assert json.loads((tmp_path / "report.json").read_text())["autoencoder"]["steps"] == 20
     texts = ld.sample_texts(str(tmp_path), 3, report["diffusion"]["classes"][0])
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
