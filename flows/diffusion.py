@@ -2,7 +2,7 @@
 
     document shards (or a generated synthetic corpus) -> texts -> autoencoder -> latents
     -> diffusion -> samples per class (DDIM/DDPM, classifier-free guidance; latent-classifier guidance)
-    -> MAUVE, diversity, memorisation, class accuracy vs a class-prefixed AR baseline -> report
+    -> MAUVE, diversity, memorisation, class accuracy vs a class-conditional AR baseline -> report
 
 Outputs under ``workdir``: ``autoencoder/``, ``diffusion/`` (safetensors checkpoints), ``samples.jsonl``,
 ``report.json``, ``loss_curves.png``. ``lmlm sample --checkpoint <workdir> --class X`` reads them back.
@@ -194,9 +194,9 @@ def run_evaluation_stage(config: LatentDiffusionFlowConfig, data: TextData, ae, 
             max_length=ae.max_length + 1, seed=config.autoencoder.seed, amp=rt.amp, device=rt.device, log=logger.info)
         t0, texts, targets = time.perf_counter(), [], []
         for i, c in enumerate(classes or [None]):
-            got = ld.sample_ar(ar, ae.tokenizer, len(ae.tokenizer) + (i if c else len(classes)), n, seed=ev.mauve_seed + i)
+            got = ld.sample_ar(ar, ae.tokenizer, i if c else len(classes), n, seed=ev.mauve_seed + i)
             texts, targets = texts + got, targets + [c] * len(got)
-        row = {"generator": "AR baseline (class-prefixed)", "setting": f"{ar_report['parameters']:,} params, temperature 1",
+        row = {"generator": "AR baseline (class-conditional)", "setting": f"{ar_report['parameters']:,} params, temperature 1",
                **score(texts, targets if classes else None), "samples_per_s": round(len(texts) / (time.perf_counter() - t0), 2)}
         rows.append(row)
         examples[row["generator"]] = [{"class": y, "text": t} for t, y in list(zip(texts, targets))[::max(1, n // 2)]][:2 * max(1, len(classes))]

@@ -113,7 +113,7 @@ class EvaluationConfig(BaseModel):
     latent_classifier: TrainingBudget = Field(default_factory=lambda: TrainingBudget(steps=300, batch_size=128, lr=2e-3, warmup_steps=30))
     ar_baseline: TrainingBudget | None = Field(
         default_factory=lambda: TrainingBudget(steps=500, batch_size=32, lr=2e-3, warmup_steps=50),
-        description="class-prefixed causal LM trained from scratch on the same text; none skips it",
+        description="class-conditional causal LM trained from scratch on the same text; none skips it",
     )
     mauve_seed: int = Field(25)
 

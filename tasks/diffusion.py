@@ -743,24 +743,23 @@ def train_ar_baseline(train: TextSplit, classes: list[str], vocabulary: CompactV
                       width: int, layers: int, heads: int, max_length: int, seed: int = 0,
                       amp: torch.dtype | None = None, device: str | torch.device = "auto",
                       log: Callable[[str], None] = print):
-    """A class-prefixed causal LM trained from scratch on the training texts (ids: the vocabulary, then one
-    token per class and one for "no class"), on ``device``. Returns (model, report)."""
-    from models.autoencoder import TextDecoder
+    """A class-conditional causal LM (:class:`ClassConditionalLM`) trained from scratch on the training texts,
+    on ``device``; texts without a class train its "no class" id. Returns (model, report)."""
+    from models.autoencoder import ClassConditionalLM
 
     torch.manual_seed(seed)
-    V = len(vocabulary)
     device = resolve_device(device)
-    model = TextDecoder(V + len(classes) + 1, width, layers, heads, max_length).to(device)
+    model = ClassConditionalLM(len(vocabulary), len(classes), width, layers, heads, max_length).to(device)
     ids = vocabulary(train.texts)["input_ids"]
-    prefix = (class_ids(train.labels, classes) + V).tolist()
+    labels = class_ids(train.labels, classes)
 
     def batch_loss(step: int) -> torch.Tensor:
         rng, _ = step_generators(seed, step)
         idx = rng.integers(0, len(ids), budget.batch_size).tolist()
-        inputs, targets = shifted_targets([ids[i] for i in idx], 0, max_length, [prefix[i] for i in idx])
+        inputs, targets = shifted_targets([ids[i] for i in idx], 0, max_length)
         inputs, targets = inputs.to(device), targets.to(device)
         keep = targets != -100  # the output layer only where a target is
-        return torch.nn.functional.cross_entropy(model.head(model.hidden(inputs)[keep]).float(), targets[keep])
+        return torch.nn.functional.cross_entropy(model.logits(inputs, labels[idx].to(device), keep).float(), targets[keep])
 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"AR baseline: {n_params:,} parameters")
@@ -768,17 +767,18 @@ def train_ar_baseline(train: TextSplit, classes: list[str], vocabulary: CompactV
     return model, {"parameters": n_params, "steps": state["step"], "train_seconds": round(state["train_seconds"], 1)}
 
 
-def sample_ar(model, vocabulary: CompactVocabulary, prefix_id: int, n: int, *, seed: int = 0,
+def sample_ar(model, vocabulary: CompactVocabulary, class_id: int, n: int, *, seed: int = 0,
               temperature: float = 1.0, batch_size: int = 256) -> list[str]:
-    """``n`` texts from the class-prefixed LM, ancestral sampling at ``temperature``."""
+    """``n`` texts of class ``class_id`` (``len(classes)``: no class) from the AR baseline, ancestral sampling
+    at ``temperature``."""
     device = device_of(model)
     gen = torch.Generator(device).manual_seed(seed)
     texts = []
     model.eval()
     for i in range(0, n, batch_size):
         b = min(batch_size, n - i)
-        prefix = torch.full((b, 1), prefix_id, dtype=torch.long, device=device)
-        ids = model.generate(prefix, 0, temperature=temperature, generator=gen)
+        ids = model.generate(torch.full((b,), class_id, dtype=torch.long, device=device), 0, temperature=temperature,
+                             generator=gen)
         texts += [t.strip() for t in vocabulary.batch_decode(ids)]
     return texts
 

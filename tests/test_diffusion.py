@@ -257,17 +257,16 @@ def test_parallel_decoder_is_trained_up_to_the_first_end_of_text_only():
     assert model.reconstruction_loss(latents, None, targets).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_ar_baseline_samples_follow_their_class_prefix(encoder):
+def test_ar_baseline_samples_follow_their_class(encoder):
     from models.autoencoder import CompactVocabulary
 
     train = ld.TextSplit(["the river is wide and cold."] * 8 + ["the market opens at nine."] * 8, ["geo"] * 8 + ["biz"] * 8)
     vocab = CompactVocabulary.build(encoder.tokenizer, train.texts)
-    # 300 steps: a causal LM picks up a single prefix token late (the loss sits at ln 2 per text until it does)
-    model, report = ld.train_ar_baseline(train, ["biz", "geo"], vocab, TrainingBudget(steps=300, batch_size=16, lr=5e-3, warmup_steps=5,
+    model, report = ld.train_ar_baseline(train, ["biz", "geo"], vocab, TrainingBudget(steps=60, batch_size=16, lr=5e-3, warmup_steps=5,
                                          log_every=1000), width=32, layers=1, heads=2, max_length=12, log=lambda m: None)
-    assert report["steps"] == 300
-    biz = ld.sample_ar(model, vocab, len(vocab) + 0, 4, temperature=0.5)
-    geo = ld.sample_ar(model, vocab, len(vocab) + 1, 4, temperature=0.5)
+    assert report["steps"] == 60
+    biz = ld.sample_ar(model, vocab, 0, 4, temperature=0.5)
+    geo = ld.sample_ar(model, vocab, 1, 4, temperature=0.5)
     assert all("market" in t for t in biz) and all("river" in t for t in geo)
 
 
@@ -382,7 +381,7 @@ def test_latent_diffusion_flow_end_to_end(tmp_path, prefect_harness):
         "evaluation": {"samples_per_class": 3, "latent_classifier": {"steps": 5}, "ar_baseline": {"steps": 5}}})
     report = latent_diffusion(config)
     generators = [r["generator"] for r in report["evaluation"]["rows"]]
-    assert generators[0] == "diffusion" and "AR baseline (class-prefixed)" in generators
+    assert generators[0] == "diffusion" and "AR baseline (class-conditional)" in generators
     assert "diffusion, CFG w=3" in generators  # the default further guidance weight gets its own row
     assert json.loads((tmp_path / "report.json").read_text())["autoencoder"]["steps"] == 20
     texts = ld.sample_texts(str(tmp_path), 3, report["diffusion"]["classes"][0])
