@@ -14,7 +14,7 @@ train    per ``--runs`` entry ``STEPSxBATCH[,key=value...]`` (keys: width, layer
          ``2400x64,lr=2e-3``): trains the denoiser, then draws
          ``--per-class`` DDIM-50 latents per class at each CFG weight of ``--guidance`` (w=0 is
          unconditional); writes ``samples-<run>.pt`` and ``runs.json`` (steps/s, seconds) as it goes.
-         Needs only torch, numpy and pydantic.
+         Needs only torch, numpy, pyarrow and pydantic.
 score    decodes the samples with the demo's autoencoder and prints MAUVE against the held-out text and
          the class accuracy of the flow's judge, per run and guidance weight.
 """
@@ -44,14 +44,11 @@ def demo_config(workdir: str):
 
 def demo_texts(config):
     """(training, held-out) TextSplits of the demo, split as the flow splits them, and the encoder."""
-    from flows.diffusion import document_shards
-    from tasks.diffusion import build_encoder, extract_texts
+    from flows.diffusion import split_texts
+    from tasks.diffusion import build_encoder
 
     encoder = build_encoder(config.autoencoder)
-    train, holdout, _ = extract_texts(
-        document_shards(config), count_tokens=encoder.token_count, max_tokens=config.max_tokens,
-        pack=config.pack_sentences, label_column=config.label_column, holdout_fraction=config.holdout_fraction,
-        max_texts=config.max_texts, seed=config.autoencoder.seed)
+    train, holdout, _ = split_texts(config, encoder)
     return train, holdout, encoder
 
 
@@ -74,7 +71,8 @@ def train(args) -> None:
     import torch
 
     from schemas.diffusion_configs import DiffusionConfig, SamplingConfig
-    from tasks.diffusion import resolve_device, train_diffusion
+    from models.device import resolve_device
+    from tasks.diffusion import train_diffusion
 
     blob = torch.load(Path(args.data, LATENTS), weights_only=False)
     latents, labels, base = blob["latents"].float(), blob["labels"], blob["diffusion"]

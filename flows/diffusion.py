@@ -42,7 +42,7 @@ class Runtime:
 
 def _runtime(config: LatentDiffusionFlowConfig) -> Runtime:
     from models.train import autocast_dtype
-    from tasks.diffusion import resolve_device
+    from models.device import resolve_device
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -91,16 +91,23 @@ def document_shards(config: LatentDiffusionFlowConfig) -> list[str]:
     return list_files(str(shard_dir), (".parquet",))
 
 
-def prepare_texts(config: LatentDiffusionFlowConfig, rt: Runtime, need_features: bool = True) -> TextData:
-    """Texts of the shards split into training / held-out, and the frozen encoder's features of the training texts."""
-    from tasks.diffusion import build_encoder, encoder_features, extract_texts
+def split_texts(config: LatentDiffusionFlowConfig, encoder):
+    """(training, held-out, counts): the texts of the configured shards as the flow splits them."""
+    from tasks.diffusion import extract_texts
 
-    logger = get_run_logger()
-    encoder = build_encoder(config.autoencoder).to(rt.device)
-    train, holdout, stats = extract_texts(
+    return extract_texts(
         document_shards(config), count_tokens=encoder.token_count, max_tokens=config.max_tokens,
         pack=config.pack_sentences, label_column=config.label_column, holdout_fraction=config.holdout_fraction,
         max_texts=config.max_texts, seed=config.autoencoder.seed)
+
+
+def prepare_texts(config: LatentDiffusionFlowConfig, rt: Runtime, need_features: bool = True) -> TextData:
+    """Texts of the shards split into training / held-out, and the frozen encoder's features of the training texts."""
+    from tasks.diffusion import build_encoder, encoder_features
+
+    logger = get_run_logger()
+    encoder = build_encoder(config.autoencoder).to(rt.device)
+    train, holdout, stats = split_texts(config, encoder)
     logger.info("texts: %d training, %d held out from %d documents", stats["train_texts"], stats["holdout_texts"], stats["documents"])
     features = encoder_features(encoder, train.texts, config.max_tokens, log=logger.info) if need_features else None
     return TextData(train, holdout, stats, features, encoder)

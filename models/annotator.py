@@ -354,8 +354,9 @@ def load_annotator(path: str, device: str | None = None):
         model = AutoPeftModelForCausalLM.from_pretrained(path).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer, meta
+    from models.device import resolve_device
+
+    return model.to(resolve_device(device)).eval(), tokenizer, meta
 
 
 # ----------------------------------------------------------------------------- decoding

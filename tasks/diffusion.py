@@ -38,6 +38,7 @@ from models.autoencoder import (
     shifted_targets,
 )
 from models.diffusion import EMA, Denoiser, LatentDiffusion
+from models.device import device_of, resolve_device
 from schemas.diffusion_configs import AutoencoderConfig, DiffusionConfig, SamplingConfig, TrainingBudget
 from schemas.errors import UserInputError
 from tasks.shardio import read_table
@@ -145,25 +146,6 @@ def step_generators(seed: int, step: int, device: torch.device | str = "cpu") ->
     """The batch and noise generators of one training step (so resuming redraws them exactly); the noise
     generator lives on ``device`` (the same seed draws other numbers on a GPU than on the CPU)."""
     return np.random.default_rng([seed, step]), torch.Generator(device).manual_seed(seed * 1_000_003 + step)
-
-
-def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` (or None): the first CUDA GPU when PyTorch sees one, else the CPU; otherwise the named device."""
-    if isinstance(name, torch.device):
-        return name
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserInputError(f"device {name!r}: not a torch device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError(f"device {name!r}: PyTorch sees no CUDA GPU here; use device auto or cpu")
-    return device
-
-
-def device_of(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 def write_folder_atomic(final: str, write: Callable[[str], None]) -> str:
@@ -699,7 +681,7 @@ def perplexity(texts: list[str], lm: str | ReferenceLM, batch_size: int = 16) ->
     their first context-length tokens; nan when no text has two tokens."""
     ref = load_reference_lm(lm) if isinstance(lm, str) else lm
     model, tokenizer = ref.model, ref.tokenizer
-    device = next(model.parameters()).device
+    device = device_of(model)
     context = getattr(model.config, "max_position_embeddings", None)
     kept = [t for t in texts if t.strip()]
     total, count = 0.0, 0
