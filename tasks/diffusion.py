@@ -610,7 +610,10 @@ def memorisation(samples: list[str], training_texts: list[str]) -> dict:
 
 def mauve_score(samples: list[str], references: list[str], seed: int = 25, *, reference_features=None) -> float:
     """MAUVE of samples against reference text, features from the offline sentence encoder
-    (``reference_features``: the references' embeddings when already computed)."""
+    (``reference_features``: the references' embeddings when already computed).
+
+    MAUVE quantizes both sets together into ~n/10 k-means clusters (n the smaller set): it resolves
+    distributions only with tens of points per cluster, so compare sets of hundreds of texts."""
     import mauve
 
     from models.embed import embed

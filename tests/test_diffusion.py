@@ -315,11 +315,23 @@ def test_diversity_and_memorisation():
     assert 0 < m["train_4grams"] < 1
 
 
-def test_mauve_separates_matching_from_different_text():
-    same = [f"Person {i} is a painter in Town {i}." for i in range(40)]
-    other = [f"The {i} th recipe uses flour and {i} eggs." for i in range(40)]
-    close = [f"Person {i + 100} is a painter in Town {i + 50}." for i in range(40)]
-    assert ld.mauve_score(close, same) > ld.mauve_score(other, same)
+def _people(rng, n):
+    jobs = ["painter", "baker", "pilot", "chemist", "poet", "farmer", "lawyer", "nurse"]
+    towns = ["Ashford", "Brill", "Cobham", "Dunmore", "Elston", "Fenwick", "Garth", "Hale"]
+    return [f"{rng.choice(['Anna', 'Ben', 'Cara', 'Dev', 'Eli'])} {rng.choice(['Moss', 'Reed', 'Lane'])} is a "
+            f"{rng.choice(jobs)} in {rng.choice(towns)}, born in {rng.randint(1900, 1999)}." for _ in range(n)]
+
+
+def test_mauve_is_high_for_the_same_distribution_and_floor_for_unrelated_text():
+    # what MAUVE resolves whatever clusters k-means finds on this CPU: two draws of one distribution share
+    # every cluster (high), unrelated text shares none (the floor); 100 points per side, 10 clusters
+    import random
+
+    rng = random.Random(0)
+    references, same = _people(rng, 100), _people(rng, 100)
+    other = [f"The {i}th recipe uses flour, {i % 7 + 1} eggs and a pinch of salt." for i in range(100)]
+    matching, unrelated = ld.mauve_score(same, references), ld.mauve_score(other, references)
+    assert matching > 0.5 > 0.1 > unrelated
 
 
 # ----------------------------------------------------------------------------- CLI
