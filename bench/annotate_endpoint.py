@@ -29,7 +29,7 @@ from openai.types.chat import ChatCompletion  # noqa: E402
 from openai_server import knowledge_script, sample_documents, serve_in_subprocess  # noqa: E402
 
 from schemas.configs import AnnotatorConfig, EndpointConfig  # noqa: E402
-from tasks.annotate import Document  # noqa: E402
+from schemas.documents import Document  # noqa: E402
 from tasks.annotate_openai import OpenAIAnnotator, few_shot_messages, load_prompt, response_format  # noqa: E402
 
 MODEL = "loopback-model"

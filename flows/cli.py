@@ -13,10 +13,10 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-DEFAULT_DB = os.environ.get("LMLM_WAREHOUSE", "out/demo/warehouse.duckdb")
-
-
-from schemas.errors import UserInputError as UserError
+from flows.cli_config import DEFAULT_DB, load_config_file, validated, with_overrides  # noqa: E402
+from flows.diffusion_cli import add_diffusion_commands  # noqa: E402
+from flows.lmlm_cli import add_lmlm_commands  # noqa: E402
+from schemas.errors import UserInputError as UserError  # noqa: E402
 
 
 def synthetic_config_for_docs(n_docs: int, seed: int = 0):
@@ -29,50 +29,11 @@ def synthetic_config_for_docs(n_docs: int, seed: int = 0):
                                  n_no_fact_docs=max(0, n_docs - people - orgs - cities), seed=seed)
 
 
-def _load_config(path: str | None, model):
-    if not path:
-        return {}
-    try:
-        with open(path) as f:
-            data = json.load(f) if path.endswith(".json") else __import__("yaml").safe_load(f)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read config {path}: {exc} (give a JSON or YAML file of {model.__name__} fields)")
-    return data or {}
-
-
-def with_overrides(data: dict, overrides: dict) -> dict:
-    """``data`` (a loaded config) with each override that is not None set at its dotted key ("a.b.c"): command-line
-    flags win over the config file; a missing or null section on the way becomes a dict. Returns ``data``."""
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        *sections, field = key.split(".")
-        node = data
-        for name in sections:
-            if not isinstance(node.get(name), dict):
-                node[name] = {}
-            node = node[name]
-        node[field] = value
-    return data
-
-
-def validated(model, data: dict, what: str = "config", hint: str = ""):
-    """``model(**data)``, or one error line naming the first invalid field (and ``hint``, how to fix it)."""
-    from pydantic import ValidationError
-
-    try:
-        return model(**data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise UserError(f"invalid {what}: {'.'.join(map(str, err['loc'])) or '(top level)'}: {err['msg']}"
-                        + (f" ({hint})" if hint else "")) from None
-
-
 def cmd_run(args) -> None:
     from flows.corpus import corpus_processing
     from schemas.configs import CorpusFlowConfig
 
-    data = with_overrides(_load_config(args.config, CorpusFlowConfig), {
+    data = with_overrides(load_config_file(args.config, CorpusFlowConfig), {
         "workdir": args.workdir or None, "corpus": args.corpus or None,
         "synthetic": synthetic_config_for_docs(args.docs, args.seed).model_dump() if args.docs else None,
         "validation.enabled": False if args.no_validate else None})
@@ -101,7 +62,7 @@ def cmd_seed(args) -> None:
     from flows.seed import seed_annotation
     from schemas.configs import SeedFlowConfig
 
-    data = _load_config(args.config, SeedFlowConfig)
+    data = load_config_file(args.config, SeedFlowConfig)
     if args.shards:
         data["document_shards"] = args.shards
     if args.workdir:
@@ -135,12 +96,13 @@ def cmd_generate_corpus(args) -> None:
 def cmd_ingest(args) -> None:
     import uuid
 
+    from flows.runners import process_pool
     from schemas.configs import IngestConfig
     from tasks.ingest import ingest_corpus
 
     report = ingest_corpus(
         IngestConfig(inputs=args.inputs, output=args.out, shard_docs=args.shard_docs, workers=args.workers),
-        run_id=str(uuid.uuid4()),
+        run_id=str(uuid.uuid4()), runner=process_pool(args.workers),
     )
     print(json.dumps(report.model_dump(exclude={"document_shards", "quarantine_shards"}), indent=2))
 
@@ -226,7 +188,7 @@ def cmd_wh_edit(args) -> None:
 def cmd_serve(args) -> None:
     from flows.serve import ServeConfig, serve
 
-    data = _load_config(args.config, ServeConfig)
+    data = load_config_file(args.config, ServeConfig)
     if args.workdir:
         data["workdir"] = args.workdir
     if args.corpus_cron is not None:
@@ -315,7 +277,7 @@ def cmd_pipeline(args) -> None:
     """``lmlm run`` with the small-annotator stages: seed -> fine-tune -> bulk annotation -> warehouse."""
     from schemas.configs import CorpusFlowConfig
 
-    data = _load_config(args.config, CorpusFlowConfig)
+    data = load_config_file(args.config, CorpusFlowConfig)
     data.setdefault("small_annotator", {})["enabled"] = True
     if args.finetune_budget_s:
         data["small_annotator"].setdefault("finetune", {}).setdefault("time_budget_s", args.finetune_budget_s)
@@ -333,7 +295,7 @@ def cmd_annotator_finetune(args) -> None:
     from flows.annotator import annotator_finetune
     from schemas.configs import FinetuneFlowConfig
 
-    data = _load_config(args.config, FinetuneFlowConfig)
+    data = load_config_file(args.config, FinetuneFlowConfig)
     data.update(workdir=args.workdir or data.get("workdir", "out"), seed_shards=args.seed_shards)
     if args.base:
         data.setdefault("finetune", {})["base"] = args.base
@@ -352,7 +314,7 @@ def cmd_annotator_bulk(args) -> None:
     from flows.annotator import bulk_annotation
     from schemas.configs import BulkFlowConfig
 
-    data = _load_config(args.config, BulkFlowConfig)
+    data = load_config_file(args.config, BulkFlowConfig)
     data.update(workdir=args.workdir or data.get("workdir", "out"), document_shards=args.shards)
     bulk = data.setdefault("bulk", {})
     for key in ("backend", "checkpoint", "server_command"):
@@ -496,8 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--user")
     al.set_defaults(func=cmd_wh_alias)
     add_annotator_commands(sub)
-    __import__("flows.lmlm_cli", fromlist=["add_lmlm_commands"]).add_lmlm_commands(sub)
-    __import__("flows.diffusion_cli", fromlist=["add_diffusion_commands"]).add_diffusion_commands(sub)
+    add_lmlm_commands(sub)
+    add_diffusion_commands(sub)
     return p
 
 

@@ -15,16 +15,24 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from flows.annotator import bulk_stage, finetune_stage
 from flows.artifacts import bar_chart_png, publish_links, publish_png, publish_table
 from flows.runners import map_over_shards
-from flows.seed import publish_validation, run_seed_stage
+from flows.seed import publish_validation, seed_stage
+from flows.stages import (
+    generate_corpus_task,
+    ingest_task,
+    load_warehouse_task,
+    profile_document_shard_task,
+    validate_annotations_task,
+    validate_documents_task,
+    validate_warehouse_task,
+)
 from schemas.configs import CorpusFlowConfig, IngestConfig
-from tasks.ingest import ingest_task
-from tasks.load import code_version, load_warehouse_task
-from tasks.profile import merge_profiles, profile_document_shard_task
+from schemas.reports import CorpusRunReport, RunRecord, SkippedValidation, WarehouseLoad
+from tasks.load import code_version
+from tasks.profile import merge_profiles
 from tasks.shardio import list_files
-from tasks.synthetic import generate_corpus_task
-from tasks.validate import validate_documents_task, validate_warehouse_task
 from warehouse import db
 
 
@@ -39,18 +47,13 @@ def _stage(timings: dict, name: str):
 def corpus_processing(config: CorpusFlowConfig = CorpusFlowConfig()) -> dict:
     """Turn a corpus (or the synthetic default) into validated shards and a loaded DuckDB warehouse."""
     logger = get_run_logger()
-    run_id = str(flow_run.id or uuid.uuid4())
     workdir = config.workdir
     Path(workdir).mkdir(parents=True, exist_ok=True)
     warehouse_path = config.warehouse_path or os.path.join(workdir, "warehouse.duckdb")
-    timings: dict[str, float] = {}
-    report: dict = {
-        "run_id": run_id,
-        "started_at": datetime.now(timezone.utc).isoformat(),
-        "code_version": code_version(),
-        "workdir": os.path.abspath(workdir),
-        "warehouse": os.path.abspath(warehouse_path),
-    }
+    report = CorpusRunReport(run_id=str(flow_run.id or uuid.uuid4()), started_at=datetime.now(timezone.utc).isoformat(),
+                             code_version=code_version(), workdir=os.path.abspath(workdir),
+                             warehouse=os.path.abspath(warehouse_path))
+    run_id, timings, validations = report.run_id, report.timings_s, report.validation
 
     ground_truth = None
     with _stage(timings, "corpus"):
@@ -59,17 +62,14 @@ def corpus_processing(config: CorpusFlowConfig = CorpusFlowConfig()) -> dict:
         else:
             corpus = generate_corpus_task(config.synthetic, os.path.join(workdir, "synthetic"))
             inputs, ground_truth = corpus.corpus_files, corpus.ground_truth_dir
-            report["synthetic"] = corpus.model_dump(exclude={"corpus_files"})
+            report.synthetic = corpus.model_dump(exclude={"corpus_files"})
     logger.info("corpus: %d input location(s)", len(inputs))
 
     shards_dir = os.path.join(workdir, "shards")
     with _stage(timings, "ingest"):
-        ingest = ingest_task(
+        report.ingest = ingest = ingest_task(
             IngestConfig(inputs=inputs, output=shards_dir, shard_docs=config.ingest_shard_docs,
-                         workers=config.ingest_workers),
-            run_id,
-        )
-    report["ingest"] = ingest.model_dump()
+                         workers=config.ingest_workers), run_id)
     doc_shards = list_files(os.path.join(shards_dir, "documents"), (".parquet",))
     logger.info("ingest: %d read, %d written, %d duplicates, %d quarantined",
                 ingest.docs_read, ingest.docs_written, ingest.duplicates, ingest.quarantined)
@@ -77,33 +77,26 @@ def corpus_processing(config: CorpusFlowConfig = CorpusFlowConfig()) -> dict:
     with _stage(timings, "profile"):  # the sharded stage: runs on the configured task runner (threads, Dask, Ray)
         profiles = map_over_shards(profile_document_shard_task, doc_shards, config.task_runner,
                                    name="profile-document-shards")
-    report["profile"] = {**merge_profiles(profiles), "task_runner": config.task_runner.kind,
-                         "per_shard": profiles}
+    report.profile = merge_profiles(profiles, config.task_runner.kind)
 
-    validations = report.setdefault("validation", {})
     if config.validation.enabled:
         with _stage(timings, "validate_documents"):
-            v = validate_documents_task(doc_shards)
-        validations["documents"] = v.model_dump()
-        publish_validation(v, config.validation.fail_flow)
+            validations["documents"] = validate_documents_task(doc_shards)
+        publish_validation(validations["documents"], config.validation.fail_flow)
 
     small = config.small_annotator  # fine-tune + bulk stages: the seed is then a sample of the corpus
     seed_cfg = config.seed
     if small.enabled and seed_cfg.sample_docs is None:
         seed_cfg = seed_cfg.model_copy(update={"sample_docs": small.seed_docs})
     with _stage(timings, "seed_annotation"):
-        seed = run_seed_stage(doc_shards, seed_cfg, workdir, run_id, ground_truth, config.validation,
-                              warehouse_path, config.warehouse_wait_s)
-    relation_aliases, entity_aliases = seed.pop("relation_aliases"), seed.pop("entity_aliases")
-    validations["annotations"] = seed.pop("validation", None) or {"success": True, "skipped": True}
-    report["seed_annotation"] = seed
-    annotated_shards, triplet_shards = [seed["annotated_shard"]], [seed["triplet_shard"]]
+        report.seed_annotation = seed = seed_stage(doc_shards, seed_cfg, workdir, run_id, ground_truth,
+                                                   config.validation, warehouse_path, config.warehouse_wait_s)
+    validations["annotations"] = seed.validation or SkippedValidation()
+    annotated_shards, triplet_shards = [seed.annotated_shard], [seed.triplet_shard]
 
     if small.enabled:
-        from flows.annotator import run_bulk_stage, run_finetune_stage
-
         with _stage(timings, "finetune"):
-            report["finetune"] = run_finetune_stage([seed["annotated_shard"]], small.finetune, workdir)
+            report.finetune = finetune_stage([seed.annotated_shard], small.finetune, workdir)
         bulk_cfg = small.bulk
         if bulk_cfg.corrector is None and config.seed.corrector is not None:
             # the seed's filters (density, entity in value, placement, ...) guard the small annotator's output
@@ -111,44 +104,36 @@ def corpus_processing(config: CorpusFlowConfig = CorpusFlowConfig()) -> dict:
             bulk_cfg = bulk_cfg.model_copy(update={"corrector": config.seed.corrector.model_copy(
                 update={"unify_relations": False, "unify_entities": False})})
         with _stage(timings, "bulk_annotation"):
-            bulk = run_bulk_stage(doc_shards, bulk_cfg, small.bulk.checkpoint or report["finetune"]["checkpoint"],
-                                  workdir, run_id, ground_truth, exclude_from_scoring=[seed["annotated_shard"]])
-        report["bulk_annotation"] = bulk
+            report.bulk_annotation = bulk = bulk_stage(
+                doc_shards, bulk_cfg, small.bulk.checkpoint or report.finetune.checkpoint, workdir, run_id,
+                ground_truth, exclude_from_scoring=[seed.annotated_shard])
         # the warehouse keeps both annotators' output (keyed by annotator and version): the strong annotator's
         # for the seed documents, the small one's for every document; the training shards are the bulk ones
-        annotated_shards, triplet_shards = bulk["annotated_shards"], bulk["triplet_shards"]
+        annotated_shards, triplet_shards = bulk.annotated_shards, bulk.triplet_shards
         if config.validation.enabled:
-            from tasks.validate import validate_annotations_task
-
             with _stage(timings, "validate_bulk_annotations"):
-                v = validate_annotations_task(annotated_shards, triplet_shards, None,
-                                              config.validation.max_calls_per_100_words)
-            validations["bulk_annotations"] = v.model_dump()
-            publish_validation(v, config.validation.fail_flow)
+                validations["bulk_annotations"] = validate_annotations_task(
+                    annotated_shards, triplet_shards, None, config.validation.max_calls_per_100_words)
+            publish_validation(validations["bulk_annotations"], config.validation.fail_flow)
 
     with _stage(timings, "warehouse_load"):
-        seed_shards = ([seed["annotated_shard"]], [seed["triplet_shard"]]) if small.enabled else ([], [])
-        loaded = load_warehouse_task(
-            warehouse_path, run_id, doc_shards, seed_shards[0] + annotated_shards, seed_shards[1] + triplet_shards,
-            flow="corpus-processing", config=config.model_dump(), inputs=inputs,
-            relation_aliases=relation_aliases, entity_aliases=entity_aliases, wait_s=config.warehouse_wait_s,
-        )
-    report["warehouse_load"] = loaded
+        seed_shards = ([seed.annotated_shard], [seed.triplet_shard]) if small.enabled else ([], [])
+        report.warehouse_load = load_warehouse_task(warehouse_path, WarehouseLoad(
+            run=RunRecord(run_id=run_id, flow="corpus-processing", config=config.model_dump(), inputs=inputs),
+            documents=doc_shards, annotated=seed_shards[0] + annotated_shards, triplets=seed_shards[1] + triplet_shards,
+            relation_aliases=seed.relation_aliases, entity_aliases=seed.entity_aliases), config.warehouse_wait_s)
 
     if config.validation.enabled:
         with _stage(timings, "validate_warehouse"):
-            v = validate_warehouse_task(warehouse_path)
-        validations["warehouse"] = v.model_dump()
-        publish_validation(v, config.validation.fail_flow)
+            validations["warehouse"] = validate_warehouse_task(warehouse_path)
+        publish_validation(validations["warehouse"], config.validation.fail_flow)
 
-    report["relations"] = relation_histogram(warehouse_path, config.warehouse_wait_s)
-    report["timings_s"] = timings
-    report["finished_at"] = datetime.now(timezone.utc).isoformat()
-    report["shards"] = {"documents": os.path.abspath(os.path.join(shards_dir, "documents")),
-                        "annotated": os.path.abspath(os.path.dirname(annotated_shards[0])),
-                        "triplets": os.path.abspath(os.path.dirname(triplet_shards[0]))}
-    _publish_report(report, workdir)
-    return report
+    report.relations = relation_histogram(warehouse_path, config.warehouse_wait_s)
+    report.finished_at = datetime.now(timezone.utc).isoformat()
+    report.shards = {"documents": os.path.abspath(os.path.join(shards_dir, "documents")),
+                     "annotated": os.path.abspath(os.path.dirname(annotated_shards[0])),
+                     "triplets": os.path.abspath(os.path.dirname(triplet_shards[0]))}
+    return _publish_report(report, workdir)
 
 
 def relation_histogram(warehouse_path: str, wait_s: float) -> dict[str, int]:
@@ -162,40 +147,39 @@ def relation_histogram(warehouse_path: str, wait_s: float) -> dict[str, int]:
     return dict(rows)
 
 
-def _publish_report(report: dict, workdir: str) -> None:
-    """report.json beside the outputs, plus markdown and table artifacts in Prefect."""
+def _publish_report(report: CorpusRunReport, workdir: str) -> dict:
+    """report.json beside the outputs, plus markdown and table artifacts in Prefect; returns the JSON report."""
     path = os.path.join(workdir, "report.json")
-    Path(path).write_text(json.dumps(report, indent=2, default=str))
-    ing, seed, wh = report["ingest"], report["seed_annotation"], report["warehouse_load"]
-    quality = seed.get("quality_vs_gold")
+    data = report.to_json_dict()
+    Path(path).write_text(json.dumps(data, indent=2, default=str))
+    ing, seed, wh, ft, bulk = (report.ingest, report.seed_annotation, report.warehouse_load, report.finetune,
+                               report.bulk_annotation)
+    timings, quality = report.timings_s, seed.quality_vs_gold
     rows = [
-        {"stage": "ingest", "in": ing["docs_read"], "out": ing["docs_written"],
-         "dropped": f"{ing['duplicates']} duplicates, {ing['quarantined']} quarantined",
-         "seconds": report["timings_s"].get("ingest")},
-        {"stage": "seed_annotation", "in": seed["docs"], "out": seed["annotated"],
-         "dropped": f"{seed['failed']} failed, {seed['rejected']} rejected by the corrector",
-         "seconds": report["timings_s"].get("seed_annotation")},
-        *([{"stage": "finetune", "in": report["finetune"]["train_docs"], "out": report["finetune"]["parameters"],
-            "dropped": f"held-out F1 {report['finetune']['holdout_quality'].get('f1', float('nan')):.3f}",
-            "seconds": report["timings_s"].get("finetune")},
-           {"stage": "bulk_annotation", "in": report["bulk_annotation"]["docs"],
-            "out": report["bulk_annotation"]["annotated"], "dropped": f"{report['bulk_annotation']['failed']} failed",
-            "seconds": report["timings_s"].get("bulk_annotation")}] if "bulk_annotation" in report else []),
-        {"stage": "warehouse_load", "in": report.get("bulk_annotation", seed)["calls"], "out": wh.get("facts"),
-         "dropped": "", "seconds": report["timings_s"].get("warehouse_load")},
+        {"stage": "ingest", "in": ing.docs_read, "out": ing.docs_written,
+         "dropped": f"{ing.duplicates} duplicates, {ing.quarantined} quarantined", "seconds": timings.get("ingest")},
+        {"stage": "seed_annotation", "in": seed.docs, "out": seed.annotated,
+         "dropped": f"{seed.failed} failed, {seed.rejected} rejected by the corrector",
+         "seconds": timings.get("seed_annotation")},
+        *([{"stage": "finetune", "in": ft.train_docs, "out": ft.parameters,
+            "dropped": f"held-out F1 {ft.holdout_quality.get('f1', float('nan')):.3f}", "seconds": timings.get("finetune")},
+           {"stage": "bulk_annotation", "in": bulk.docs, "out": bulk.annotated, "dropped": f"{bulk.failed} failed",
+            "seconds": timings.get("bulk_annotation")}] if bulk is not None else []),
+        {"stage": "warehouse_load", "in": (bulk or seed).calls, "out": wh.facts, "dropped": "",
+         "seconds": timings.get("warehouse_load")},
     ]
     create_table_artifact(rows, key="corpus-stage-counts", description="Per-stage counts and timings")
-    quarantine = ing.get("quarantine_reasons") or {}
+    quarantine = ing.quarantine_reasons
     md = [
-        f"# Corpus processing `{report['run_id']}`",
+        f"# Corpus processing `{report.run_id}`",
         "",
-        f"- warehouse: `{report['warehouse']}` ({wh.get('facts')} facts, {wh.get('triplets')} triplets)",
-        f"- document shards: `{report['shards']['documents']}`",
-        f"- annotated shards: `{report['shards']['annotated']}`",
+        f"- warehouse: `{report.warehouse}` ({wh.facts} facts, {wh.triplets} triplets)",
+        f"- document shards: `{report.shards['documents']}`",
+        f"- annotated shards: `{report.shards['annotated']}`",
         f"- report: `{os.path.abspath(path)}`",
         "",
         "| stage | seconds |", "|---|---|",
-        *[f"| {k} | {v} |" for k, v in report["timings_s"].items()],
+        *[f"| {k} | {v} |" for k, v in timings.items()],
         "",
         "| quarantine reason | count |", "|---|---|",
         *([f"| {k} | {v} |" for k, v in quarantine.items()] or ["| (none) | 0 |"]),
@@ -203,24 +187,24 @@ def _publish_report(report: dict, workdir: str) -> None:
         *([f"- seed annotation vs gold: triplet P {quality['precision']:.3f} R {quality['recall']:.3f}, "
             f"span P {quality['span_precision']:.3f} R {quality['span_recall']:.3f}", ""] if quality else []),
         "| validation suite | success |", "|---|---|",
-        *[f"| {k} | {v['success']} |" for k, v in report.get("validation", {}).items()],
+        *[f"| {k} | {v.success} |" for k, v in report.validation.items()],
     ]
     create_markdown_artifact("\n".join(md), key="corpus-report", description="Corpus processing report")
     publish_table([{"reason": k, "documents": v} for k, v in quarantine.items()], key="corpus-quarantine-reasons",
                   description="Documents quarantined at ingestion, by reason (raw bytes in quarantine/*.parquet)")
-    prof = report["profile"]
-    columns = ("shard", "documents", "words", "characters", "worker")
-    publish_table([{k: p[k] for k in columns} for p in prof["per_shard"]],
+    prof = report.profile
+    publish_table([p.model_dump(include={"shard", "documents", "words", "characters", "worker"}) for p in prof.per_shard],
                   key="corpus-document-shards",
-                  description=f"Document shards profiled on the {prof['task_runner']} task runner")
-    if report["relations"]:
-        publish_table([{"relation": r, "triplets": n} for r, n in report["relations"].items()],
+                  description=f"Document shards profiled on the {prof.task_runner} task runner")
+    if report.relations:
+        publish_table([{"relation": r, "triplets": n} for r, n in report.relations.items()],
                       key="corpus-relations", description="Triplets per canonical relation in the warehouse")
-        publish_png(bar_chart_png(report["relations"], "Triplets per relation (warehouse)", "triplets"),
+        publish_png(bar_chart_png(report.relations, "Triplets per relation (warehouse)", "triplets"),
                     key="corpus-relation-histogram", description="Triplets per canonical relation",
                     save_to=os.path.join(workdir, "plots", "relations.png"))
-    if prof["categories"]:
-        publish_png(bar_chart_png(prof["categories"], "Documents per category", "documents"),
+    if prof.categories:
+        publish_png(bar_chart_png(prof.categories, "Documents per category", "documents"),
                     key="corpus-categories", description="Ingested documents per category",
                     save_to=os.path.join(workdir, "plots", "categories.png"))
-    publish_links({"warehouse": report["warehouse"], **report["shards"], "report": path}, key="corpus-outputs")
+    publish_links({"warehouse": report.warehouse, **report.shards, "report": path}, key="corpus-outputs")
+    return data

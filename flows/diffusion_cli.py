@@ -3,14 +3,13 @@ flows/diffusion.py so that building the parser imports neither Prefect nor torch
 
 from __future__ import annotations
 
+from flows.cli_config import load_config_file, validated, with_overrides
 from schemas.diffusion_configs import LatentDiffusionFlowConfig
 from schemas.errors import UserInputError
 
 
 def _config_from_args(args) -> LatentDiffusionFlowConfig:
-    from flows.cli import _load_config, validated, with_overrides
-
-    data = with_overrides(_load_config(args.config, LatentDiffusionFlowConfig), {
+    data = with_overrides(load_config_file(args.config, LatentDiffusionFlowConfig), {
         "workdir": args.workdir or None, "document_shards": args.shards, "threads": args.threads or None, "device": args.device,
         "autoencoder.train.steps": args.ae_steps, "diffusion.train.steps": args.diffusion_steps,
         "evaluation.reference_lm": args.reference_lm})

@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.artifacts import publish_links, publish_png, publish_table
+from flows.stages import pretrain_process, pretrain_variant
 from schemas.errors import UserInputError
 from schemas.lmlm_configs import EvaluationConfig, LMLMFlowConfig
 from tasks.shardio import list_files
-
-PROJECT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -78,49 +74,6 @@ def ground_truth_of(config: LMLMFlowConfig) -> str | None:
 
 
 # ----------------------------------------------------------------------------- pretraining
-
-
-@task(name="pretrain-in-process", cache_policy=NO_CACHE)
-def pretrain_process(cfg_json: str, shards: list[str], out: str, variant: str, threads: int) -> dict:
-    """One variant trained by ``python -m tasks.pretrain`` in a process of its own with ``threads`` CPU
-    threads (so two variants train at once without sharing an interpreter); returns its report."""
-    os.makedirs(out, exist_ok=True)
-    config_path = os.path.join(out, "pretrain-config.json")
-    Path(config_path).write_text(cfg_json)
-    log_path = os.path.join(out, "train.log")
-    # the project importable from any working directory; relative paths stay relative to the caller's
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "tasks.pretrain", "--variant", variant, "--out", out, "--config", config_path, *shards]
-    logger = get_run_logger()
-    logger.info("%s: %s (log %s)", variant, " ".join(cmd[:7]), log_path)
-    lines = []
-    with open(log_path, "a") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                                      text=True, errors="replace") as proc:
-        for line in proc.stdout:  # progress in the run log (and the CLI), everything in train.log
-            log.write(line)
-            log.flush()  # readable with tail -f while training
-            lines.append(line.rstrip("\n"))
-            if " step " in line or "pretrain" in line:
-                logger.info("%s: %s", variant, line.rstrip().split(" ", 2)[-1])
-    if proc.returncode != 0:
-        error = next((ln for ln in reversed(lines) if ln.startswith("pretrain: error:")), None)
-        if error:
-            raise UserInputError(f"{variant}: {error.removeprefix('pretrain: error: ')}")
-        raise RuntimeError(f"pretraining {variant} failed (exit {proc.returncode}); last lines of {log_path}:\n"
-                           + "\n".join(lines[-20:]))
-    return json.loads(Path(out, "report.json").read_text())
-
-
-@task(name="pretrain-variant", cache_policy=NO_CACHE)
-def pretrain_variant(cfg, shards: list[str], out: str, variant: str, threads: int) -> dict:
-    """One variant trained in this process (with ``threads`` torch threads)."""
-    import torch
-
-    from tasks.pretrain import pretrain
-
-    torch.set_num_threads(threads)
-    return pretrain(cfg, shards, out, variant).model_dump()
 
 
 @flow(name="lmlm-pretraining", task_runner=ThreadPoolTaskRunner(max_workers=2))
@@ -188,7 +141,8 @@ def lmlm_evaluation(config: LMLMFlowConfig = LMLMFlowConfig()) -> dict:
     lookups), FActScore of bios, cloze probes, edits and unlearning, and an LLM judge when configured."""
     import torch
 
-    from tasks.evaluate_lmlm import cloze_probes, comparison_rows, evaluate_variant_task, load_ground_truth, sample_people
+    from flows.stages import evaluate_variant_task
+    from tasks.evaluate_lmlm import cloze_probes, comparison_rows, load_ground_truth, sample_people
     from tasks.pretrain import holdout_texts, is_holdout
 
     logger = get_run_logger()

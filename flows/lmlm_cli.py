@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 
+from flows.cli_config import DEFAULT_DB, load_config_file, validated
 from schemas.errors import UserInputError
 from schemas.lmlm_configs import LMLMFlowConfig
 
@@ -22,9 +23,7 @@ def format_comparison(rows: list[dict], variants: list[str]) -> str:
 
 
 def _flow_config(args) -> LMLMFlowConfig:
-    from flows.cli import _load_config, validated
-
-    data = _load_config(getattr(args, "config", None), LMLMFlowConfig)
+    data = load_config_file(getattr(args, "config", None), LMLMFlowConfig)
     if args.workdir:
         data["workdir"] = args.workdir
     if getattr(args, "out_dir", None):
@@ -126,8 +125,6 @@ def cmd_generate(args) -> None:
 
 def add_lmlm_commands(sub) -> None:
     """``lmlm generate`` and ``lmlm lmlm {pretrain,evaluate,demo}``."""
-    from flows.cli import DEFAULT_DB
-
     g = sub.add_parser("generate", help="generate from an LMLM checkpoint, answering its lookups from the database")
     g.add_argument("prompts", nargs="*", help="prompts (or --file)")
     g.add_argument("--model", required=True, help="checkpoint folder, or a training folder (its newest checkpoint)")

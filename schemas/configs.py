@@ -37,10 +37,6 @@ class IngestConfig(BaseModel):
     batch_bytes: int = Field(16 << 20, ge=1 << 16, description="bytes read per batch (bounds memory)")
 
 
-class WarehouseConfig(BaseModel):
-    path: str = Field("out/warehouse.duckdb", description="the DuckDB file (local path)")
-
-
 class TaskRunnerConfig(BaseModel):
     """Where a flow's sharded stages run: threads in the flow's process, or a Dask or Ray cluster."""
 

@@ -1,4 +1,4 @@
-"""pyarrow schemas of every shard kind, and the pydantic row models that mirror them.
+"""pyarrow schemas of every shard kind.
 
 Shards are zstd Parquet files and the source of truth; the warehouse is rebuilt from them.
 Character spans (``value_start``/``value_end``/``call_offset``) index the shard's ``text``
@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 
 import pyarrow as pa
-from pydantic import BaseModel, Field
 
 SHARD_COMPRESSION = "zstd"
 
@@ -75,6 +74,16 @@ TRIPLET_SCHEMA = pa.schema(
 )
 
 
+FAILURE_SCHEMA = pa.schema(  # documents an annotator failed on (retried next run) or the corrector rejected
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("annotator", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+
 def content_hash(text: str) -> str:
     """Stable content hash used for document ids and exact deduplication."""
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
@@ -86,59 +95,6 @@ def triplet_id(doc_id: str, call_offset: int, entity: str, relation: str, value:
     return hashlib.sha1(key.encode("utf-8")).hexdigest()
 
 
-class DocumentRow(BaseModel):
-    doc_id: str
-    text: str
-    content_hash: str
-    source: str | None = None
-    url: str | None = None
-    category: str | None = None
-    metadata: str | None = None
-    source_file: str
-    source_line: int
-    run_id: str
-
-
-class QuarantineRow(BaseModel):
-    source_file: str
-    source_line: int | None = None
-    reason: str
-    raw: bytes | None = None
-    run_id: str
-
-
-class AnnotatedRow(BaseModel):
-    doc_id: str
-    text: str
-    annotated_text: str
-    n_calls: int
-    text_version: int = 0
-    annotator: str
-    annotator_version: str
-    prompt_id: str | None = None
-    category: str | None = None
-    url: str | None = None
-    run_id: str
-
-
-class TripletRow(BaseModel):
-    triplet_id: str
-    doc_id: str
-    entity: str
-    relation: str
-    value: str
-    call_offset: int
-    value_start: int | None = None
-    value_end: int | None = None
-    source_url: str | None = None
-    annotator: str
-    annotator_version: str
-    prompt_id: str | None = None
-    run_id: str
-    confidence: float | None = Field(default=None, ge=0.0, le=1.0)
-
-
-def rows_to_table(rows: list[BaseModel] | list[dict], schema: pa.Schema) -> pa.Table:
-    """A table of the given schema from pydantic rows or dicts (missing fields become null)."""
-    dicts = [r.model_dump() if isinstance(r, BaseModel) else r for r in rows]
-    return pa.Table.from_pylist(dicts, schema=schema)
+def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """A table of the given schema from row dicts (missing fields become null)."""
+    return pa.Table.from_pylist(rows, schema=schema)

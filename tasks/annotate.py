@@ -1,7 +1,7 @@
-"""One annotator interface, several backends; and the shard-level annotation step every backend shares.
+"""The shard-level annotation step every annotator backend shares.
 
-An annotator takes documents and returns, per document, the annotated text in canonical markup
-(a pure insertion into the source text) or a failure with its reason. ``annotate_shard`` turns a
+An annotator (``schemas.documents.Annotator``) takes documents and returns, per document, the annotated
+text in canonical markup (a pure insertion into the source text) or a failure with its reason. ``annotate_shard`` turns a
 document shard into an annotated shard, a triplet shard and, when some documents failed, a failure
 shard that the next run retries.
 """
@@ -9,57 +9,14 @@ shard that the next run retries.
 from __future__ import annotations
 
 import posixpath
-from typing import Protocol
 
 import pyarrow as pa
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
 from schemas import markup
-from schemas.shards import (
-    ANNOTATED_SCHEMA,
-    TRIPLET_SCHEMA,
-    triplet_id,
-)
+from schemas.documents import Annotation, Annotator, Document
+from schemas.reports import ShardAnnotationReport
+from schemas.shards import ANNOTATED_SCHEMA, FAILURE_SCHEMA, TRIPLET_SCHEMA, triplet_id
 from tasks.shardio import fs_and_path, read_table, write_table_atomic
-
-FAILURE_SCHEMA = pa.schema(
-    [
-        pa.field("doc_id", pa.string(), nullable=False),
-        pa.field("reason", pa.string(), nullable=False),
-        pa.field("annotator", pa.string(), nullable=False),
-        pa.field("run_id", pa.string(), nullable=False),
-    ]
-)
-
-
-class Document(BaseModel):
-    doc_id: str
-    text: str  # escaped source text, as in document shards
-    category: str | None = None
-    url: str | None = None
-
-
-class Annotation(BaseModel):
-    """An annotator's answer for one document: annotated text, or a failure with its reason."""
-
-    doc_id: str
-    annotated_text: str | None = None  # canonical markup; strip(annotated_text) == document text
-    error: str | None = None
-    confidences: list[float] | None = None  # per call, in order, when the backend gives them
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class Annotator(Protocol):
-    name: str
-    version: str
-    prompt_id: str | None
-
-    def annotate(self, docs: list[Document]) -> list[Annotation]:
-        """One Annotation per document, same order; never raises for a single bad document."""
-        ...
 
 
 def triplet_rows(doc: Document, ann: markup.Annotated, annotator: Annotator, run_id: str,
@@ -93,26 +50,6 @@ def read_documents(shard: str, doc_ids: set[str] | None = None) -> list[Document
     t = read_table(shard, columns=["doc_id", "text", "category", "url"])
     docs = [Document(**r) for r in t.to_pylist()]
     return [d for d in docs if doc_ids is None or d.doc_id in doc_ids]
-
-
-class ShardAnnotationReport(BaseModel):
-    """What annotating one document shard did; nothing is dropped without a count and a reason."""
-
-    shard: str
-    skipped: bool = False  # outputs already complete for this input and annotator version
-    docs: int = 0
-    annotated: int = 0
-    failed: int = 0  # annotator errors: recorded in failures/, retried on the next run
-    rejected: int = 0  # dropped by the corrector (e.g. density), recorded in rejected/ with the reason
-    repaired: int = 0  # outputs whose stripped text drifted from the source and were realigned
-    calls: int = 0
-    failure_reasons: dict[str, int] = {}
-    corrector_counts: dict[str, dict[str, int]] = {}
-    relation_aliases: list[dict] = []
-    entity_aliases: list[dict] = []
-    seconds: float = 0.0
-    annotated_shard: str | None = None
-    triplet_shard: str | None = None
 
 
 def to_annotated(doc: Document, annotation: Annotation) -> tuple[markup.Annotated | None, str | None, bool]:
@@ -241,7 +178,3 @@ def finished_shards(out_dir: str) -> tuple[list[str], list[str]]:
     tri = {posixpath.basename(p): p for p in list_files(posixpath.join(out_dir, "triplets"), (".parquet",))}
     pairs = [(a, tri[posixpath.basename(a)]) for a in ann if posixpath.basename(a) in tri]
     return [a for a, _ in pairs], [t for _, t in pairs]
-
-
-# annotators are live objects (clients, caches): Prefect must not try to hash them as cache keys
-annotate_shard_task = task(annotate_shard, name="annotate-shard", cache_policy=NO_CACHE)

@@ -26,7 +26,7 @@ from schemas import markup
 from schemas.errors import UserInputError
 from schemas.shards import content_hash
 from tasks.align import Fact, place_facts, realign
-from tasks.annotate import Annotation, Document
+from schemas.documents import Annotation, Document
 
 KB_COLUMNS = ("entity", "relation", "value")
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")

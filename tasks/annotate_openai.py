@@ -16,9 +16,9 @@ and is never logged, stored, or put into an error message.
 
 from __future__ import annotations
 
+import logging
 import asyncio
 import concurrent.futures
-import contextlib
 import contextvars
 import email.utils
 import hashlib
@@ -39,8 +39,10 @@ from schemas import markup
 from schemas.configs import AnnotatorConfig, EndpointConfig
 from schemas.errors import UserInputError
 from tasks.align import Fact, place_facts, realign
-from tasks.annotate import Annotation, Document
-from tasks.logs import run_logger
+from schemas.documents import Annotation, Document
+from tasks.concurrency import shared_slot
+
+logger = logging.getLogger(f"lmlm.{__name__}")  # flows/ attach the lmlm logger to Prefect's run log
 
 MODES = ("json_schema", "json_object", "inline")  # downgrade order: each falls back to the next
 RETRYABLE_STATUS = {408, 409, 429}  # plus every 5xx
@@ -301,25 +303,6 @@ def _rejects_response_format(exc: openai.APIStatusError) -> bool:
     return exc.status_code in (400, 422) and any(w in text for w in ("response_format", "json_schema", "json_object"))
 
 
-def global_slot(limit: str | None):
-    """One slot of the Prefect global concurrency limit ``limit``, shared by every flow run on the server.
-
-    Only inside a Prefect flow or task run (outside one no other run competes, and there may be no
-    server); a limit that does not exist on the server is a logged warning, not a failure (``lmlm
-    serve`` creates it).
-    """
-    if not limit:
-        return contextlib.nullcontext()
-    try:
-        from prefect.concurrency.asyncio import concurrency
-        from prefect.context import FlowRunContext, TaskRunContext
-    except ImportError:
-        return contextlib.nullcontext()
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:
-        return contextlib.nullcontext()
-    return concurrency(limit, occupy=1, strict=False)
-
-
 class _Failure(Exception):
     """A document that ran out of attempts or hit a non-retryable answer; ``reason`` is its record."""
 
@@ -405,7 +388,7 @@ class OpenAIAnnotator:
         self.stats.documents += len(docs)
         done = [r for r in results if r is not None]
         now = self.stats
-        run_logger(__name__).info(
+        logger.info(
             "%s: %d documents, %d failed, %d from cache, %d requests, %d+%d tokens, ~$%.4f",
             self.name, len(docs), sum(r.error is not None for r in done), now.cache_hits - before.cache_hits,
             now.requests_sent - before.requests_sent, now.prompt_tokens - before.prompt_tokens,
@@ -452,7 +435,7 @@ class OpenAIAnnotator:
             try:
                 async with run.slots:
                     await run.limiter.acquire(estimate)
-                    async with global_slot(ep.global_limit):  # shared with every flow run, held only in flight
+                    async with shared_slot(ep.global_limit):  # shared with every flow run, held only in flight
                         self.stats.requests_sent += 1
                         # the client's generic post: same auth, timeout and errors as chat.completions.create,
                         # without re-validating our plain-JSON body (~10 ms of CPU a request with a few-shot prompt)
@@ -545,7 +528,7 @@ class OpenAIAnnotator:
         run.mode = MODES[MODES.index(rejected) + 1]
         self.stats.output_mode = run.mode
         self.stats.downgrades.append(f"{rejected} -> {run.mode}: {detail}")
-        run_logger(__name__).warning("%s: endpoint rejected response_format %s (%s); using %s for the rest of the run",
+        logger.warning("%s: endpoint rejected response_format %s (%s); using %s for the rest of the run",
                               self.name, rejected, detail, run.mode)
 
     def _backoff_s(self, attempt: int, retry_after: float | None, cause: str) -> float:

@@ -27,12 +27,12 @@ import time
 import urllib.error
 import urllib.request
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from schemas.configs import AnnotatorConfig, BulkAnnotationConfig
 from schemas.errors import UserInputError
-from tasks.annotate import Annotation, Document, ShardAnnotationReport, annotate_shard
+from schemas.documents import Annotation, Document
+from schemas.reports import BulkStageReport, ShardAnnotationReport
+from tasks.annotate import annotate_shard
 
 
 class TransformersAnnotator:
@@ -184,5 +184,31 @@ def bulk_annotate_shard(doc_shard: str, cfg: BulkAnnotationConfig, checkpoint: s
                           batch_docs=max(cfg.batch_size * 8, 64))
 
 
-bulk_annotate_shard_task = task(bulk_annotate_shard, name="bulk-annotate-shard", cache_policy=NO_CACHE,
-                                retries=1)
+
+def bulk_report(shard_reports: list[ShardAnnotationReport], cfg: BulkAnnotationConfig, checkpoint: str,
+                seconds: float, cache_dir: str) -> BulkStageReport:
+    """The bulk stage's totals over its shard reports; documents/s over the shards processed in this run.
+
+    With threads (no task runner), this process's annotator did the work: its decoding counters are
+    added as ``annotator_stats``."""
+    from dataclasses import asdict, is_dataclass
+
+    processed = [r for r in shard_reports if not r.skipped]
+    docs_processed = sum(r.docs for r in processed)
+    stats = None
+    if processed and cfg.task_runner is None:
+        got = build_bulk_annotator(cfg, checkpoint, cache_dir).stats
+        stats = asdict(got) if is_dataclass(got) else got.model_dump()
+    return BulkStageReport(
+        backend=cfg.backend, checkpoint=os.path.abspath(checkpoint), shards=len(shard_reports),
+        shards_processed=len(processed), shards_skipped=len(shard_reports) - len(processed),
+        docs=sum(r.docs for r in shard_reports), annotated=sum(r.annotated for r in shard_reports),
+        failed=sum(r.failed for r in shard_reports), rejected=sum(r.rejected for r in shard_reports),
+        repaired=sum(r.repaired for r in shard_reports), calls=sum(r.calls for r in shard_reports),
+        seconds=round(seconds, 3),
+        docs_per_s=round(docs_processed / max(sum(r.seconds for r in processed), 1e-9), 3) if processed else None,
+        annotated_shards=[r.annotated_shard for r in shard_reports],
+        triplet_shards=[r.triplet_shard for r in shard_reports],
+        per_shard=[r.model_dump(include={"shard", "skipped", "docs", "annotated", "failed", "repaired", "calls",
+                                         "seconds"}) for r in shard_reports],
+        annotator_stats=stats)

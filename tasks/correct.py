@@ -45,7 +45,7 @@ from tasks.align import (
     surface_forms,
     value_mentions,
 )
-from tasks.annotate import Document
+from schemas.documents import Document
 
 STEPS = ("malformed", "unify_relations", "unify_entities", "entity_in_value", "relation_in_value",
          "future_references", "placement", "duplicates", "density", "fluency_rewrite")

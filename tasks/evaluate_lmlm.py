@@ -14,6 +14,7 @@ supported when the ground truth gives the subject that value for that relation.
 
 from __future__ import annotations
 
+import logging
 import json
 import math
 import os
@@ -26,8 +27,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from models.generate import GenerationResult, generate
@@ -35,8 +34,9 @@ from models.lmlm import Perplexity, normalized_perplexity
 from schemas.configs import EndpointConfig
 from schemas.errors import UserInputError
 from schemas.markup import DB_ENTITY, SPECIAL_TOKENS, Annotated, LookupCall, PlacedCall, parse, parse_lenient, render, strip
-from tasks.logs import run_logger
 from warehouse.lookup import UNKNOWN, name_words, normalize_key
+
+logger = logging.getLogger(f"lmlm.{__name__}")  # flows/ attach the lmlm logger to Prefect's run log
 
 # Cloze prompts in the corpus's own phrasing ("{S} was born on {Birth Date}."), the value cut off.
 CLOZE_TEMPLATES: dict[str, str] = {
@@ -520,7 +520,6 @@ def judge_report(records: list[dict], gt: GroundTruth, endpoint: EndpointConfig,
     client = openai.OpenAI(base_url=endpoint.base_url, api_key=api_key(endpoint), timeout=endpoint.timeout_s,
                            max_retries=endpoint.max_attempts - 1)
     per, failed = [], 0
-    log = run_logger(__name__)
     for rec in records:
         kwargs = {}
         if endpoint.structured_output != "inline":
@@ -540,7 +539,7 @@ def judge_report(records: list[dict], gt: GroundTruth, endpoint: EndpointConfig,
                                  "rejected; export a valid key") from None
         except openai.APIStatusError as exc:
             failed += 1
-            log.warning("judge: %s answered %s for %s", endpoint.base_url, exc.status_code, rec["entity"])
+            logger.warning("judge: %s answered %s for %s", endpoint.base_url, exc.status_code, rec["entity"])
             continue
         flags = parse_judgement(answer.choices[0].message.content)
         per.append(flags)
@@ -556,7 +555,6 @@ def evaluate_variant(variant: str, checkpoint: str, *, holdout_annotated: list[s
                      lookup_mode: str, gt: GroundTruth | None, people: list[str], probes: list[ClozeProbe],
                      edit_probes: list[ClozeProbe], warehouse_path: str | None, cfg) -> dict:
     """Every metric of one model (``cfg`` an EvaluationConfig); the standard model generates without lookups."""
-    log = run_logger(__name__)
     t0 = time.perf_counter()
     model, tokenizer = load_checkpoint(checkpoint)
     lookup = open_lookup(lookup_source, lookup_mode, tokenizer) if variant == "lmlm" and lookup_source else None
@@ -565,7 +563,7 @@ def evaluate_variant(variant: str, checkpoint: str, *, holdout_annotated: list[s
     s = time.perf_counter()
     report["perplexity"] = perplexity_report(model, tokenizer, holdout_annotated, variant, lookup, cfg.batch_size)
     timings["perplexity"] = time.perf_counter() - s
-    log.info("%s: normalized perplexity oracle %.3f, own lookups %.3f", variant, report["perplexity"]["oracle"],
+    logger.info("%s: normalized perplexity oracle %.3f, own lookups %.3f", variant, report["perplexity"]["oracle"],
              report["perplexity"]["own_lookups"])
     if gt is not None and people:
         s = time.perf_counter()
@@ -573,7 +571,7 @@ def evaluate_variant(variant: str, checkpoint: str, *, holdout_annotated: list[s
             model, tokenizer, people, lookup, gt, prompt=cfg.bio_prompt, max_new_tokens=cfg.bio_max_new_tokens,
             gamma=cfg.length_penalty_gamma, batch_size=cfg.batch_size, document_start=cfg.document_start)
         timings["bios"] = time.perf_counter() - s
-        log.info("%s: FActScore %.3f (length penalty %.3f), %.1f facts per bio", variant,
+        logger.info("%s: FActScore %.3f (length penalty %.3f), %.1f facts per bio", variant,
                  report["bios"]["factscore"], report["bios"]["factscore_length_penalty"],
                  report["bios"]["facts_per_response"])
         if cfg.judge is not None:
@@ -586,7 +584,7 @@ def evaluate_variant(variant: str, checkpoint: str, *, holdout_annotated: list[s
         report["cloze"] = cloze_report(model, tokenizer, probes, lookup, max_new_tokens=cfg.cloze_max_new_tokens,
                                        batch_size=cfg.batch_size, document_start=cfg.document_start)
         timings["cloze"] = time.perf_counter() - s
-        log.info("%s: cloze exact match %.3f, P@1 %.3f", variant, report["cloze"]["exact_match"],
+        logger.info("%s: cloze exact match %.3f, P@1 %.3f", variant, report["cloze"]["exact_match"],
                  report["cloze"]["precision_at_1"])
     if gt is not None and edit_probes and warehouse_path:
         s = time.perf_counter()
@@ -597,7 +595,7 @@ def evaluate_variant(variant: str, checkpoint: str, *, holdout_annotated: list[s
         else:
             report["edits"] = edit_report_without_lookups(model, tokenizer, edit_probes, cfg)
         timings["edits"] = time.perf_counter() - s
-        log.info("%s: edit success %.3f, unlearning %.3f over %d known facts", variant, report["edits"]["edit_success"],
+        logger.info("%s: edit success %.3f, unlearning %.3f over %d known facts", variant, report["edits"]["edit_success"],
                  report["edits"]["unlearning"], report["edits"]["known_before"])
     timings["total"] = time.perf_counter() - t0
     return report
@@ -614,7 +612,6 @@ def edit_report_without_lookups(model, tokenizer, probes: list[ClozeProbe], cfg)
 
 
 # its inputs (a ground truth of thousands of facts) are not worth hashing for a cache key
-evaluate_variant_task = task(evaluate_variant, name="evaluate-lmlm-variant", cache_policy=NO_CACHE)
 
 
 def comparison_rows(reports: dict[str, dict]) -> list[dict]:

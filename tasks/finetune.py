@@ -14,13 +14,12 @@ import json
 import os
 import time
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from schemas import markup
 from schemas.configs import AnnotatorFinetuneConfig
 from schemas.errors import UserInputError
+from schemas.reports import FinetuneReport
 from tasks.evaluate_annotation import score_triplets, scored_calls
 from tasks.shardio import fs_and_path, read_table
 
@@ -30,26 +29,6 @@ ANNOTATOR_SHAPES = {
     "annotator-tiny": (64, 2, 2, 176),
     "annotator-small": (128, 4, 4, 344),
 }
-
-
-class FinetuneReport(BaseModel):
-    """What fine-tuning did and how good the annotator is on the held-out seed documents."""
-
-    checkpoint: str
-    version: str  # the annotator version recorded in annotated shards
-    reused: bool = False  # an up-to-date checkpoint existed: not retrained
-    base: str
-    parameters: int
-    train_docs: int
-    holdout_docs: int
-    train_examples: int
-    steps: int = 0
-    epochs: float = 0.0
-    train_seconds: float = 0.0
-    final_train_loss: float | None = None
-    final_holdout_loss: float | None = None
-    holdout_quality: dict = {}  # precision, recall, f1, span_*, source_preserved_rate, ...
-    history: list[dict] = []  # the training curve: {"step","epoch","loss","lr"} and {"step","holdout_loss"}
 
 
 def read_seed(annotated_shards: list[str]) -> list[tuple[str, markup.Annotated]]:
@@ -197,5 +176,3 @@ def finetune_annotator(annotated_shards: list[str], cfg: AnnotatorFinetuneConfig
     load_annotator(checkpoint)  # what was written loads back (AutoModelForCausalLM + tokenizer)
     return report
 
-
-finetune_annotator_task = task(finetune_annotator, name="finetune-annotator", cache_policy=NO_CACHE)

@@ -44,15 +44,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import multiprocessing
 import posixpath
-import threading
 import time
-import traceback
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
 from typing import Any, Callable, Iterator
 
 import msgspec
@@ -68,6 +64,7 @@ from pydantic import BaseModel, model_validator
 from schemas.configs import IngestConfig
 from schemas.errors import UserInputError
 from schemas.markup import escape, needs_escape
+from schemas.reports import IngestReport
 from schemas.shards import DOCUMENT_SCHEMA, QUARANTINE_SCHEMA, SHARD_COMPRESSION
 from tasks.shardio import as_url, fs_and_path, temporary_path
 
@@ -90,45 +87,6 @@ _DICTIONARY_COLUMNS = ["source", "category", "source_file", "run_id"]  # few dis
 
 class InputError(UserInputError):
     """An input location that does not exist, matches no corpus file, or is not a corpus file."""
-
-
-class IngestReport(BaseModel):
-    """What one ingest run did. Counts are records: lines, Parquet rows, .txt files, unreadable files."""
-
-    run_id: str
-    output: str
-    files_seen: int = 0
-    files_ingested: int = 0
-    files_skipped: int = 0  # already ingested: same fingerprint or checksum in the manifest
-    files_unreadable: int = 0  # not read to the end (quarantined as unreadable_file); retried next run
-    docs_read: int = 0
-    docs_written: int = 0
-    duplicates: int = 0
-    quarantined: int = 0
-    bytes_read: int = 0  # uncompressed input bytes
-    seconds: float = 0.0
-    document_shards: list[str] = []
-    quarantine_shards: list[str] = []
-    quarantine_reasons: dict[str, int] = {}
-
-    @model_validator(mode="after")
-    def _reconciles(self) -> "IngestReport":
-        if self.docs_read != self.docs_written + self.duplicates + self.quarantined:
-            raise ValueError(f"bug: read {self.docs_read} != written {self.docs_written} + duplicates "
-                             f"{self.duplicates} + quarantined {self.quarantined}")
-        if sum(self.quarantine_reasons.values()) != self.quarantined:
-            raise ValueError(f"bug: quarantine reasons {self.quarantine_reasons} do not add up to {self.quarantined}")
-        if self.files_seen != self.files_ingested + self.files_skipped + self.files_unreadable:
-            raise ValueError("bug: files seen != ingested + skipped + unreadable")
-        return self
-
-    @property
-    def docs_per_second(self) -> float:
-        return self.docs_read / self.seconds if self.seconds else 0.0
-
-    @property
-    def mb_per_second(self) -> float:
-        return self.bytes_read / 1e6 / self.seconds if self.seconds else 0.0
 
 
 # ---------------------------------------------------------------- inputs, manifest, plan
@@ -1017,71 +975,21 @@ def _write_batch(batch: ParsedBatch, source_file: str, run_id: str, check, docs:
 # ---------------------------------------------------------------- running tasks
 
 
-def _worker(conn, config_json: str, run_id: str) -> None:
-    """A worker process: ingests the tasks it is sent, asking the parent's Deduplicator through ``conn``."""
-    config = IngestConfig.model_validate_json(config_json)
-
-    def check(text_keys, id_keys):
-        conn.send(("check", text_keys, id_keys))
-        return conn.recv()
-
-    while (job := conn.recv()) is not None:
-        files, key = job
-        try:
-            conn.send(("done", ingest_files(files, key, config, run_id, check)))
-        except BaseException:
-            conn.send(("error", traceback.format_exc()))
-            return
+JobRunner = Callable[..., None]  # runner(work, jobs, on_done=..., callbacks=..., **shared), see run_here
 
 
-def run_tasks(tasks: list[tuple[list[SourceFile], str]], config: IngestConfig, run_id: str,
-              check: Callable[[np.ndarray, np.ndarray], np.ndarray], on_done: Callable[[TaskResult], None]) -> None:
-    """Run every (files, key) task, in this process or in ``config.workers`` worker processes; ``check``
-    (the dedup) and ``on_done`` are always called here, in the calling process."""
-    if config.workers == 1 or len(tasks) == 1:
-        for files, key in tasks:
-            on_done(ingest_files(files, key, config, run_id, check))
-        return
-    # fork starts a worker in milliseconds but is unsafe beside other threads (Prefect's): spawn then
-    alone = threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if alone else "spawn")
-    if alone:
-        pa.array([""])  # pyarrow imports pandas on first use: once here rather than in every forked worker
-    pending = list(tasks)
-    workers: dict = {}  # connection -> process
-    finished = False
-    try:
-        for _ in range(min(config.workers, len(tasks))):
-            conn, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, config.model_dump_json(), run_id), daemon=True)
-            proc.start()
-            child.close()
-            workers[conn] = proc
-            conn.send(pending.pop(0))
-        busy = set(workers)
-        while busy:
-            for conn in wait(list(busy)):
-                try:
-                    msg = conn.recv()
-                except EOFError:
-                    raise RuntimeError(f"ingest worker died (exit code {workers[conn].exitcode})") from None
-                if msg[0] == "check":
-                    conn.send(check(msg[1], msg[2]))
-                elif msg[0] == "done":
-                    on_done(msg[1])
-                    if pending:
-                        conn.send(pending.pop(0))
-                    else:
-                        conn.send(None)
-                        busy.discard(conn)
-                else:
-                    raise RuntimeError(f"ingest worker failed:\n{msg[1]}")
-        finished = True
-    finally:
-        for proc in workers.values():
-            proc.join(10 if finished else 0)
-            if proc.is_alive():
-                proc.terminate()
+def run_here(work: Callable, jobs: list, *, on_done: Callable, callbacks: dict[str, Callable] | None = None,
+             **shared) -> None:
+    """The default job runner: every job in this process, in order (``flows.runners.process_pool`` spreads
+    them over worker processes with the same call)."""
+    for job in jobs:
+        on_done(work(job, **shared, **(callbacks or {})))
+
+
+def ingest_job(job: tuple[list[SourceFile], str], config: IngestConfig, run_id: str, check) -> TaskResult:
+    """One ingest task, wherever a runner puts it: ``job`` is (files, task key); ``check`` the shared dedup."""
+    files, key = job
+    return ingest_files(files, key, config, run_id, check)
 
 
 # ---------------------------------------------------------------- the stage
@@ -1096,10 +1004,13 @@ def _write_manifest_part(output: str, key: str, lines: list[dict]) -> None:
     fs.mv(tmp, path)
 
 
-def ingest_corpus(config: IngestConfig, run_id: str, progress: Callable[[dict], None] | None = None) -> IngestReport:
+def ingest_corpus(config: IngestConfig, run_id: str, progress: Callable[[dict], None] | None = None,
+                  runner: JobRunner = run_here) -> IngestReport:
     """Ingest every corpus file named by ``config.inputs`` that is not already in ``config.output``'s
-    manifest (see the module docstring for the promises). ``progress`` gets the running counts about once
-    a second and after each task. Raises :class:`InputError` for inputs that name no corpus file."""
+    manifest (see the module docstring for the promises). The files are planned as tasks for
+    ``config.workers`` workers and run by ``runner`` (default: in this process; the flows pass a process
+    pool); deduplication and the manifest stay in this process. ``progress`` gets the running counts
+    about once a second and after each task. Raises :class:`InputError` for inputs that name no corpus file."""
     started = time.perf_counter()
     files = expand_inputs(config.inputs, exclude=config.output)
     fs, root = fs_and_path(config.output)
@@ -1151,8 +1062,8 @@ def ingest_corpus(config: IngestConfig, run_id: str, progress: Callable[[dict], 
         quarantine_shards.extend(task.quarantine_shards)
         report_progress(force=True)
 
-    tasks = [(group, uuid.uuid4().hex[:12]) for group in plan_tasks(todo, config.workers)]
-    run_tasks(tasks, config, run_id, check, on_done)
+    jobs = [(group, uuid.uuid4().hex[:12]) for group in plan_tasks(todo, config.workers)]
+    runner(ingest_job, jobs, on_done=on_done, callbacks={"check": check}, config=config, run_id=run_id)
     return IngestReport(run_id=run_id, output=config.output, files_seen=len(files), files_skipped=len(skipped),
                         **totals, seconds=round(time.perf_counter() - started, 3), document_shards=document_shards,
                         quarantine_shards=quarantine_shards, quarantine_reasons=dict(sorted(reasons.items())))
@@ -1168,13 +1079,3 @@ def _manifest_line(f, run_id: str, status: str, document_shards: list[str], quar
     return {"url": f.url, "size": f.size, "fingerprint": f.fingerprint, "checksum": f.checksum, "status": status,
             "run_id": run_id, **counts, "document_shards": document_shards, "quarantine_shards": quarantine_shards,
             "ingested_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-def __getattr__(name: str):
-    # The Prefect task is built on first use: importing Prefect costs ~2 s, which spawned workers skip.
-    if name == "ingest_task":
-        from prefect import task
-
-        globals()["ingest_task"] = task(ingest_corpus, name="ingest")
-        return globals()["ingest_task"]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

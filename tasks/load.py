@@ -8,8 +8,7 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from prefect import task
-
+from schemas.reports import WarehouseLoad, WarehouseLoadReport
 from warehouse import db
 
 
@@ -61,36 +60,31 @@ def reviewed_overrides(path: str, wait_s: float = 0.0) -> tuple[dict[str, str], 
     return rel, ent
 
 
-def load_warehouse(path: str, run_id: str, doc_shards: list[str], annotated_shards: list[str],
-                   triplet_shards: list[str], flow: str, config: dict, inputs: list[str],
-                   relation_aliases: list[dict] | None = None, entity_aliases: list[dict] | None = None,
-                   wait_s: float = 0.0) -> dict:
-    """Load shards idempotently, store alias proposals, and record the run; returns row counts.
+def load_warehouse(path: str, load: WarehouseLoad, wait_s: float = 0.0) -> WarehouseLoadReport:
+    """Load ``load``'s shards idempotently, store its alias proposals, and record its run.
 
     One writer at a time: while another process writes the file, waits up to ``wait_s`` seconds, then
     raises WarehouseBusyError. Each table loads in one transaction, so a killed load leaves the file
     as it was before that table.
     """
     started = datetime.now(timezone.utc)
+    run = load.run
     con = db.connect(path, wait_s=wait_s)
     try:
-        db.record_run(con, run_id, flow, config, inputs, code_version(), status="loading", started_at=started)
+        db.record_run(con, run.run_id, run.flow, run.config, run.inputs, code_version(), status="loading",
+                      started_at=started)
         counts = {
-            "documents_loaded": db.load_documents(con, doc_shards, run_id),
-            "annotations_loaded": db.load_annotated(con, annotated_shards, run_id),
-            "triplets_loaded": db.load_triplets(con, triplet_shards, run_id),
-            "relation_aliases_proposed": propose_aliases(con, "relation", relation_aliases or []),
-            "entity_aliases_proposed": propose_aliases(con, "entity", entity_aliases or []),
+            "documents_loaded": db.load_documents(con, load.documents, run.run_id),
+            "annotations_loaded": db.load_annotated(con, load.annotated, run.run_id),
+            "triplets_loaded": db.load_triplets(con, load.triplets, run.run_id),
+            "relation_aliases_proposed": propose_aliases(con, "relation", load.relation_aliases),
+            "entity_aliases_proposed": propose_aliases(con, "entity", load.entity_aliases),
         }
         summary = db.stats(con)
         counts.update(documents=summary["tables"]["documents"], triplets=summary["tables"]["triplets"],
                       facts=summary["facts"], conflicts=summary["conflicts"])
-        db.record_run(con, run_id, flow, config, inputs, code_version(), status="loaded", counts=counts,
-                      started_at=started, finished_at=datetime.now(timezone.utc))
-        return counts
+        db.record_run(con, run.run_id, run.flow, run.config, run.inputs, code_version(), status="loaded",
+                      counts=counts, started_at=started, finished_at=datetime.now(timezone.utc))
+        return WarehouseLoadReport(**counts)
     finally:
         con.close()
-
-
-load_warehouse_task = task(load_warehouse, name="load-warehouse")
-reviewed_overrides_task = task(reviewed_overrides, name="read-reviewed-aliases")

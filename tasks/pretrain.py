@@ -31,7 +31,6 @@ from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
 from pydantic import BaseModel, ValidationError
 
 from models.lmlm import MODEL_SHAPES, build_model, context_length_of, count_parameters, flop_parameters, normalized_perplexity
@@ -50,39 +49,17 @@ from models.train import (
     train,
 )
 from schemas.configs import PretrainConfig
-from schemas.errors import UserInputError
+from schemas.errors import UserInputError, report_to_launcher
+from schemas.reports import PretrainReport
 from schemas.shards import ANNOTATED_SCHEMA
-from tasks.logs import run_logger
 from tasks.shardio import fs_and_path, read_table
+
+logger = logging.getLogger(f"lmlm.{__name__}")  # flows/ attach the lmlm logger to Prefect's run log
 
 Variant = Literal["lmlm", "standard"]
 TEXT_COLUMN = {"lmlm": "annotated_text", "standard": "text"}
 # settings a resumed run must share with the run that wrote the checkpoint
 _RESUME_KEYS = ("model", "tokenizer", "vocab_size", "context_length", "batch_size", "grad_accum", "seed")
-
-
-class PretrainReport(BaseModel):
-    variant: str
-    model: str
-    parameters: int  # distinct trainable parameters
-    vocab_size: int
-    context_length: int
-    world_size: int
-    steps: int
-    tokens: int  # training tokens, all processes
-    tokens_per_s: float  # all processes, this session's optimizer steps only
-    train_seconds: float
-    wall_seconds: float  # this call, tokenizer training and evaluation included
-    train_docs: int
-    holdout_docs: int  # documents scored for the holdout figures
-    final_train_loss: float | None  # mean over the last 5% of steps (at least the last one)
-    holdout_loss: float | None  # per trained token
-    holdout_normalized_perplexity: float | None  # exp(summed loss / tokens of the call-free text)
-    mfu: float | None  # model FLOPs utilisation per device (6N rule); None where the peak is unknown
-    checkpoint: str
-    tokenizer: str
-    loss_curve: str
-    history: list[dict]
 
 
 def is_holdout(doc_id: str, fraction: float) -> bool:
@@ -144,7 +121,6 @@ def pretrain(
     from transformers import AutoModelForCausalLM
 
     wall0 = time.perf_counter()
-    log = run_logger(__name__)
     if variant not in TEXT_COLUMN:
         raise UserInputError(f"variant {variant!r}: use 'lmlm' or 'standard'")
     if not annotated_shards:
@@ -220,14 +196,14 @@ def pretrain(
         last_eval["ppl"] = ppl
         return ppl.loss
 
-    log.info(
+    logger.info(
         f"pretraining {variant} {cfg.model}: {count_parameters(model):,} parameters, vocab {len(tokenizer)}, "
         f"block {T}, {world} process(es) on {device.type}; {n_train} training docs, {n_holdout} held out "
         f"({len(held)} scored)"
     )
     result = train(
         model, tokenizer, data, cfg, out_dir, runtime=runtime, resume_from=resume_from,
-        evaluate=evaluate if held else None, stop_after=stop_after, log=log.info,
+        evaluate=evaluate if held else None, stop_after=stop_after, log=logger.info,
     )
     scored_at = [h["step"] for h in result.history if "holdout_loss" in h]
     if rank == 0 and held and (not scored_at or scored_at[-1] != result.steps or "ppl" not in last_eval):
@@ -261,8 +237,6 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-pretrain_task = task(pretrain, name="pretrain")
-
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m tasks.pretrain`` / ``torchrun ... -m tasks.pretrain``: one pretraining run."""
@@ -284,20 +258,23 @@ def main(argv: list[str] | None = None) -> int:
                 fields[key] = value
         cfg = PretrainConfig(**fields)
     except (OSError, json.JSONDecodeError) as exc:
-        print(f"pretrain: error: config file {args.config}: {exc}; pass a JSON object of PretrainConfig fields", file=sys.stderr)
-        return 2
+        return _user_error(f"config file {args.config}: {exc}; pass a JSON object of PretrainConfig fields")
     except ValidationError as exc:
         bad = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
-        print(f"pretrain: error: config: {bad}", file=sys.stderr)
-        return 2
+        return _user_error(f"config: {bad}")
     try:
         report = pretrain(cfg, args.shards, args.out, args.variant)
     except UserInputError as exc:
-        print(f"pretrain: error: {exc}", file=sys.stderr)
-        return 2
+        return _user_error(str(exc))
     if int(os.environ.get("RANK", "0")) == 0:
         print(report.model_dump_json(exclude={"history"}, indent=1))
     return 0
+
+
+def _user_error(message: str) -> int:
+    print(f"pretrain: error: {message}", file=sys.stderr)
+    report_to_launcher(message)
+    return 2
 
 
 if __name__ == "__main__":

@@ -14,13 +14,17 @@ import random
 from collections import defaultdict
 
 import pyarrow as pa
-from prefect import task
 
-from schemas.configs import AnnotatorConfig
+from schemas.configs import AnnotatorConfig, SeedAnnotationConfig
+from schemas.documents import Annotation, Annotator, Document
 from schemas.errors import UserInputError
+from schemas.reports import AnnotatorInfo, SeedStageReport
 from schemas.shards import DOCUMENT_SCHEMA, content_hash
-from tasks.annotate import Annotation, Document
+from tasks.annotate import annotate_shard
+from tasks.evaluate_annotation import score_against_gold
 from tasks.shardio import read_table, write_table_atomic
+
+KB_CANONICAL = {"kb-align", "gold"}  # backends whose entity and relation names come from a knowledge base
 
 
 class GoldAnnotator:
@@ -126,4 +130,31 @@ def write_imported_documents(imported, out_dir: str, run_id: str) -> str:
     return path
 
 
-write_seed_documents_task = task(write_seed_documents, name="sample-seed-documents")
+def sample_seed_documents(doc_shards: list[str], cfg: SeedAnnotationConfig, annotator: Annotator, seed_dir: str,
+                          run_id: str) -> str:
+    """The seed's document shard: a stratified sample of ``doc_shards``, or the imported file's documents."""
+    if cfg.annotator.backend == "import":
+        return write_imported_documents(annotator, seed_dir, run_id)
+    return write_seed_documents(doc_shards, cfg.sample_docs, cfg.stratify_by, cfg.sample_seed, seed_dir)
+
+
+def annotate_seed(annotator: Annotator, sample_shard: str, cfg: SeedAnnotationConfig, seed_dir: str, run_id: str,
+                  reviewed: tuple[dict[str, str], dict[str, str]] = ({}, {}),
+                  ground_truth: str | None = None) -> SeedStageReport:
+    """Annotate and correct the seed sample into ``seed_dir`` (skipped when done for the same input and
+    annotator); ``reviewed``: the warehouse's reviewed (relation, entity) alias mappings, which win over
+    the corrector's; with a synthetic ground truth, the result is scored against it."""
+    corrector = cfg.corrector
+    if corrector is not None and cfg.annotator.backend in KB_CANONICAL:
+        # the knowledge base is the vocabulary: its names are canonical already, and unifying them
+        # would merge distinct entities that share a name prefix ("Deckerview", "Deckerview United")
+        corrector = corrector.model_copy(update={"unify_relations": False, "unify_entities": False})
+    shard = annotate_shard(annotator, sample_shard, seed_dir, run_id, corrector, *reviewed)
+    report = SeedStageReport(
+        **shard.model_dump(), sample_shard=sample_shard,
+        annotator=AnnotatorInfo(backend=cfg.annotator.backend, name=annotator.name, version=annotator.version,
+                                prompt_id=annotator.prompt_id),
+        endpoint=annotator.stats.model_dump() if hasattr(annotator, "stats") else None)
+    if ground_truth:
+        report.quality_vs_gold = score_against_gold([shard.annotated_shard], ground_truth)
+    return report

@@ -42,7 +42,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from faker import Faker
 from faker.providers.person.en_US import Provider as _PersonProvider
-from prefect import task
 from pydantic import BaseModel
 
 from schemas.configs import SyntheticCorpusConfig
@@ -1336,5 +1335,3 @@ def generate_corpus(config: SyntheticCorpusConfig, out_dir: str) -> SyntheticCor
         n_people=len(world.people), docs_by_kind=by_kind, n_facts=len(kb), n_calls=n_calls, seed=config.seed,
     )
 
-
-generate_corpus_task = task(generate_corpus, name="generate-synthetic-corpus")

@@ -24,10 +24,10 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from prefect import task
 from pydantic import BaseModel
 
 from schemas import markup
+from schemas.reports import ExpectationOutcome, ValidationReport, md_cell
 from schemas.shards import TRIPLET_SCHEMA, content_hash
 
 # What markup.escape makes inert: an escaped document text never contains these literally.
@@ -36,52 +36,6 @@ _BATCH_ROWS = 4096
 _MAX_EXAMPLES = 5
 # Prefix of doc_ids of triplets imported from an outside database, which have no document row.
 _IMPORTED_DOC_PREFIX = "import:"
-
-
-class ExpectationOutcome(BaseModel):
-    """One expectation's verdict; ``unexpected_examples`` are ids of offending rows, never texts."""
-
-    expectation: str  # GX type, e.g. "expect_column_values_to_be_unique"
-    column: str | None  # None for table-level expectations
-    success: bool
-    unexpected_count: int
-    unexpected_examples: list[str]
-    table: str = ""  # which checked table ("documents", "triplets", ...)
-    observed: str | None = None  # table-level observation (e.g. the row count) or GX's error
-
-
-class ValidationReport(BaseModel):
-    suite: str
-    success: bool
-    n_rows: int  # rows checked, all tables together
-    outcomes: list[ExpectationOutcome]
-    seconds: float
-
-    @property
-    def failures(self) -> list[ExpectationOutcome]:
-        return [o for o in self.outcomes if not o.success]
-
-    def markdown(self) -> str:
-        """The report as a Markdown table (for a Prefect markdown artifact and the run report)."""
-        failed = len(self.failures)
-        verdict = "passed" if self.success else f"**FAILED** ({failed} of {len(self.outcomes)} expectations)"
-        lines = [
-            f"### Validation `{self.suite}`: {verdict}",
-            "",
-            f"{self.n_rows:,} rows checked in {self.seconds:.2f} s.",
-            "",
-            "| table | expectation | column | result | unexpected | examples |",
-            "|---|---|---|---|---:|---|",
-        ]
-        for o in self.outcomes:
-            examples = ", ".join(f"`{_md_cell(e)}`" for e in o.unexpected_examples)
-            if o.observed is not None:
-                examples = (examples + " " if examples else "") + f"observed: {_md_cell(o.observed)}"
-            lines.append(
-                f"| {o.table} | {o.expectation} | {_md_cell(o.column or '')} | {'✅' if o.success else '❌'} "
-                f"| {o.unexpected_count:,} | {examples} |"
-            )
-        return "\n".join(lines) + "\n"
 
 
 class ValidationFailed(RuntimeError):
@@ -93,10 +47,6 @@ class ValidationFailed(RuntimeError):
             f"{o.table}.{o.column or '*'} {o.expectation} ({o.unexpected_count})" for o in report.failures
         )
         super().__init__(f"validation suite {report.suite!r} failed: {failed}; see the validation artifact")
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")[:120]
 
 
 # --- Great Expectations, imported lazily -------------------------------------------------------
@@ -504,8 +454,3 @@ def validate_warehouse(db_path: str) -> ValidationReport:
         ])),
     ]
     return _report("warehouse", checked, started)
-
-
-validate_documents_task = task(validate_documents, name="validate-documents")
-validate_annotations_task = task(validate_annotations, name="validate-annotations")
-validate_warehouse_task = task(validate_warehouse, name="validate-warehouse")

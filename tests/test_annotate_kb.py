@@ -11,7 +11,7 @@ import pytest
 from schemas import markup as m
 from schemas.configs import SyntheticCorpusConfig
 from schemas.errors import UserInputError
-from tasks.annotate import Document
+from schemas.documents import Document
 from tasks.annotate_kb import ImportedAnnotations, KBAlignAnnotator, load_kb
 from tasks.evaluate_annotation import score_triplets, scored_calls
 

@@ -11,7 +11,7 @@ from schemas import markup
 from schemas.configs import AnnotatorConfig, EndpointConfig
 from schemas.errors import UserInputError
 from tasks.align import place_facts
-from tasks.annotate import Document
+from schemas.documents import Document
 from tasks.annotate_openai import OpenAIAnnotator, cache_key, load_prompt, parse_facts
 
 SENTINEL = "sk-sentinel-3f9a1c77e2b04d5a9e61"

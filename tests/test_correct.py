@@ -11,7 +11,7 @@ from schemas import markup as m
 from schemas.configs import CorrectorConfig
 from schemas.errors import UserInputError
 from tasks.align import Fact, place_facts
-from tasks.annotate import Document
+from schemas.documents import Document
 from tasks.correct import (
     STEPS,
     correct,

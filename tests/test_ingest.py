@@ -5,8 +5,11 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import subprocess
+import sys
 import threading
 import uuid
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -343,7 +346,10 @@ def test_worker_processes_share_one_dedup(tmp_path, monkeypatch, start):
     for f in range(4):
         write_jsonl(tmp_path / f"part-{f}.jsonl.gz",
                     [dolma(100 * f + i) for i in range(50)] + [dolma(1000 + f, text=shared)], "gz")
-    report = run([tmp_path], tmp_path / "out", workers=2)
+    from flows.runners import process_pool
+
+    report = ingest_corpus(IngestConfig(inputs=[str(tmp_path)], output=str(tmp_path / "out"), workers=2), "run-1",
+                           runner=process_pool(2))
     assert (report.docs_read, report.docs_written, report.duplicates) == (204, 201, 3)
     assert len(report.document_shards) == 4
     table = documents(tmp_path / "out")
@@ -376,7 +382,11 @@ def test_keyset_agrees_with_a_python_set_through_growth():
         assert len(keys) == len(reference)
 
 
-def test_the_prefect_task_wraps_ingest_corpus():
-    from tasks.ingest import ingest_task
+def test_the_prefect_task_spreads_ingest_over_worker_processes_and_the_stage_needs_no_prefect():
+    from flows.stages import ingest, ingest_task
 
-    assert ingest_task.name == "ingest" and ingest_task.fn is ingest_corpus
+    assert ingest_task.name == "ingest" and ingest_task.fn is ingest
+    code = "import sys, tasks.ingest; print('prefect' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "False"

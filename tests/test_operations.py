@@ -121,6 +121,7 @@ def corpus_shards(tmp_path_factory):
 
 WRITER = """
 import json, os, sys, time
+from schemas.reports import RunRecord, WarehouseLoad
 from tasks.load import load_warehouse
 db, run_id, docs, triplets, ready, go = sys.argv[1:7]
 open(ready, "w").close()
@@ -128,8 +129,8 @@ deadline = time.monotonic() + 120
 while not os.path.exists(go):  # both writers start together
     assert time.monotonic() < deadline
     time.sleep(0.01)
-counts = load_warehouse(db, run_id, [docs], [], [triplets], flow="test", config={}, inputs=[], wait_s=120)
-print(json.dumps(counts))
+load = WarehouseLoad(run=RunRecord(run_id=run_id, flow="test", config={}, inputs=[]), documents=[docs], triplets=[triplets])
+print(load_warehouse(db, load, wait_s=120).model_dump_json())
 """
 
 
@@ -181,25 +182,28 @@ con.close()
 
 
 def test_a_writer_that_cannot_get_the_file_in_time_fails_with_one_clear_line(tmp_path, corpus_shards):
+    from schemas.reports import RunRecord, WarehouseLoad
     from tasks.load import load_warehouse
     from warehouse.db import WarehouseBusyError
 
     docs, halves, _ = corpus_shards
     path = str(tmp_path / "wh.duckdb")
+    late = WarehouseLoad(run=RunRecord(run_id="late", flow="test", config={}, inputs=[]), documents=[docs[0]],
+                         triplets=[halves[0]])
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, path], cwd=PROJECT, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "holding"
         with pytest.raises(WarehouseBusyError) as err:
-            load_warehouse(path, "late", [docs[0]], [], [halves[0]], flow="test", config={}, inputs=[], wait_s=0.5)
+            load_warehouse(path, late, wait_s=0.5)
         message = str(err.value)
         assert "\n" not in message and path in message and "after waiting 0.5 s" in message
         assert "warehouse_wait_s" in message
     finally:
         holder.communicate("\n", timeout=60)
     # the holder's release lets the same load through, and the failed attempt left nothing behind
-    counts = load_warehouse(path, "late", [docs[0]], [], [halves[0]], flow="test", config={}, inputs=[], wait_s=5)
-    assert counts["documents_loaded"]["inserted"] == pq.read_metadata(docs[0]).num_rows
+    counts = load_warehouse(path, late, wait_s=5)
+    assert counts.documents_loaded["inserted"] == pq.read_metadata(docs[0]).num_rows
 
 
 # ---------------------------------------------------------------- the global LLM endpoint limit
@@ -222,7 +226,7 @@ def test_the_global_limit_holds_llm_calls_across_concurrent_flow_runs(tmp_path, 
 
     from flows.serve import ensure_global_limit
     from schemas.configs import AnnotatorConfig, EndpointConfig
-    from tasks.annotate import Document
+    from schemas.documents import Document
     from tasks.annotate_openai import OpenAIAnnotator
 
     monkeypatch.setenv("LMLM_TEST_KEY", "sk-test")
@@ -260,10 +264,16 @@ def test_the_global_limit_holds_llm_calls_across_concurrent_flow_runs(tmp_path, 
 
 
 def test_endpoint_calls_outside_a_flow_run_need_no_server():
-    from tasks.annotate_openai import global_slot
+    import asyncio
 
-    with global_slot("llm-endpoint"):  # no Prefect run: no slot to take, nothing to contact
-        pass
+    import flows  # noqa: F401  (installs Prefect's limits as the shared slots)
+    from tasks.concurrency import shared_slot
+
+    async def one_request():
+        async with shared_slot("llm-endpoint"):  # no Prefect run: no slot to take, nothing to contact
+            return True
+
+    assert asyncio.run(one_request())
 
 
 # ---------------------------------------------------------------- task runners

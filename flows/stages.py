@@ -1,0 +1,95 @@
+"""Every stage function of ``tasks/`` as a Prefect task: names, retries and caching declared here, once.
+
+The functions themselves know nothing of Prefect (docs/architecture.md); a flow calls these wrappers so
+each stage is a task run with its own state, logs and timing in the UI. Stages that take live objects
+(an annotator with its client and cache, a model) are not cached: Prefect must not hash them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.logs import attach_stage_logs
+from flows.runners import process_pool, run_module
+from schemas.configs import IngestConfig
+from schemas.errors import UserInputError
+from schemas.reports import IngestReport
+from tasks.bulk import bulk_annotate_shard
+from tasks.evaluate_annotation import score_against_gold
+from tasks.evaluate_lmlm import evaluate_variant
+from tasks.finetune import finetune_annotator
+from tasks.ingest import ingest_corpus
+from tasks.load import load_warehouse, reviewed_overrides
+from tasks.profile import profile_document_shard
+from tasks.seed import annotate_seed, sample_seed_documents
+from tasks.synthetic import generate_corpus
+from tasks.validate import validate_annotations, validate_documents, validate_warehouse
+
+attach_stage_logs()
+
+
+def ingest(config: IngestConfig, run_id: str) -> IngestReport:
+    """``tasks.ingest.ingest_corpus`` with its files spread over ``config.workers`` local processes."""
+    return ingest_corpus(config, run_id, runner=process_pool(config.workers))
+
+
+def pretrain_in_process(cfg_json: str, shards: list[str], out: str, variant: str, threads: int) -> dict:
+    """One variant trained by ``python -m tasks.pretrain`` in a process of its own with ``threads`` CPU
+    threads (so two variants train at once without sharing an interpreter); returns its report."""
+    os.makedirs(out, exist_ok=True)
+    config_path = os.path.join(out, "pretrain-config.json")
+    Path(config_path).write_text(cfg_json)
+    log_path = os.path.join(out, "train.log")
+    logger = get_run_logger()
+    logger.info("%s: python -m tasks.pretrain --variant %s --out %s (log %s)", variant, variant, out, log_path)
+
+    def progress(line: str) -> None:  # progress in the run log (and the CLI), everything in train.log
+        if " step " in line or "pretrain" in line:
+            logger.info("%s: %s", variant, line.split(" ", 2)[-1])
+
+    try:
+        run_module("tasks.pretrain", ["--variant", variant, "--out", out, "--config", config_path, *shards],
+                   log_path=log_path, threads=threads, on_line=progress)
+    except UserInputError as exc:
+        raise UserInputError(f"{variant}: {exc}") from None
+    return json.loads(Path(out, "report.json").read_text())
+
+
+def pretrain_here(cfg, shards: list[str], out: str, variant: str, threads: int) -> dict:
+    """One variant trained in this process (with ``threads`` torch threads)."""
+    import torch
+
+    from tasks.pretrain import pretrain
+
+    torch.set_num_threads(threads)
+    return pretrain(cfg, shards, out, variant).model_dump()
+
+
+# corpus processing
+generate_corpus_task = task(generate_corpus, name="generate-synthetic-corpus")
+ingest_task = task(ingest, name="ingest")
+profile_document_shard_task = task(profile_document_shard, name="profile-document-shard")
+validate_documents_task = task(validate_documents, name="validate-documents")
+validate_annotations_task = task(validate_annotations, name="validate-annotations")
+validate_warehouse_task = task(validate_warehouse, name="validate-warehouse")
+load_warehouse_task = task(load_warehouse, name="load-warehouse")
+reviewed_overrides_task = task(reviewed_overrides, name="read-reviewed-aliases")
+score_against_gold_task = task(score_against_gold, name="score-against-gold")
+
+# seed annotation (the annotator is a live object: clients, caches)
+sample_seed_task = task(sample_seed_documents, name="sample-seed-documents", cache_policy=NO_CACHE)
+annotate_seed_task = task(annotate_seed, name="annotate-seed", cache_policy=NO_CACHE)
+
+# the small annotator
+finetune_annotator_task = task(finetune_annotator, name="finetune-annotator", cache_policy=NO_CACHE)
+bulk_annotate_shard_task = task(bulk_annotate_shard, name="bulk-annotate-shard", cache_policy=NO_CACHE, retries=1)
+
+# LMLM pretraining (two variants at once: each in a process of its own, or one after the other here) and evaluation
+pretrain_process = task(pretrain_in_process, name="pretrain-in-process", cache_policy=NO_CACHE)
+pretrain_variant = task(pretrain_here, name="pretrain-variant", cache_policy=NO_CACHE)
+evaluate_variant_task = task(evaluate_variant, name="evaluate-lmlm-variant", cache_policy=NO_CACHE)
