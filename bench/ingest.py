@@ -126,11 +126,12 @@ def generate_corpus(folder: Path, size_mb: int, file_mb: int, seed: int = 0) -> 
 
 def run_ours(corpus: Path, out: Path, workers: int) -> dict:
     sys.path.insert(0, str(PROJECT))
+    from flows.runners import process_pool
     from schemas.configs import IngestConfig
     from tasks.ingest import ingest_corpus
 
     report = ingest_corpus(IngestConfig(inputs=[str(corpus / "data"), str(corpus / "bad")], output=str(out),
-                                        workers=workers), run_id="bench")
+                                        workers=workers), run_id="bench", runner=process_pool(workers))
     return report.model_dump(exclude={"document_shards", "quarantine_shards"})
 
 

@@ -58,7 +58,7 @@ def to_annotated(doc: Document, annotation: Annotation) -> tuple[markup.Annotate
     Output that does not strip back to the source is realigned onto it (broken calls dropped), so the
     result never alters the source text.
     """
-    from tasks.align import realign
+    from tasks.realign import realign
 
     if annotation.error is not None or annotation.annotated_text is None:
         return None, annotation.error or "no output", False

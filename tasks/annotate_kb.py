@@ -8,7 +8,7 @@ value after the entity is introduced (:func:`tasks.align.place_facts`, sentence 
 subject anywhere after its introduction, other entities within the sentences that name them).
 
 ``import`` reads ``{"examples": [{"text", "annotated_text", "model_id", "prompt_id", ...}]}`` files in the
-legacy ``dblookup`` markup and maps every call onto the exact source text (:func:`tasks.align.realign`).
+legacy ``dblookup`` markup and maps every call onto the exact source text (:func:`tasks.realign.realign`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 from schemas import markup
 from schemas.errors import UserInputError
 from schemas.shards import content_hash
-from tasks.align import Fact, place_facts, realign
+from tasks.align import Fact, place_facts
+from tasks.realign import realign
 from schemas.documents import Annotation, Document
 
 KB_COLUMNS = ("entity", "relation", "value")
@@ -237,7 +238,7 @@ class ImportedAnnotations:
     """A reference-format annotation file (``{"examples": [{"text", "annotated_text", "model_id",
     "prompt_id", ...}]}``, legacy ``dblookup`` markup) as Documents and canonical Annotations.
 
-    Every call is mapped onto the exact source text (:func:`tasks.align.realign`), so
+    Every call is mapped onto the exact source text (:func:`tasks.realign.realign`), so
     ``strip(annotated_text) == document.text`` for every document; ``counts`` sums what realignment kept,
     moved and dropped. doc_id is ``sha1:<content hash>`` of the (escaped) text, as ingestion names a
     document without an id (the files' ``original_dataset_ids`` are not unique per text). Examples

@@ -4,7 +4,7 @@ The endpoint (OpenAI, a ``vllm serve`` server, any compatible server) is asked f
 ``{entity, relation, value, mention}``; the calls are then inserted programmatically
 (:func:`tasks.align.place_facts`), so the source text is never altered. Endpoints without JSON-schema
 support are downgraded to ``json_object`` and then to inline markup mapped back onto the source
-(:func:`tasks.align.realign`); the downgrade is remembered for the rest of the run.
+(:func:`tasks.realign.realign`); the downgrade is remembered for the rest of the run.
 
 Requests run concurrently under a request/token rate limit; 429 (Retry-After honoured), 5xx, 408/409,
 timeouts, connection errors and malformed answers are retried with exponential backoff and jitter, up
@@ -16,18 +16,14 @@ and is never logged, stored, or put into an error message.
 
 from __future__ import annotations
 
-import logging
 import asyncio
 import concurrent.futures
 import contextvars
-import email.utils
-import hashlib
 import json
-import os
+import logging
 import random
 import re
 import time
-import uuid
 from importlib import resources
 from pathlib import Path
 
@@ -37,10 +33,20 @@ from pydantic import BaseModel, Field, ValidationError
 
 from schemas import markup
 from schemas.configs import AnnotatorConfig, EndpointConfig
-from schemas.errors import UserInputError
-from tasks.align import Fact, place_facts, realign
 from schemas.documents import Annotation, Document
+from schemas.errors import UserInputError
+from tasks.align import Fact, place_facts
 from tasks.concurrency import shared_slot
+from tasks.endpoint import (
+    RateLimiter,
+    api_key,
+    cache_key,
+    read_cached,
+    redact,
+    retry_after_s,
+    write_cached,
+)
+from tasks.realign import realign
 
 logger = logging.getLogger(f"lmlm.{__name__}")  # flows/ attach the lmlm logger to Prefect's run log
 
@@ -142,105 +148,11 @@ def parse_facts(content: str) -> tuple[list[Fact], int]:
     return facts, dropped
 
 
-# ---------------------------------------------------------------- response cache
-
-
-def cache_key(prompt_id: str, model: str, output: str, text: str) -> str:
-    """Cache key of one answer; ``output`` is "facts" (json_schema and json_object) or "inline"."""
-    doc_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return hashlib.sha256(json.dumps([prompt_id, model, output, doc_hash]).encode("utf-8")).hexdigest()
+# ---------------------------------------------------------------- annotator
 
 
 def _output_kind(mode: str) -> str:
     return "inline" if mode == "inline" else "facts"
-
-
-def _cache_path(cache_dir: Path, key: str) -> Path:
-    return cache_dir / key[:2] / f"{key}.json"
-
-
-def read_cached(cache_dir: Path, key: str) -> dict | None:
-    """A cached answer, or None; an unreadable entry (torn by a crash elsewhere) counts as absent."""
-    try:
-        return json.loads(_cache_path(cache_dir, key).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
-def write_cached(cache_dir: Path, key: str, entry: dict) -> None:
-    """Store an answer atomically (temp file + rename): a reader sees all of it or nothing."""
-    path = _cache_path(cache_dir, key)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    data = json.dumps(entry, ensure_ascii=False)
-    try:
-        try:
-            tmp.write_text(data, encoding="utf-8")
-        except FileNotFoundError:  # first entry under this prefix
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(data, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-# ---------------------------------------------------------------- rate limit
-
-
-class TokenBucket:
-    """``per_minute`` units a minute, in bursts of at most one second's worth (at least one unit).
-
-    A take larger than the burst waits for a full bucket and then drives it negative, so the
-    long-run rate still holds.
-    """
-
-    def __init__(self, per_minute: float):
-        self.rate = per_minute / 60.0
-        self.capacity = max(1.0, self.rate)
-        self.level = self.capacity
-        self.stamp = time.monotonic()
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-        self.stamp = now
-
-    async def take(self, n: float) -> None:
-        while True:
-            self._refill()
-            need = min(n, self.capacity)
-            if self.level >= need:
-                self.level -= n
-                return
-            await asyncio.sleep((need - self.level) / self.rate)
-
-    def correct(self, extra: float) -> None:
-        """Charge ``extra`` units more (or fewer, when negative) than were taken."""
-        self._refill()
-        self.level = min(self.capacity, self.level - extra)
-
-
-class RateLimiter:
-    """Requests/min and tokens/min limits (either may be off); waiters are served in arrival order."""
-
-    def __init__(self, requests_per_minute: float | None, tokens_per_minute: float | None):
-        self.requests = TokenBucket(requests_per_minute) if requests_per_minute else None
-        self.tokens = TokenBucket(tokens_per_minute) if tokens_per_minute else None
-        self._lock = asyncio.Lock()
-
-    async def acquire(self, estimated_tokens: int) -> None:
-        async with self._lock:  # one waiter at a time keeps the order fair and the buckets consistent
-            if self.requests:
-                await self.requests.take(1)
-            if self.tokens:
-                await self.tokens.take(estimated_tokens)
-
-    def settle(self, estimated_tokens: int, used_tokens: int) -> None:
-        if self.tokens:
-            self.tokens.correct(used_tokens - estimated_tokens)
-
-
-# ---------------------------------------------------------------- annotator
 
 
 class AnnotatorStats(BaseModel):
@@ -264,38 +176,6 @@ class AnnotatorStats(BaseModel):
     completion_tokens: int = 0
     estimated_cost_usd: float = 0.0
     wall_s: float = 0.0
-
-
-def api_key(endpoint: EndpointConfig) -> str:
-    """The key from the environment variable the config names; "EMPTY" when it names none (no auth)."""
-    if not endpoint.api_key_env:
-        return "EMPTY"
-    key = os.environ.get(endpoint.api_key_env)
-    if not key:
-        raise UserInputError(
-            f"endpoint.api_key_env: environment variable {endpoint.api_key_env} is not set; export it with "
-            f"your API key, or set api_key_env to \"\" for a server without authentication")
-    return key
-
-
-def _retry_after_s(exc: openai.APIStatusError) -> float | None:
-    """Seconds the server asked us to wait (Retry-After-Ms, Retry-After in seconds or as an HTTP date)."""
-    headers = exc.response.headers
-    if (ms := headers.get("retry-after-ms")) is not None:
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
 
 
 def _rejects_response_format(exc: openai.APIStatusError) -> bool:
@@ -446,7 +326,7 @@ class OpenAIAnnotator:
                 run.limiter.settle(estimate, 0)
                 status = exc.status_code
                 said = exc.body.get("message") if isinstance(exc.body, dict) else None
-                detail = _redact(f"HTTP {status}: {said or exc.message}", key)
+                detail = redact(f"HTTP {status}: {said or exc.message}", key)
                 if mode != "inline" and _rejects_response_format(exc):
                     self._downgrade(run, mode, detail)
                     attempt -= 1  # a capability probe, not an attempt at this document
@@ -458,13 +338,13 @@ class OpenAIAnnotator:
                 if status not in RETRYABLE_STATUS and status < 500:
                     raise _Failure(f"http_{status}", f"http_{status}: {detail}") from None
                 cause = "rate_limited" if status == 429 else "server_error" if status >= 500 else f"http_{status}"
-                retry_after = _retry_after_s(exc) if status in (429, 503) else None
+                retry_after = retry_after_s(exc) if status in (429, 503) else None
             except openai.APITimeoutError:
                 run.limiter.settle(estimate, 0)
                 cause, detail = "timeout", f"no answer within {ep.timeout_s:g} s"
             except openai.APIConnectionError as exc:
                 run.limiter.settle(estimate, 0)
-                cause, detail = "connection", _redact(f"{exc.message} ({exc.__cause__ or ''})", key)
+                cause, detail = "connection", redact(f"{exc.message} ({exc.__cause__ or ''})", key)
             else:
                 entry, cause, detail = self._parse_completion(completion, mode, prompt_estimate, estimate, usage, run)
                 if entry is not None:
@@ -539,8 +419,3 @@ class OpenAIAnnotator:
         base = min(ep.backoff_max_s, ep.backoff_base_s * 2 ** (attempt - 1))
         delay = base / 2 + random.uniform(0, base / 2)
         return max(delay, retry_after) if retry_after is not None else delay
-
-
-def _redact(text: str, key: str) -> str:
-    """``text`` with the API key masked, for anything that may be logged or stored."""
-    return text.replace(key, "***") if key and key != "EMPTY" else text

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from schemas import markup
 from schemas.configs import CorrectorConfig
+from schemas.documents import Document
 from schemas.errors import UserInputError
 from tasks.align import (
     call_offset,
@@ -40,12 +41,11 @@ from tasks.align import (
     exact_mentions,
     first_non_space,
     mention_at,
-    realign,
     reverse_aliases,
     surface_forms,
     value_mentions,
 )
-from schemas.documents import Document
+from tasks.realign import realign
 
 STEPS = ("malformed", "unify_relations", "unify_entities", "entity_in_value", "relation_in_value",
          "future_references", "placement", "duplicates", "density", "fluency_rewrite")

@@ -515,7 +515,7 @@ def judge_report(records: list[dict], gt: GroundTruth, endpoint: EndpointConfig,
     """FActScore with an LLM judge over bio records (from :func:`bio_report`)."""
     import openai
 
-    from tasks.annotate_openai import api_key
+    from tasks.endpoint import api_key
 
     client = openai.OpenAI(base_url=endpoint.base_url, api_key=api_key(endpoint), timeout=endpoint.timeout_s,
                            max_retries=endpoint.max_attempts - 1)

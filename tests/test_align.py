@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas import markup as m
-from tasks.align import Fact, mention_at, place_facts, realign, sentence_spans
+from tasks.align import Fact, mention_at, place_facts, sentence_spans
+from tasks.realign import realign
 
 REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "lmlm-reference"
 

@@ -12,7 +12,8 @@ from schemas.configs import AnnotatorConfig, EndpointConfig
 from schemas.errors import UserInputError
 from tasks.align import place_facts
 from schemas.documents import Document
-from tasks.annotate_openai import OpenAIAnnotator, cache_key, load_prompt, parse_facts
+from tasks.annotate_openai import OpenAIAnnotator, load_prompt, parse_facts
+from tasks.endpoint import cache_key
 
 SENTINEL = "sk-sentinel-3f9a1c77e2b04d5a9e61"
 KEY_ENV = "LMLM_TEST_OPENAI_KEY"

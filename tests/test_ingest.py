@@ -22,8 +22,10 @@ import zstandard
 from schemas.configs import IngestConfig
 from schemas.markup import parse, strip, unescape
 from schemas.shards import DOCUMENT_SCHEMA, QUARANTINE_SCHEMA, content_hash
-from tasks import ingest
-from tasks.ingest import IngestReport, InputError, KeySet, ingest_corpus, read_manifest
+from tasks import ingest, ingest_formats, ingest_plan
+from tasks.ingest import IngestReport, ingest_corpus
+from tasks.ingest_dedup import KeySet
+from tasks.ingest_plan import InputError, read_manifest
 from tasks.shardio import list_files, read_table, write_table_atomic
 
 
@@ -298,7 +300,7 @@ def test_small_batches_keep_line_numbers_across_block_boundaries(tmp_path):
 
 
 def test_a_line_longer_than_the_record_limit_is_quarantined_unread(tmp_path, monkeypatch):
-    monkeypatch.setattr(ingest, "MAX_RECORD_BYTES", 200_000)
+    monkeypatch.setattr(ingest_formats, "MAX_RECORD_BYTES", 200_000)
     path = write_jsonl(tmp_path / "a.jsonl", [dolma(1), dolma(2, text="x" * 300_000), dolma(3)])
     report = run([path], tmp_path / "out", batch_bytes=1 << 16)
     assert sorted(documents(tmp_path / "out")["source_line"].to_pylist()) == [1, 3]
@@ -338,7 +340,7 @@ def test_other_files_in_the_output_folder_are_left_alone(tmp_path):
 
 @pytest.mark.parametrize("start", ["fork", "spawn"])
 def test_worker_processes_share_one_dedup(tmp_path, monkeypatch, start):
-    monkeypatch.setattr(ingest, "MIN_TASK_BYTES", 1)  # every file its own task, so both workers get work
+    monkeypatch.setattr(ingest_plan, "MIN_TASK_BYTES", 1)  # every file its own task, so both workers get work
     if start == "spawn":  # what a Prefect task gets: another thread is running, so workers are spawned
         stop = threading.Event()
         threading.Thread(target=stop.wait, daemon=True).start()
