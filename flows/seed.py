@@ -20,7 +20,7 @@ from tasks.evaluate_annotation import score_triplets, scored_calls
 from tasks.load import load_warehouse_task, reviewed_overrides_task
 from tasks.seed import build_annotator, write_imported_documents, write_seed_documents_task
 from tasks.shardio import list_files, read_table
-from tasks.synthetic import RELATIONS
+from tasks.synthetic_world import RELATIONS
 from tasks.validate import ValidationFailed, validate_annotations_task
 
 

@@ -227,7 +227,7 @@ _NAME = r"(?:[A-Z][\w'’.&-]*(?: [A-Z][\w'’.&-]*){0,4}|[Ss]he|[Hh]e|[Hh]er|[H
 @lru_cache(maxsize=1)
 def _sentence_patterns() -> tuple[tuple[re.Pattern, tuple[str, ...], int], ...]:
     """(regex, relations in slot order, literal length) for every person fact template of the corpus."""
-    from tasks.synthetic import INTRO_TEMPLATES, TEMPLATES, _parse_template
+    from tasks.synthetic_documents import INTRO_TEMPLATES, TEMPLATES, _parse_template
 
     out = []
     for table in (INTRO_TEMPLATES["person"], TEMPLATES["person"]):
