@@ -555,7 +555,7 @@ def judge_report(records: list[dict], gt: GroundTruth, endpoint: EndpointConfig,
 def evaluate_variant(variant: str, checkpoint: str, *, holdout_annotated: list[str], lookup_source: str | None,
                      lookup_mode: str, gt: GroundTruth | None, people: list[str], probes: list[ClozeProbe],
                      edit_probes: list[ClozeProbe], warehouse_path: str | None, cfg) -> dict:
-    """Every metric of one model (``cfg`` an EvaluationConfig); the standard model generates without lookups."""
+    """Every metric of one model (``cfg`` an LMLMEvaluationConfig); the standard model generates without lookups."""
     log = run_logger(__name__)
     t0 = time.perf_counter()
     model, tokenizer = load_checkpoint(checkpoint)
