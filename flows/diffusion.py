@@ -114,7 +114,8 @@ def prepare_texts(config: LatentDiffusionFlowConfig, rt: Runtime, need_features:
 
 
 def run_autoencoder_stage(config: LatentDiffusionFlowConfig, data: TextData, rt: Runtime) -> tuple[object, dict]:
-    from tasks.diffusion import encoder_features, reconstruction_scores
+    from tasks.diffusion import encoder_features
+    from tasks.evaluate_diffusion import reconstruction_scores
 
     ae, report = train_autoencoder_task(data.train, config.autoencoder, os.path.join(config.workdir, "autoencoder"),
                                         config.max_tokens, data.features, data.encoder, rt)
@@ -138,7 +139,7 @@ def run_diffusion_stage(config: LatentDiffusionFlowConfig, data: TextData, ae, r
 
 def run_evaluation_stage(config: LatentDiffusionFlowConfig, data: TextData, ae, dm, latents, rt: Runtime) -> dict:
     """Samples of every generator scored side by side; returns {"rows", "classifier", "examples", ...}."""
-    from tasks import diffusion as ld
+    from tasks import evaluate_diffusion as ld
 
     logger = get_run_logger()
     ev, sampling = config.evaluation, config.sampling
