@@ -5,6 +5,9 @@
     guided; a class-conditional AR baseline trained on the same texts) -> samples per class
     -> MAUVE against held-out text, diversity (distinct-n), memorisation, class accuracy (a tf-idf judge),
        perplexity under a reference causal LM
+
+``evaluate_generators`` runs the whole comparison the latent-diffusion flow reports; the metrics are
+separately callable (``bench/`` uses them on saved samples).
 """
 
 from __future__ import annotations
@@ -12,17 +15,19 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from pydantic import BaseModel
 
 from models.autoencoder import CompactVocabulary, shifted_targets
 from models.device import device_of, resolve_device
 from models.diffusion import LatentDiffusion
-from schemas.diffusion_configs import TrainingBudget
+from schemas.diffusion_configs import LatentDiffusionFlowConfig, TrainingBudget
 from schemas.errors import UserInputError
-from tasks.diffusion import Autoencoder, TextSplit, class_ids, fit, step_generators
+from tasks.diffusion import Autoencoder, DiffusionModel, TextSplit, class_ids, fit, step_generators
 
 
 # ----------------------------------------------------------------------------- text metrics
@@ -297,3 +302,99 @@ def score_samples(samples: list[str], target_labels: list[str] | None, *, refere
     row["perplexity"] = round(perplexity(samples, reference_lm), 2) if reference_lm else None
     return row
 
+
+class DiffusionEvaluation(BaseModel):
+    """Every generator scored side by side, then held-out real text as the reference row."""
+
+    rows: list[dict]  # generator, setting, the score_samples columns, samples_per_s
+    classes: list[str]
+    real_text_accuracy: float | None  # the judge on held-out real text; None without classes
+    ar_baseline: dict | None  # the AR baseline's training report; None when it was skipped
+    examples: dict[str, list[dict]]  # generator -> a few {"class", "text"} samples
+    reference_texts: int
+
+
+def evaluate_generators(config: LatentDiffusionFlowConfig, train: TextSplit, holdout: TextSplit, ae: Autoencoder,
+                        dm: DiffusionModel, latents: torch.Tensor, *, amp: torch.dtype | None = None,
+                        device: str | torch.device = "auto", log: Callable[[str], None] = print) -> DiffusionEvaluation:
+    """Samples of every generator (``config.evaluation`` must be set) scored against the held-out texts: the
+    diffusion model with classifier-free guidance at each weight, unconditional and latent-classifier guided; the
+    class-conditional AR baseline (minilm decoder only); and held-out real text itself. ``latents`` are those of
+    ``train.texts``; the judge learns from ``train``; the reference LM and the AR baseline run on ``device``, the
+    latent classifier where ``dm`` is."""
+    ev, sampling = config.evaluation, config.sampling
+    classes = dm.classes
+    refs = ae.normalize(holdout.texts)
+    training_texts = ae.normalize(train.texts)
+    labelled = [(t, y) for t, y in zip(refs, holdout.labels) if y in classes]
+    classifier, real_accuracy = None, None
+    if classes:
+        # the judge learns from the training texts (held-out documents stay unseen) and is scored on all held-out ones
+        train_labelled = [(t, y) for t, y in zip(training_texts, train.labels) if y in classes]
+        classifier = TextClassifier([t for t, _ in train_labelled], [y for _, y in train_labelled])
+        real_accuracy = classifier.accuracy([t for t, _ in labelled], [y for _, y in labelled])
+        log(f"text classifier: {real_accuracy:.3f} accuracy on held-out real text")
+    from models.embed import embed
+
+    ref_features = embed(refs)  # once, not per generator
+    lm = load_reference_lm(ev.reference_lm, device) if ev.reference_lm else None  # once, not per generator
+    if lm is not None:
+        log(f"perplexity under {lm.path} (texts as the generators spell them: lower case for the uncased decoder)")
+    score = lambda samples, targets: score_samples(  # noqa: E731
+        samples, targets, references=refs, training_texts=training_texts, classifier=classifier,
+        reference_lm=lm, mauve_seed=ev.mauve_seed, reference_features=ref_features)
+    n, shape = ev.samples_per_class, tuple(latents.shape[1:])
+    rows, examples = [], {}
+
+    def diffusion_samples(label, how, **kw):
+        t0 = time.perf_counter()
+        texts, targets = [], []
+        for i, c in enumerate(classes or [None]):
+            conditioned = label == "cfg"  # unconditional and latent-classifier-guided samples get no class label
+            z = dm.sample_latents(n if classes else n * 8, c if conditioned else None, how, shape, seed=ev.mauve_seed + i,
+                                  **({} if label != "guided" else {"target": i, **kw}))
+            texts += ae.decode(z)
+            targets += [c] * len(z)
+        return texts, targets, time.perf_counter() - t0
+
+    steps = f"{sampling.sampler} {sampling.steps} steps"
+    generators = [("diffusion", f"{steps}, CFG w={sampling.guidance_scale}", "cfg", sampling, {})]
+    if classes:  # further guidance weights show the trade between fluency (MAUVE) and class accuracy
+        generators += [(f"diffusion, CFG w={w:g}", f"{steps}, CFG w={w:g}", "cfg", sampling.model_copy(update={"guidance_scale": w}), {})
+                       for w in dict.fromkeys(ev.extra_guidance_scales) if w != sampling.guidance_scale]
+        generators.append(("diffusion, unconditional", f"{steps}, no class", "uncond", sampling, {}))
+        clf = train_latent_classifier(latents, train.labels, classes, dm.model, ev.latent_classifier, amp=amp, log=log)
+        generators.append(("diffusion + latent-classifier guidance", f"no class, gradient scale {ev.classifier_guidance_scale}",
+                           "guided", sampling, {"classifier": clf, "classifier_scale": ev.classifier_guidance_scale}))
+    for name, setting, label, how, kw in generators:
+        texts, targets, seconds = diffusion_samples(label, how, **kw)
+        row = {"generator": name, "setting": setting, **score(texts, targets if classes else None),
+               "samples_per_s": round(len(texts) / seconds, 2)}
+        rows.append(row)
+        examples[name] = [{"class": y, "text": t} for t, y in list(zip(texts, targets))[::max(1, n // 2)]][:2 * max(1, len(classes))]
+        scores = {k: v for k, v in row.items() if k not in ("generator", "setting")}
+        log(f"{name}: {scores}")
+    ar_report = None
+    if ev.ar_baseline is not None and ae.hub is None:
+        ae_cfg = config.autoencoder
+        ar, ar_report = train_ar_baseline(
+            train, classes, ae.tokenizer, ev.ar_baseline, width=ae_cfg.width,
+            layers=ae_cfg.decoder_layers + ae_cfg.reconstruction_layers, heads=ae_cfg.heads,
+            max_length=ae.max_length + 1, seed=ae_cfg.seed, amp=amp, device=device, log=log)
+        t0, texts, targets = time.perf_counter(), [], []
+        for i, c in enumerate(classes or [None]):
+            got = sample_ar(ar, ae.tokenizer, i if c else len(classes), n, seed=ev.mauve_seed + i)
+            texts, targets = texts + got, targets + [c] * len(got)
+        row = {"generator": "AR baseline (class-conditional)", "setting": f"{ar_report['parameters']:,} params, temperature 1",
+               **score(texts, targets if classes else None), "samples_per_s": round(len(texts) / (time.perf_counter() - t0), 2)}
+        rows.append(row)
+        examples[row["generator"]] = [{"class": y, "text": t} for t, y in list(zip(texts, targets))[::max(1, n // 2)]][:2 * max(1, len(classes))]
+    real = [t for t, _ in labelled] or refs  # normalized as the generators spell their samples, so rows compare
+    rows.append({"generator": "held-out real text", "setting": "reference", "samples": len(real), "mauve": None,
+                 "diversity": round(diversity(real), 4), "distinct_2": round(distinct_n(real, 2), 4),
+                 **{f"memorised_{k}": v for k, v in memorisation(real, training_texts).items()},
+                 "class_accuracy": None if real_accuracy is None else round(real_accuracy, 4),
+                 "perplexity": None if lm is None else round(perplexity(real, lm), 2),
+                 "samples_per_s": None})
+    return DiffusionEvaluation(rows=rows, classes=classes, real_text_accuracy=real_accuracy, ar_baseline=ar_report,
+                               examples=examples, reference_texts=len(refs))
