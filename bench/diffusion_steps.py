@@ -113,7 +113,8 @@ def score(args) -> None:
     import torch
 
     from models.embed import embed
-    from tasks.diffusion import TextClassifier, load_autoencoder, mauve_score
+    from tasks.diffusion import load_autoencoder
+    from tasks.evaluate_diffusion import TextClassifier, mauve_score
 
     config = demo_config(args.workdir)
     train_split, holdout, _ = demo_texts(config)

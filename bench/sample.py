@@ -23,7 +23,8 @@ def main() -> None:
     import torch
 
     from schemas.diffusion_configs import LatentDiffusionFlowConfig, SamplingConfig
-    from tasks.diffusion import extract_texts, load_autoencoder, load_diffusion, mauve_score
+    from tasks.diffusion import extract_texts, load_autoencoder, load_diffusion
+    from tasks.evaluate_diffusion import mauve_score
     from tasks.shardio import list_files
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

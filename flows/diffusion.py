@@ -35,12 +35,12 @@ class TextData:
 
 
 @dataclass
-class Runtime:
+class DeviceSetup:
     amp: torch.dtype | None  # autocast dtype, None: full precision
     device: torch.device  # where the models train and sample
 
 
-def _runtime(config: LatentDiffusionFlowConfig) -> Runtime:
+def _device_setup(config: LatentDiffusionFlowConfig) -> DeviceSetup:
     from models.train import autocast_dtype
     from models.device import resolve_device
 
@@ -48,22 +48,22 @@ def _runtime(config: LatentDiffusionFlowConfig) -> Runtime:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     get_run_logger().info("models on %s%s", device, f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-    return Runtime(autocast_dtype(config.bf16, device), device)
+    return DeviceSetup(autocast_dtype(config.bf16, device), device)
 
 
 @task(name="train-autoencoder")
-def train_autoencoder_task(train, cfg, out_dir: str, max_tokens: int, features, encoder, rt: Runtime):
+def train_autoencoder_task(train, cfg, out_dir: str, max_tokens: int, features, encoder, setup: DeviceSetup):
     from tasks.diffusion import train_autoencoder
 
-    return train_autoencoder(train, cfg, out_dir, max_tokens=max_tokens, features=features, encoder=encoder, amp=rt.amp,
-                             device=rt.device, log=get_run_logger().info)
+    return train_autoencoder(train, cfg, out_dir, max_tokens=max_tokens, features=features, encoder=encoder, amp=setup.amp,
+                             device=setup.device, log=get_run_logger().info)
 
 
 @task(name="train-diffusion")
-def train_diffusion_task(latents, labels, cfg, out_dir: str, rt: Runtime):
+def train_diffusion_task(latents, labels, cfg, out_dir: str, setup: DeviceSetup):
     from tasks.diffusion import train_diffusion
 
-    return train_diffusion(latents, labels, cfg, out_dir, amp=rt.amp, device=rt.device, log=get_run_logger().info)
+    return train_diffusion(latents, labels, cfg, out_dir, amp=setup.amp, device=setup.device, log=get_run_logger().info)
 
 
 def document_shards(config: LatentDiffusionFlowConfig) -> list[str]:
@@ -101,23 +101,24 @@ def split_texts(config: LatentDiffusionFlowConfig, encoder):
         max_texts=config.max_texts, seed=config.autoencoder.seed)
 
 
-def prepare_texts(config: LatentDiffusionFlowConfig, rt: Runtime, need_features: bool = True) -> TextData:
+def prepare_texts(config: LatentDiffusionFlowConfig, setup: DeviceSetup, need_features: bool = True) -> TextData:
     """Texts of the shards split into training / held-out, and the frozen encoder's features of the training texts."""
     from tasks.diffusion import build_encoder, encoder_features
 
     logger = get_run_logger()
-    encoder = build_encoder(config.autoencoder).to(rt.device)
+    encoder = build_encoder(config.autoencoder).to(setup.device)
     train, holdout, stats = split_texts(config, encoder)
     logger.info("texts: %d training, %d held out from %d documents", stats["train_texts"], stats["holdout_texts"], stats["documents"])
     features = encoder_features(encoder, train.texts, config.max_tokens, log=logger.info) if need_features else None
     return TextData(train, holdout, stats, features, encoder)
 
 
-def run_autoencoder_stage(config: LatentDiffusionFlowConfig, data: TextData, rt: Runtime) -> tuple[object, dict]:
-    from tasks.diffusion import encoder_features, reconstruction_scores
+def run_autoencoder_stage(config: LatentDiffusionFlowConfig, data: TextData, setup: DeviceSetup) -> tuple[object, dict]:
+    from tasks.diffusion import encoder_features
+    from tasks.evaluate_diffusion import reconstruction_scores
 
     ae, report = train_autoencoder_task(data.train, config.autoencoder, os.path.join(config.workdir, "autoencoder"),
-                                        config.max_tokens, data.features, data.encoder, rt)
+                                        config.max_tokens, data.features, data.encoder, setup)
     held = data.holdout.texts[:1000]
     scores = reconstruction_scores(ae, held, encoder_features(data.encoder, held, config.max_tokens, log=lambda _: None))
     report["holdout"] = scores
@@ -126,96 +127,14 @@ def run_autoencoder_stage(config: LatentDiffusionFlowConfig, data: TextData, rt:
     return ae, report
 
 
-def run_diffusion_stage(config: LatentDiffusionFlowConfig, data: TextData, ae, rt: Runtime) -> tuple[object, torch.Tensor, dict]:
+def run_diffusion_stage(config: LatentDiffusionFlowConfig, data: TextData, ae, setup: DeviceSetup) -> tuple[object, torch.Tensor, dict]:
     from tasks.diffusion import encoder_features
 
     feats = data.features or encoder_features(data.encoder, data.train.texts, config.max_tokens, log=get_run_logger().info)
     latents = ae.encode(*feats)
     labels = data.train.labels if config.label_column else [None] * len(latents)
-    dm, report = train_diffusion_task(latents, labels, config.diffusion, os.path.join(config.workdir, "diffusion"), rt)
+    dm, report = train_diffusion_task(latents, labels, config.diffusion, os.path.join(config.workdir, "diffusion"), setup)
     return dm, latents, report
-
-
-def run_evaluation_stage(config: LatentDiffusionFlowConfig, data: TextData, ae, dm, latents, rt: Runtime) -> dict:
-    """Samples of every generator scored side by side; returns {"rows", "classifier", "examples", ...}."""
-    from tasks import diffusion as ld
-
-    logger = get_run_logger()
-    ev, sampling = config.evaluation, config.sampling
-    classes = dm.classes
-    refs = ae.normalize(data.holdout.texts)
-    training_texts = ae.normalize(data.train.texts)
-    labelled = [(t, y) for t, y in zip(refs, data.holdout.labels) if y in classes]
-    classifier, real_accuracy = None, None
-    if classes:
-        # the judge learns from the training texts (held-out documents stay unseen) and is scored on all held-out ones
-        train_labelled = [(t, y) for t, y in zip(training_texts, data.train.labels) if y in classes]
-        classifier = ld.TextClassifier([t for t, _ in train_labelled], [y for _, y in train_labelled])
-        real_accuracy = classifier.accuracy([t for t, _ in labelled], [y for _, y in labelled])
-        logger.info("text classifier: %.3f accuracy on held-out real text", real_accuracy)
-    from models.embed import embed
-
-    ref_features = embed(refs)  # once, not per generator
-    lm = ld.load_reference_lm(ev.reference_lm, rt.device) if ev.reference_lm else None  # once, not per generator
-    if lm is not None:
-        logger.info("perplexity under %s (texts as the generators spell them: lower case for the uncased decoder)", lm.path)
-    score = lambda samples, targets: ld.score_samples(  # noqa: E731
-        samples, targets, references=refs, training_texts=training_texts, classifier=classifier,
-        reference_lm=lm, mauve_seed=ev.mauve_seed, reference_features=ref_features)
-    n, shape = ev.samples_per_class, tuple(latents.shape[1:])
-    rows, examples = [], {}
-
-    def diffusion_samples(label, how, **kw):
-        t0 = time.perf_counter()
-        texts, targets = [], []
-        for i, c in enumerate(classes or [None]):
-            conditioned = label == "cfg"  # unconditional and latent-classifier-guided samples get no class label
-            z = dm.sample_latents(n if classes else n * 8, c if conditioned else None, how, shape, seed=ev.mauve_seed + i,
-                                  **({} if label != "guided" else {"target": i, **kw}))
-            texts += ae.decode(z)
-            targets += [c] * len(z)
-        return texts, targets, time.perf_counter() - t0
-
-    steps = f"{sampling.sampler} {sampling.steps} steps"
-    generators = [("diffusion", f"{steps}, CFG w={sampling.guidance_scale}", "cfg", sampling, {})]
-    if classes:  # further guidance weights show the trade between fluency (MAUVE) and class accuracy
-        generators += [(f"diffusion, CFG w={w:g}", f"{steps}, CFG w={w:g}", "cfg", sampling.model_copy(update={"guidance_scale": w}), {})
-                       for w in dict.fromkeys(ev.extra_guidance_scales) if w != sampling.guidance_scale]
-        generators.append(("diffusion, unconditional", f"{steps}, no class", "uncond", sampling, {}))
-        clf = ld.train_latent_classifier(latents, data.train.labels, classes, dm.model, ev.latent_classifier, amp=rt.amp,
-                                         log=logger.info)
-        generators.append(("diffusion + latent-classifier guidance", f"no class, gradient scale {ev.classifier_guidance_scale}",
-                           "guided", sampling, {"classifier": clf, "classifier_scale": ev.classifier_guidance_scale}))
-    for name, setting, label, how, kw in generators:
-        texts, targets, seconds = diffusion_samples(label, how, **kw)
-        row = {"generator": name, "setting": setting, **score(texts, targets if classes else None),
-               "samples_per_s": round(len(texts) / seconds, 2)}
-        rows.append(row)
-        examples[name] = [{"class": y, "text": t} for t, y in list(zip(texts, targets))[::max(1, n // 2)]][:2 * max(1, len(classes))]
-        logger.info("%s: %s", name, {k: v for k, v in row.items() if k not in ("generator", "setting")})
-    ar_report = None
-    if ev.ar_baseline is not None and ae.hub is None:
-        ar, ar_report = ld.train_ar_baseline(
-            data.train, classes, ae.tokenizer, ev.ar_baseline, width=config.autoencoder.width,
-            layers=config.autoencoder.decoder_layers + config.autoencoder.reconstruction_layers, heads=config.autoencoder.heads,
-            max_length=ae.max_length + 1, seed=config.autoencoder.seed, amp=rt.amp, device=rt.device, log=logger.info)
-        t0, texts, targets = time.perf_counter(), [], []
-        for i, c in enumerate(classes or [None]):
-            got = ld.sample_ar(ar, ae.tokenizer, i if c else len(classes), n, seed=ev.mauve_seed + i)
-            texts, targets = texts + got, targets + [c] * len(got)
-        row = {"generator": "AR baseline (class-conditional)", "setting": f"{ar_report['parameters']:,} params, temperature 1",
-               **score(texts, targets if classes else None), "samples_per_s": round(len(texts) / (time.perf_counter() - t0), 2)}
-        rows.append(row)
-        examples[row["generator"]] = [{"class": y, "text": t} for t, y in list(zip(texts, targets))[::max(1, n // 2)]][:2 * max(1, len(classes))]
-    real = [t for t, _ in labelled] or refs  # normalized as the generators spell their samples, so rows compare
-    rows.append({"generator": "held-out real text", "setting": "reference", "samples": len(real), "mauve": None,
-                 "diversity": round(ld.diversity(real), 4), "distinct_2": round(ld.distinct_n(real, 2), 4),
-                 **{f"memorised_{k}": v for k, v in ld.memorisation(real, training_texts).items()},
-                 "class_accuracy": None if real_accuracy is None else round(real_accuracy, 4),
-                 "perplexity": None if lm is None else round(ld.perplexity(real, lm), 2),
-                 "samples_per_s": None})
-    return {"rows": rows, "classes": classes, "real_text_accuracy": real_accuracy, "ar_baseline": ar_report,
-            "examples": examples, "reference_texts": len(refs)}
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -270,10 +189,10 @@ def _stage_report(config: LatentDiffusionFlowConfig, data: TextData, stage: str,
 @flow(name="autoencoder-training")
 def autoencoder_training(config: LatentDiffusionFlowConfig) -> dict:
     """Train the text autoencoder on the shards' texts; report held-out reconstruction BLEU and exact match."""
-    rt = _runtime(config)
+    setup = _device_setup(config)
     Path(config.workdir).mkdir(parents=True, exist_ok=True)
-    data = prepare_texts(config, rt)
-    return _stage_report(config, data, "autoencoder", run_autoencoder_stage(config, data, rt)[1])
+    data = prepare_texts(config, setup)
+    return _stage_report(config, data, "autoencoder", run_autoencoder_stage(config, data, setup)[1])
 
 
 @flow(name="diffusion-training")
@@ -281,29 +200,33 @@ def diffusion_training(config: LatentDiffusionFlowConfig) -> dict:
     """Train the latent diffusion model on the latents of a trained autoencoder in the workdir."""
     from tasks.diffusion import load_autoencoder
 
-    rt = _runtime(config)
-    ae = load_autoencoder(os.path.join(config.workdir, "autoencoder"), rt.device)
-    data = prepare_texts(config, rt)
-    return _stage_report(config, data, "diffusion", run_diffusion_stage(config, data, ae, rt)[2])
+    setup = _device_setup(config)
+    ae = load_autoencoder(os.path.join(config.workdir, "autoencoder"), setup.device)
+    data = prepare_texts(config, setup)
+    return _stage_report(config, data, "diffusion", run_diffusion_stage(config, data, ae, setup)[2])
 
 
 @flow(name="latent-diffusion")
 def latent_diffusion(config: LatentDiffusionFlowConfig) -> dict:
     """The whole job: autoencoder, diffusion, samples per class, evaluation table, report."""
-    rt = _runtime(config)
+    setup = _device_setup(config)
     Path(config.workdir).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    data = prepare_texts(config, rt)
+    data = prepare_texts(config, setup)
     report = {"texts": data.stats, "config": config.model_dump(mode="json")}
     stage = time.perf_counter()
-    ae, report["autoencoder"] = run_autoencoder_stage(config, data, rt)
+    ae, report["autoencoder"] = run_autoencoder_stage(config, data, setup)
     report["autoencoder"]["stage_seconds"] = round(time.perf_counter() - stage, 1)
     stage = time.perf_counter()
-    dm, latents, report["diffusion"] = run_diffusion_stage(config, data, ae, rt)
+    dm, latents, report["diffusion"] = run_diffusion_stage(config, data, ae, setup)
     report["diffusion"]["stage_seconds"] = round(time.perf_counter() - stage, 1)
     if config.evaluation is not None:
+        from tasks.evaluate_diffusion import evaluate_generators
+
         stage = time.perf_counter()
-        report["evaluation"] = run_evaluation_stage(config, data, ae, dm, latents, rt)
+        evaluation = evaluate_generators(config, data.train, data.holdout, ae, dm, latents, amp=setup.amp,
+                                         device=setup.device, log=get_run_logger().info)
+        report["evaluation"] = evaluation.model_dump()
         report["evaluation"]["stage_seconds"] = round(time.perf_counter() - stage, 1)
     report["total_seconds"] = round(time.perf_counter() - t0, 1)
     _publish(report, config.workdir)

@@ -17,7 +17,7 @@ def _config_from_args(args) -> LatentDiffusionFlowConfig:
         data["evaluation"] = None
     config = validated(LatentDiffusionFlowConfig, data, 'latent-diffusion config')
     if config.evaluation is not None and config.evaluation.reference_lm:
-        from tasks.diffusion import resolve_reference_lm
+        from tasks.evaluate_diffusion import resolve_reference_lm
 
         resolve_reference_lm(config.evaluation.reference_lm)  # a wrong folder fails now, not after training
     return config

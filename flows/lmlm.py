@@ -23,7 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.artifacts import publish_links, publish_png, publish_table
 from flows.stages import pretrain_process, pretrain_variant
 from schemas.errors import UserInputError
-from schemas.lmlm_configs import EvaluationConfig, LMLMFlowConfig
+from schemas.lmlm_configs import LMLMEvaluationConfig, LMLMFlowConfig
 from tasks.shardio import list_files
 
 
@@ -146,7 +146,7 @@ def lmlm_evaluation(config: LMLMFlowConfig = LMLMFlowConfig()) -> dict:
     from tasks.pretrain import holdout_texts, is_holdout
 
     logger = get_run_logger()
-    ev: EvaluationConfig = config.evaluation
+    ev: LMLMEvaluationConfig = config.evaluation
     torch.set_num_threads(config.threads_per_process)
     checkpoints = checkpoints_of(config)
     shards = annotated_shards(config)

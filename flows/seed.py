@@ -26,7 +26,7 @@ from schemas.configs import SeedAnnotationConfig, SeedFlowConfig, ValidationConf
 from schemas.reports import RunRecord, SeedStageReport, ValidationReport, WarehouseLoad
 from tasks.seed import build_annotator
 from tasks.shardio import list_files
-from tasks.synthetic import RELATIONS
+from tasks.synthetic_world import RELATIONS
 from tasks.validate import ValidationFailed
 
 

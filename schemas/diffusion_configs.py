@@ -101,7 +101,7 @@ class SamplingConfig(BaseModel):
     batch_size: int = Field(256, ge=1)
 
 
-class EvaluationConfig(BaseModel):
+class DiffusionEvaluationConfig(BaseModel):
     samples_per_class: int = Field(40, ge=1, description="samples drawn per class for every generator compared")
     extra_guidance_scales: list[NonNegativeFloat] = Field(
         [3.0], description="further classifier-free guidance weights evaluated besides sampling.guidance_scale (each a "
@@ -137,7 +137,7 @@ class LatentDiffusionFlowConfig(BaseModel):
     autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    evaluation: EvaluationConfig | None = Field(default_factory=EvaluationConfig, description="none skips evaluation")
+    evaluation: DiffusionEvaluationConfig | None = Field(default_factory=DiffusionEvaluationConfig, description="none skips evaluation")
     device: str = Field("auto", description="where the models train and sample: auto (the first CUDA GPU when PyTorch "
                         "sees one, else the CPU), cpu, cuda or cuda:N")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; unset: torch's default")

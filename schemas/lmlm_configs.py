@@ -21,7 +21,7 @@ DEMO_PRETRAIN = dict(model="tiny", context_length=256, batch_size=8, token_budge
                      checkpoint_every=200, log_every=50)
 
 
-class EvaluationConfig(BaseModel):
+class LMLMEvaluationConfig(BaseModel):
     """What ``lmlm_evaluation`` measures, and on how much. Metrics that need the synthetic ground truth
     (bios, cloze probes, edits) are skipped when there is none."""
 
@@ -67,4 +67,4 @@ class LMLMFlowConfig(BaseModel):
                                      description="shared by every variant: same shape, tokenizer and token budget")
     parallel: bool = Field(True, description="train the variants at once, one process each (CPU machines)")
     threads_per_process: int = Field(1, ge=1, description="torch CPU threads of each training process")
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    evaluation: LMLMEvaluationConfig = Field(default_factory=LMLMEvaluationConfig)

@@ -227,7 +227,7 @@ _NAME = r"(?:[A-Z][\w'’.&-]*(?: [A-Z][\w'’.&-]*){0,4}|[Ss]he|[Hh]e|[Hh]er|[H
 @lru_cache(maxsize=1)
 def _sentence_patterns() -> tuple[tuple[re.Pattern, tuple[str, ...], int], ...]:
     """(regex, relations in slot order, literal length) for every person fact template of the corpus."""
-    from tasks.synthetic import INTRO_TEMPLATES, TEMPLATES, _parse_template
+    from tasks.synthetic_documents import INTRO_TEMPLATES, TEMPLATES, _parse_template
 
     out = []
     for table in (INTRO_TEMPLATES["person"], TEMPLATES["person"]):
@@ -554,7 +554,7 @@ def judge_report(records: list[dict], gt: GroundTruth, endpoint: EndpointConfig,
 def evaluate_variant(variant: str, checkpoint: str, *, holdout_annotated: list[str], lookup_source: str | None,
                      lookup_mode: str, gt: GroundTruth | None, people: list[str], probes: list[ClozeProbe],
                      edit_probes: list[ClozeProbe], warehouse_path: str | None, cfg) -> dict:
-    """Every metric of one model (``cfg`` an EvaluationConfig); the standard model generates without lookups."""
+    """Every metric of one model (``cfg`` an LMLMEvaluationConfig); the standard model generates without lookups."""
     t0 = time.perf_counter()
     model, tokenizer = load_checkpoint(checkpoint)
     lookup = open_lookup(lookup_source, lookup_mode, tokenizer) if variant == "lmlm" and lookup_source else None

@@ -154,7 +154,7 @@ def minilm():
 
 
 def test_minilm_clusters_relation_names(minilm):
-    from tasks.synthetic import RELATIONS
+    from tasks.synthetic_world import RELATIONS
 
     variants = {"Notable Works": "Notable Work", "Geographical Location": "Geographic Location",
                 "Published Year": "Publication Year", "Signed Date": "Date Signed"}

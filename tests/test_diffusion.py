@@ -13,6 +13,7 @@ from schemas.diffusion_configs import AutoencoderConfig, DiffusionConfig, Latent
 from schemas.errors import UserInputError
 from schemas.shards import DOCUMENT_SCHEMA
 from tasks import diffusion as ld
+from tasks import evaluate_diffusion as ev
 from tasks.shardio import write_table_atomic
 
 torch.set_num_threads(1)
@@ -177,7 +178,7 @@ def test_autoencoder_learns_to_reconstruct_and_reloads_identically(tmp_path, enc
                                                                              log_every=1000, checkpoint_every=1000))
     train = ld.TextSplit(TEXTS, ["science", "arts", "law", "medicine"])
     ae, report = ld.train_autoencoder(train, cfg, str(tmp_path / "ae"), max_tokens=16, encoder=encoder, log=lambda m: None)
-    scores = ld.reconstruction_scores(ae, TEXTS)
+    scores = ev.reconstruction_scores(ae, TEXTS)
     assert scores["exact_match"] == 1.0 and scores["bleu"] == pytest.approx(100.0)
     assert scores["examples"][0]["reconstruction"] == "ann lee is a chemist."  # the uncased MiniLM vocabulary
     loaded = ld.load_autoencoder(str(tmp_path / "ae"))
@@ -262,11 +263,11 @@ def test_ar_baseline_samples_follow_their_class(encoder):
 
     train = ld.TextSplit(["the river is wide and cold."] * 8 + ["the market opens at nine."] * 8, ["geo"] * 8 + ["biz"] * 8)
     vocab = CompactVocabulary.build(encoder.tokenizer, train.texts)
-    model, report = ld.train_ar_baseline(train, ["biz", "geo"], vocab, TrainingBudget(steps=60, batch_size=16, lr=5e-3, warmup_steps=5,
+    model, report = ev.train_ar_baseline(train, ["biz", "geo"], vocab, TrainingBudget(steps=60, batch_size=16, lr=5e-3, warmup_steps=5,
                                          log_every=1000), width=32, layers=1, heads=2, max_length=12, log=lambda m: None)
     assert report["steps"] == 60
-    biz = ld.sample_ar(model, vocab, 0, 4, temperature=0.5)
-    geo = ld.sample_ar(model, vocab, 1, 4, temperature=0.5)
+    biz = ev.sample_ar(model, vocab, 0, 4, temperature=0.5)
+    geo = ev.sample_ar(model, vocab, 1, 4, temperature=0.5)
     assert all("market" in t for t in biz) and all("river" in t for t in geo)
 
 
@@ -293,7 +294,7 @@ def test_text_classifier_reads_the_class_vocabulary_of_unseen_texts():
         for i, name in enumerate(names):
             texts.append(f"{name} was born in a small town and works as a {jobs[i % 2]}.")
             labels.append(c)
-    judge = ld.TextClassifier(texts, labels)
+    judge = ev.TextClassifier(texts, labels)
     # new names and word order: only the occupation tells the class
     unseen = [f"A {jobs[0]} named Yan lives in a small town." for jobs in fields.values()]
     assert judge.predict(unseen) == list(fields) and judge.accuracy(unseen, list(fields)) == 1.0
@@ -301,16 +302,16 @@ def test_text_classifier_reads_the_class_vocabulary_of_unseen_texts():
 
 def test_bleu_is_100_for_identical_text_and_0_without_shared_4grams():
     refs = ["the cat sat on the mat .", "a dog ran in the park ."]
-    assert ld.corpus_bleu(refs, refs) == pytest.approx(100.0)
-    assert ld.corpus_bleu(["x y z w v", "q r s t u"], refs) == 0.0
-    assert 0 < ld.corpus_bleu(["the cat sat on the mat", "a dog ran in the park ."], refs) < 100
+    assert ev.corpus_bleu(refs, refs) == pytest.approx(100.0)
+    assert ev.corpus_bleu(["x y z w v", "q r s t u"], refs) == 0.0
+    assert 0 < ev.corpus_bleu(["the cat sat on the mat", "a dog ran in the park ."], refs) < 100
 
 
 def test_diversity_and_memorisation():
     repeated = ["the same words again and again"] * 4
     varied = ["one two three four", "five six seven eight", "nine ten eleven twelve", "a b c d"]
-    assert ld.diversity(varied) == pytest.approx(1.0) and ld.diversity(repeated) < 0.3
-    m = ld.memorisation(["The cat sat.", "A new sentence here."], ["Yesterday the cat sat. It was warm."])
+    assert ev.diversity(varied) == pytest.approx(1.0) and ev.diversity(repeated) < 0.3
+    m = ev.memorisation(["The cat sat.", "A new sentence here."], ["Yesterday the cat sat. It was warm."])
     assert m["verbatim"] == 0.5
     assert 0 < m["train_4grams"] < 1
 
@@ -330,7 +331,7 @@ def test_mauve_is_high_for_the_same_distribution_and_floor_for_unrelated_text():
     rng = random.Random(0)
     references, same = _people(rng, 100), _people(rng, 100)
     other = [f"The {i}th recipe uses flour, {i % 7 + 1} eggs and a pinch of salt." for i in range(100)]
-    matching, unrelated = ld.mauve_score(same, references), ld.mauve_score(other, references)
+    matching, unrelated = ev.mauve_score(same, references), ev.mauve_score(other, references)
     assert matching > 0.5 > 0.1 > unrelated
 
 

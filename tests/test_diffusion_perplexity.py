@@ -13,7 +13,7 @@ import torch
 from schemas.configs import PretrainConfig
 from schemas.errors import UserInputError
 from schemas.shards import ANNOTATED_SCHEMA, rows_to_table
-from tasks import diffusion as ld
+from tasks import evaluate_diffusion as ev
 from tasks.pretrain import pretrain
 from tasks.shardio import write_table_atomic
 
@@ -64,49 +64,49 @@ def texts():
 
 
 def test_in_distribution_text_scores_lower_than_the_same_words_shuffled(workdir, texts):
-    lm = ld.load_reference_lm(workdir["checkpoint"], "cpu")
+    lm = ev.load_reference_lm(workdir["checkpoint"], "cpu")
     in_order, shuffled = texts
-    assert ld.perplexity(in_order, lm) * 3 < ld.perplexity(shuffled, lm)
+    assert ev.perplexity(in_order, lm) * 3 < ev.perplexity(shuffled, lm)
 
 
 def test_workdir_output_folder_variant_folder_and_checkpoint_give_the_same_perplexity(workdir, texts):
     in_order, _ = texts
     standard = os.path.dirname(workdir["checkpoint"])
     names = [workdir["workdir"], os.path.dirname(standard), standard, workdir["checkpoint"]]
-    assert [ld.resolve_reference_lm(n) for n in names] == [workdir["checkpoint"]] * 4  # the newest standard one
-    scores = {n: ld.perplexity(in_order, n) for n in names}
+    assert [ev.resolve_reference_lm(n) for n in names] == [workdir["checkpoint"]] * 4  # the newest standard one
+    scores = {n: ev.perplexity(in_order, n) for n in names}
     assert len(set(scores.values())) == 1, scores
     # the LMLM variant, named directly, is another model with another score: the lookup above did not pick it
-    assert ld.perplexity(in_order, os.path.dirname(workdir["lmlm_checkpoint"])) != scores[names[0]]
+    assert ev.perplexity(in_order, os.path.dirname(workdir["lmlm_checkpoint"])) != scores[names[0]]
 
 
 def test_a_loaded_lm_scores_as_its_path_whatever_the_batching_and_skips_empty_texts(workdir, texts):
     in_order, shuffled = texts
-    lm = ld.load_reference_lm(workdir["workdir"])
+    lm = ev.load_reference_lm(workdir["workdir"])
     assert lm.path == workdir["checkpoint"]
-    assert ld.perplexity(in_order + ["", "  "], lm) == ld.perplexity(in_order, workdir["checkpoint"])
+    assert ev.perplexity(in_order + ["", "  "], lm) == ev.perplexity(in_order, workdir["checkpoint"])
     mixed = [t[: len(t) // (1 + i % 3)] for i, t in enumerate(in_order + shuffled)]  # ragged lengths: padding in batches
-    assert ld.perplexity(mixed, lm, batch_size=5) == pytest.approx(ld.perplexity(mixed, lm, batch_size=1), rel=1e-5)
-    assert math.isnan(ld.perplexity(["", " ", "the"], lm))  # no token has a context to be scored in: nan, not a perfect 1
+    assert ev.perplexity(mixed, lm, batch_size=5) == pytest.approx(ev.perplexity(mixed, lm, batch_size=1), rel=1e-5)
+    assert math.isnan(ev.perplexity(["", " ", "the"], lm))  # no token has a context to be scored in: nan, not a perfect 1
 
 
 def test_a_folder_without_a_model_is_named_in_one_error_line(tmp_path):
     (tmp_path / "empty").mkdir()
     for bad in (tmp_path / "empty", tmp_path / "missing"):
         with pytest.raises(UserInputError, match=f"reference LM '{bad}'.*make demo-lmlm") as err:
-            ld.perplexity(["the cat sat ."], str(bad))
+            ev.perplexity(["the cat sat ."], str(bad))
         assert "\n" not in str(err.value)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{}")
     with pytest.raises(UserInputError, match=f"reference LM '{broken}': cannot load"):
-        ld.load_reference_lm(str(broken))
+        ev.load_reference_lm(str(broken))
 
 
 def test_a_hub_name_that_cannot_be_loaded_offline_is_a_user_error():
-    assert ld.resolve_reference_lm("no-such-model-name") == "no-such-model-name"  # not a local path: a hub name
+    assert ev.resolve_reference_lm("no-such-model-name") == "no-such-model-name"  # not a local path: a hub name
     with pytest.raises(UserInputError, match="reference LM 'no-such-model-name': cannot load it"):
-        ld.load_reference_lm("no-such-model-name")  # the test session is offline (HF_HUB_OFFLINE)
+        ev.load_reference_lm("no-such-model-name")  # the test session is offline (HF_HUB_OFFLINE)
 
 
 def _train_args(*argv):

@@ -262,14 +262,14 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def flows_run(workdir, prefect_harness):  # about a minute: a Prefect server, two training processes, evaluation
     from flows.lmlm import lmlm_evaluation, lmlm_pretraining
-    from schemas.lmlm_configs import EvaluationConfig, LMLMFlowConfig
+    from schemas.lmlm_configs import LMLMEvaluationConfig, LMLMFlowConfig
 
     config = LMLMFlowConfig(
         workdir=str(workdir), annotated_shards=[str(workdir / "synthetic" / "ground_truth" / "annotated.parquet")],
         pretrain=dict(model="micro", vocab_size=400, context_length=64, batch_size=2, max_steps=4, warmup_steps=1,
                       eval_every=2, checkpoint_every=4, eval_docs=4, holdout_fraction=0.2, bf16=False),
-        evaluation=EvaluationConfig(perplexity_docs=3, bio_people=3, bio_max_new_tokens=16, cloze_probes=5,
-                                    cloze_max_new_tokens=8, edit_facts=3, batch_size=4))
+        evaluation=LMLMEvaluationConfig(perplexity_docs=3, bio_people=3, bio_max_new_tokens=16, cloze_probes=5,
+                                        cloze_max_new_tokens=8, edit_facts=3, batch_size=4))
     return config, lmlm_pretraining(config), lmlm_evaluation(config)
 
 

@@ -18,16 +18,9 @@ from schemas.configs import SyntheticCorpusConfig
 from schemas.errors import UserInputError
 from schemas.markup import calls_per_100_words, mention_span, parse, strip
 from schemas.shards import ANNOTATED_SCHEMA, TRIPLET_SCHEMA, triplet_id
-from tasks.synthetic import (
-    CATEGORIES,
-    DOC_KINDS,
-    INTRO_TEMPLATES,
-    MENTION_CLAUSES,
-    RELATIONS,
-    RELATIONS_BY_TYPE,
-    TEMPLATES,
-    generate_corpus,
-)
+from tasks.synthetic import generate_corpus
+from tasks.synthetic_documents import DOC_KINDS, INTRO_TEMPLATES, MENTION_CLAUSES, TEMPLATES
+from tasks.synthetic_world import CATEGORIES, RELATIONS, RELATIONS_BY_TYPE
 
 PROJECT = Path(__file__).resolve().parents[1]
 SMALL = SyntheticCorpusConfig(n_people=80, n_organisation_docs=12, n_city_docs=6, n_no_fact_docs=6,
