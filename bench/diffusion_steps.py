@@ -44,7 +44,7 @@ def demo_config(workdir: str):
 
 def demo_texts(config):
     """(training, held-out) TextSplits of the demo, split as the flow splits them, and the encoder."""
-    from flows.diffusion import split_texts
+    from tasks.diffusion_texts import split_texts
     from tasks.diffusion import build_encoder
 
     encoder = build_encoder(config.autoencoder)

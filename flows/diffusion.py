@@ -17,21 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.artifacts import line_chart_png, publish_links, publish_png, publish_table
+from flows.stages import (
+    evaluate_generators_task,
+    holdout_reconstruction_task,
+    train_autoencoder_task,
+    train_diffusion_task,
+)
 from schemas.diffusion_configs import LatentDiffusionFlowConfig
-from schemas.errors import UserInputError
-
-
-@dataclass
-class TextData:
-    train: object  # tasks.diffusion.TextSplit
-    holdout: object
-    stats: dict
-    features: tuple | None = None  # cached encoder features of train.texts
-    encoder: object | None = None
+from tasks.diffusion import encoder_features, load_autoencoder
+from tasks.diffusion_texts import TextData, prepare_texts
 
 
 @dataclass
@@ -41,8 +39,8 @@ class DeviceSetup:
 
 
 def _device_setup(config: LatentDiffusionFlowConfig) -> DeviceSetup:
-    from models.train import autocast_dtype
     from models.device import resolve_device
+    from models.train import autocast_dtype
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -51,89 +49,22 @@ def _device_setup(config: LatentDiffusionFlowConfig) -> DeviceSetup:
     return DeviceSetup(autocast_dtype(config.bf16, device), device)
 
 
-@task(name="train-autoencoder")
-def train_autoencoder_task(train, cfg, out_dir: str, max_tokens: int, features, encoder, setup: DeviceSetup):
-    from tasks.diffusion import train_autoencoder
-
-    return train_autoencoder(train, cfg, out_dir, max_tokens=max_tokens, features=features, encoder=encoder, amp=setup.amp,
-                             device=setup.device, log=get_run_logger().info)
-
-
-@task(name="train-diffusion")
-def train_diffusion_task(latents, labels, cfg, out_dir: str, setup: DeviceSetup):
-    from tasks.diffusion import train_diffusion
-
-    return train_diffusion(latents, labels, cfg, out_dir, amp=setup.amp, device=setup.device, log=get_run_logger().info)
-
-
-def document_shards(config: LatentDiffusionFlowConfig) -> list[str]:
-    """The configured document shards, or those of a synthetic corpus generated (once) under the workdir."""
-    from tasks.shardio import list_files
-
-    if config.document_shards:
-        shards = sorted({p for loc in config.document_shards for p in list_files(loc, (".parquet",))})
-        if not shards:
-            raise UserInputError(f"no .parquet document shards under {config.document_shards}; pass shard files or folders")
-        return shards
-    from schemas.configs import IngestConfig
-    from tasks.ingest import ingest_corpus
-    from tasks.synthetic import generate_corpus
-
-    out = Path(config.workdir, "corpus")
-    shard_dir = out / "shards" / "documents"
-    marker = out / "synthetic-config.json"
-    wanted = config.synthetic.model_dump_json()
-    if not (marker.exists() and marker.read_text() == wanted and list_files(str(shard_dir), (".parquet",))):
-        generate_corpus(config.synthetic, str(out / "synthetic"))
-        ingest_corpus(IngestConfig(inputs=[str(out / "synthetic" / "corpus")], output=str(out / "shards"), workers=1),
-                      run_id="latent-diffusion")
-        marker.write_text(wanted)
-    return list_files(str(shard_dir), (".parquet",))
-
-
-def split_texts(config: LatentDiffusionFlowConfig, encoder):
-    """(training, held-out, counts): the texts of the configured shards as the flow splits them."""
-    from tasks.diffusion import extract_texts
-
-    return extract_texts(
-        document_shards(config), count_tokens=encoder.token_count, max_tokens=config.max_tokens,
-        pack=config.pack_sentences, label_column=config.label_column, holdout_fraction=config.holdout_fraction,
-        max_texts=config.max_texts, seed=config.autoencoder.seed)
-
-
-def prepare_texts(config: LatentDiffusionFlowConfig, setup: DeviceSetup, need_features: bool = True) -> TextData:
-    """Texts of the shards split into training / held-out, and the frozen encoder's features of the training texts."""
-    from tasks.diffusion import build_encoder, encoder_features
-
-    logger = get_run_logger()
-    encoder = build_encoder(config.autoencoder).to(setup.device)
-    train, holdout, stats = split_texts(config, encoder)
-    logger.info("texts: %d training, %d held out from %d documents", stats["train_texts"], stats["holdout_texts"], stats["documents"])
-    features = encoder_features(encoder, train.texts, config.max_tokens, log=logger.info) if need_features else None
-    return TextData(train, holdout, stats, features, encoder)
-
-
 def run_autoencoder_stage(config: LatentDiffusionFlowConfig, data: TextData, setup: DeviceSetup) -> tuple[object, dict]:
-    from tasks.diffusion import encoder_features
-    from tasks.evaluate_diffusion import reconstruction_scores
-
     ae, report = train_autoencoder_task(data.train, config.autoencoder, os.path.join(config.workdir, "autoencoder"),
-                                        config.max_tokens, data.features, data.encoder, setup)
-    held = data.holdout.texts[:1000]
-    scores = reconstruction_scores(ae, held, encoder_features(data.encoder, held, config.max_tokens, log=lambda _: None))
-    report["holdout"] = scores
+                                        max_tokens=config.max_tokens, features=data.features, encoder=data.encoder,
+                                        amp=setup.amp, device=setup.device, log=get_run_logger().info)
+    report["holdout"] = scores = holdout_reconstruction_task(ae, data.encoder, data.holdout.texts[:1000], config.max_tokens)
     get_run_logger().info("autoencoder held-out reconstruction: BLEU %.2f, exact match %.3f (%d texts)",
                           scores["bleu"], scores["exact_match"], scores["texts"])
     return ae, report
 
 
 def run_diffusion_stage(config: LatentDiffusionFlowConfig, data: TextData, ae, setup: DeviceSetup) -> tuple[object, torch.Tensor, dict]:
-    from tasks.diffusion import encoder_features
-
     feats = data.features or encoder_features(data.encoder, data.train.texts, config.max_tokens, log=get_run_logger().info)
     latents = ae.encode(*feats)
     labels = data.train.labels if config.label_column else [None] * len(latents)
-    dm, report = train_diffusion_task(latents, labels, config.diffusion, os.path.join(config.workdir, "diffusion"), setup)
+    dm, report = train_diffusion_task(latents, labels, config.diffusion, os.path.join(config.workdir, "diffusion"),
+                                      amp=setup.amp, device=setup.device, log=get_run_logger().info)
     return dm, latents, report
 
 
@@ -191,18 +122,16 @@ def autoencoder_training(config: LatentDiffusionFlowConfig) -> dict:
     """Train the text autoencoder on the shards' texts; report held-out reconstruction BLEU and exact match."""
     setup = _device_setup(config)
     Path(config.workdir).mkdir(parents=True, exist_ok=True)
-    data = prepare_texts(config, setup)
+    data = prepare_texts(config, setup.device)
     return _stage_report(config, data, "autoencoder", run_autoencoder_stage(config, data, setup)[1])
 
 
 @flow(name="diffusion-training")
 def diffusion_training(config: LatentDiffusionFlowConfig) -> dict:
     """Train the latent diffusion model on the latents of a trained autoencoder in the workdir."""
-    from tasks.diffusion import load_autoencoder
-
     setup = _device_setup(config)
     ae = load_autoencoder(os.path.join(config.workdir, "autoencoder"), setup.device)
-    data = prepare_texts(config, setup)
+    data = prepare_texts(config, setup.device)
     return _stage_report(config, data, "diffusion", run_diffusion_stage(config, data, ae, setup)[2])
 
 
@@ -212,7 +141,7 @@ def latent_diffusion(config: LatentDiffusionFlowConfig) -> dict:
     setup = _device_setup(config)
     Path(config.workdir).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    data = prepare_texts(config, setup)
+    data = prepare_texts(config, setup.device)
     report = {"texts": data.stats, "config": config.model_dump(mode="json")}
     stage = time.perf_counter()
     ae, report["autoencoder"] = run_autoencoder_stage(config, data, setup)
@@ -221,10 +150,8 @@ def latent_diffusion(config: LatentDiffusionFlowConfig) -> dict:
     dm, latents, report["diffusion"] = run_diffusion_stage(config, data, ae, setup)
     report["diffusion"]["stage_seconds"] = round(time.perf_counter() - stage, 1)
     if config.evaluation is not None:
-        from tasks.evaluate_diffusion import evaluate_generators
-
         stage = time.perf_counter()
-        evaluation = evaluate_generators(config, data.train, data.holdout, ae, dm, latents, amp=setup.amp,
+        evaluation = evaluate_generators_task(config, data.train, data.holdout, ae, dm, latents, amp=setup.amp,
                                          device=setup.device, log=get_run_logger().info)
         report["evaluation"] = evaluation.model_dump()
         report["evaluation"]["stage_seconds"] = round(time.perf_counter() - stage, 1)

@@ -20,7 +20,9 @@ from schemas.configs import IngestConfig
 from schemas.errors import UserInputError
 from schemas.reports import IngestReport
 from tasks.bulk import bulk_annotate_shard
+from tasks.diffusion import train_autoencoder, train_diffusion
 from tasks.evaluate_annotation import score_against_gold
+from tasks.evaluate_diffusion import evaluate_generators, holdout_reconstruction
 from tasks.evaluate_lmlm import evaluate_variant
 from tasks.finetune import finetune_annotator
 from tasks.ingest import ingest_corpus
@@ -88,6 +90,12 @@ annotate_seed_task = task(annotate_seed, name="annotate-seed", cache_policy=NO_C
 # the small annotator
 finetune_annotator_task = task(finetune_annotator, name="finetune-annotator", cache_policy=NO_CACHE)
 bulk_annotate_shard_task = task(bulk_annotate_shard, name="bulk-annotate-shard", cache_policy=NO_CACHE, retries=1)
+
+# latent diffusion (models and batches are live objects)
+train_autoencoder_task = task(train_autoencoder, name="train-autoencoder", cache_policy=NO_CACHE)
+holdout_reconstruction_task = task(holdout_reconstruction, name="holdout-reconstruction", cache_policy=NO_CACHE)
+train_diffusion_task = task(train_diffusion, name="train-diffusion", cache_policy=NO_CACHE)
+evaluate_generators_task = task(evaluate_generators, name="evaluate-generators", cache_policy=NO_CACHE)
 
 # LMLM pretraining (two variants at once: each in a process of its own, or one after the other here) and evaluation
 pretrain_process = task(pretrain_in_process, name="pretrain-in-process", cache_policy=NO_CACHE)

@@ -27,7 +27,7 @@ from models.device import device_of, resolve_device
 from models.diffusion import LatentDiffusion
 from schemas.diffusion_configs import LatentDiffusionFlowConfig, TrainingBudget
 from schemas.errors import UserInputError
-from tasks.diffusion import Autoencoder, DiffusionModel, TextSplit, class_ids, fit, step_generators
+from tasks.diffusion import Autoencoder, DiffusionModel, TextSplit, class_ids, encoder_features, fit, step_generators
 
 
 # ----------------------------------------------------------------------------- text metrics
@@ -70,6 +70,11 @@ def reconstruction_scores(ae: Autoencoder, texts: list[str], features=None) -> d
     examples = [{"text": t, "reconstruction": d} for t, d in zip(texts[:5], decoded[:5])]
     return {"texts": len(texts), "bleu": round(corpus_bleu(decoded, texts), 2), "exact_match": round(exact, 4),
             "examples": examples}
+
+
+def holdout_reconstruction(ae: Autoencoder, encoder, texts: list[str], max_tokens: int) -> dict:
+    """:func:`reconstruction_scores` of held-out ``texts``, their features from the frozen ``encoder``."""
+    return reconstruction_scores(ae, texts, encoder_features(encoder, texts, max_tokens, log=lambda _: None))
 
 
 # ----------------------------------------------------------------------------- sample metrics
