@@ -29,15 +29,34 @@ def synthetic_config_for_docs(n_docs: int, seed: int = 0):
                                  n_no_fact_docs=max(0, n_docs - people - orgs - cities), seed=seed)
 
 
-def cmd_run(args) -> None:
-    from flows.corpus import corpus_processing
+def corpus_config(args, pipeline: bool = False):
+    """The corpus flow's config from ``--config`` and the flags (``pipeline``: with the small-annotator stages),
+    validated and preflighted: a mistake ends here, before any work or output."""
+    from flows.preflight import check_corpus_run, require
     from schemas.configs import CorpusFlowConfig
 
     data = with_overrides(load_config_file(args.config, CorpusFlowConfig), {
         "workdir": args.workdir or None, "corpus": args.corpus or None,
         "synthetic": synthetic_config_for_docs(args.docs, args.seed).model_dump() if args.docs else None,
         "validation.enabled": False if args.no_validate else None})
-    config = validated(CorpusFlowConfig, data)
+    if pipeline:
+        small = data.get("small_annotator") if isinstance(data.get("small_annotator"), dict) else {}
+        data["small_annotator"] = small
+        small["enabled"] = True
+        if args.finetune_budget_s:
+            finetune = small.setdefault("finetune", {})
+            if isinstance(finetune, dict):
+                finetune.setdefault("time_budget_s", args.finetune_budget_s)
+        if args.seed_docs:
+            small["seed_docs"] = args.seed_docs
+    config = validated(CorpusFlowConfig, data, source=args.config)
+    require(check_corpus_run(config))
+    return config
+
+
+def cmd_run(args, pipeline: bool = False) -> None:
+    config = corpus_config(args, pipeline)
+    from flows.corpus import corpus_processing  # Prefect and the stages load only for a config that passed
     report = corpus_processing(config)
     wh, ing = report["warehouse_load"], report["ingest"]
     print()
@@ -59,7 +78,7 @@ def cmd_run(args) -> None:
 
 
 def cmd_seed(args) -> None:
-    from flows.seed import seed_annotation
+    from flows.preflight import check_seed_flow, require
     from schemas.configs import SeedFlowConfig
 
     data = load_config_file(args.config, SeedFlowConfig)
@@ -78,7 +97,11 @@ def cmd_seed(args) -> None:
     for key, value in (("base_url", args.base_url), ("model", args.model)):
         if value:
             endpoint[key] = value
-    config = validated(SeedFlowConfig, data, "seed config", "give --shards or document_shards in --config")
+    config = validated(SeedFlowConfig, data, "seed config", "give --shards or document_shards in --config",
+                       source=args.config)
+    require(check_seed_flow(config))
+    from flows.seed import seed_annotation
+
     report = seed_annotation(config)
     print(f"seed: {report['docs']} documents, {report['annotated']} annotated, {report['failed']} failed "
           f"(retried on the next run), {report['rejected']} rejected, {report['calls']} calls")
@@ -275,24 +298,18 @@ def cmd_mark_crashed(args) -> None:
 
 def cmd_pipeline(args) -> None:
     """``lmlm run`` with the small-annotator stages: seed -> fine-tune -> bulk annotation -> warehouse."""
-    from schemas.configs import CorpusFlowConfig
+    cmd_run(args, pipeline=True)
 
-    data = load_config_file(args.config, CorpusFlowConfig)
-    data.setdefault("small_annotator", {})["enabled"] = True
-    if args.finetune_budget_s:
-        data["small_annotator"].setdefault("finetune", {}).setdefault("time_budget_s", args.finetune_budget_s)
-    if args.seed_docs:
-        data["small_annotator"]["seed_docs"] = args.seed_docs
-    config_path = os.path.join(args.workdir or data.get("workdir", "out"), "pipeline-config.json")
-    os.makedirs(os.path.dirname(config_path), exist_ok=True)
-    with open(config_path, "w") as f:
-        json.dump(data, f)
-    args.config = config_path
-    cmd_run(args)
+
+def cmd_check(args) -> None:
+    """``lmlm check``: the preflight of a run's config, alone."""
+    config = corpus_config(args, pipeline=args.pipeline)
+    print(f"ok: {args.config or 'the default config'} ({'pipeline' if args.pipeline else 'run'}): inputs, workdir "
+          f"{config.workdir}, warehouse, annotators and endpoints checked")
 
 
 def cmd_annotator_finetune(args) -> None:
-    from flows.annotator import annotator_finetune
+    from flows.preflight import check_finetune_flow, require
     from schemas.configs import FinetuneFlowConfig
 
     data = load_config_file(args.config, FinetuneFlowConfig)
@@ -301,7 +318,10 @@ def cmd_annotator_finetune(args) -> None:
         data.setdefault("finetune", {})["base"] = args.base
     if args.budget_s:
         data.setdefault("finetune", {})["time_budget_s"] = args.budget_s
-    config = validated(FinetuneFlowConfig, data)
+    config = validated(FinetuneFlowConfig, data, source=args.config)
+    require(check_finetune_flow(config))
+    from flows.annotator import annotator_finetune
+
     report = annotator_finetune(config)
     q = report["holdout_quality"]
     print(f"checkpoint: {report['checkpoint']} ({report['parameters']:,} parameters, version {report['version']})")
@@ -311,7 +331,7 @@ def cmd_annotator_finetune(args) -> None:
 
 
 def cmd_annotator_bulk(args) -> None:
-    from flows.annotator import bulk_annotation
+    from flows.preflight import check_bulk_flow, require
     from schemas.configs import BulkFlowConfig
 
     data = load_config_file(args.config, BulkFlowConfig)
@@ -324,7 +344,10 @@ def cmd_annotator_bulk(args) -> None:
         bulk.setdefault("endpoint", {})["base_url"] = args.base_url
     if args.no_warehouse:
         data["load_warehouse"] = False
-    config = validated(BulkFlowConfig, data)
+    config = validated(BulkFlowConfig, data, source=args.config)
+    require(check_bulk_flow(config))
+    from flows.annotator import bulk_annotation
+
     report = bulk_annotation(config)
     print(f"shards:    {report['shards']} ({report['shards_skipped']} finished earlier, skipped)")
     print(f"documents: {report['docs']}, {report['annotated']} annotated, {report['failed']} failed, "
@@ -379,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", parents=[corpus_run_arguments()], help="run the corpus-processing flow (synthetic corpus unless --corpus is given)")
     r.set_defaults(func=cmd_run)
+
+    ck = sub.add_parser("check", parents=[corpus_run_arguments()],
+                        help="preflight a run's config alone: inputs, workdir, warehouse, annotators, endpoints")
+    ck.add_argument("--pipeline", action="store_true", help="check it as `lmlm pipeline` runs it (small annotator on)")
+    ck.add_argument("--seed-docs", type=int, help=argparse.SUPPRESS)
+    ck.add_argument("--finetune-budget-s", type=float, default=None, help=argparse.SUPPRESS)
+    ck.set_defaults(func=cmd_check)
 
     sd = sub.add_parser("seed", help="seed annotation of existing document shards (sample, annotate, correct, load)")
     sd.add_argument("--shards", nargs="+", help="document shard files/folders/globs (e.g. out/x/shards/documents)")
@@ -468,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as exc:
-        print(f"lmlm: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:
+            print(f"lmlm: error: {line}", file=sys.stderr)
         return 2
     return 0
 

@@ -15,16 +15,16 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from schemas.configs import CorpusFlowConfig
+from schemas.configs import Config, CorpusFlowConfig
 from schemas.errors import UserInputError
 
 LLM_LIMIT = "llm-endpoint"  # the default EndpointConfig.global_limit
 log = logging.getLogger("lmlm.serve")
 
 
-class ServeConfig(BaseModel):
+class ServeConfig(Config):
     """What ``lmlm serve`` registers: schedules, default parameters, and shared limits."""
 
     workdir: str = Field("out/serve", description="where served runs write (their configs' workdir default)")
