@@ -12,7 +12,7 @@ Batches are left-padded; each sequence has its own queue of forced tokens, so se
 something up and sequences that generate share each step. Greedy batched output equals greedy
 one-at-a-time output (up to floating-point ties).
 
-With a :class:`warehouse.lookup.KeyTrie` as the index, decoding inside a call is constrained so
+With a :class:`lookup.KeyTrie` as the index, decoding inside a call is constrained so
 that only keys in the database can be written (prefix-tree constrained decoding).
 """
 
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lookup import KeyTrie, LookupResult
 from models.tokenizer import lookup_token_ids
 from schemas.errors import UserInputError
 from schemas.markup import DB_END, DB_ENTITY, SPECIAL_TOKENS, mention_span, parse_lenient, strip
-from warehouse.lookup import KeyTrie, LookupResult
 
 
 _MALFORMED_CALL = re.compile(re.escape(DB_ENTITY) + ".*?" + re.escape(DB_END), re.DOTALL)

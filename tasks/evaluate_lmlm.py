@@ -30,13 +30,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from lookup import UNKNOWN, LookupDatabase, name_words, normalize_key, open_index, open_lookup
+from models.embed import embed
 from models.generate import GenerationResult, generate
 from models.lmlm import Perplexity, normalized_perplexity
 from schemas.configs import EndpointConfig
 from schemas.errors import UserInputError
 from schemas.markup import DB_ENTITY, SPECIAL_TOKENS, Annotated, LookupCall, PlacedCall, parse, parse_lenient, render, strip
 from tasks.logs import run_logger
-from warehouse.lookup import UNKNOWN, name_words, normalize_key
 
 # Cloze prompts in the corpus's own phrasing ("{S} was born on {Birth Date}."), the value cut off.
 CLOZE_TEMPLATES: dict[str, str] = {
@@ -410,7 +411,6 @@ def edit_report(model, tokenizer, warehouse_path: str, probes: list[ClozeProbe],
     value after the edit. Unlearning: share of those whose old value is no longer produced after the delete.
     """
     import warehouse as wh
-    from warehouse.lookup import LookupDatabase
 
     others: dict[str, list[str]] = {}
     for values in gt.facts.values():
@@ -426,7 +426,7 @@ def edit_report(model, tokenizer, warehouse_path: str, probes: list[ClozeProbe],
         con = wh.connect(copy_warehouse(warehouse_path, tmp))
         try:
             db = LookupDatabase.load(con)
-            index = _open_index(db, lookup_mode, tokenizer)
+            index = open_index(db, lookup_mode, embed=embed, tokenizer=tokenizer)
 
             def produced(values: list[str]) -> list[bool]:
                 rs = _generate(model, tokenizer, prompts, index, max_new_tokens, batch_size, document_start)
@@ -453,34 +453,6 @@ def edit_report(model, tokenizer, warehouse_path: str, probes: list[ClozeProbe],
         "edit_success_all": sum(edited) / len(probes) if probes else 0.0,
         "seconds": edit_seconds,
     }
-
-
-def _open_index(db, mode: str, tokenizer):
-    from warehouse.lookup import open_index
-
-    embed = None
-    if mode == "fuzzy":
-        from models.embed import embed
-    return open_index(db, mode, embed=embed, tokenizer=tokenizer)
-
-
-def open_lookup(source: str, mode: str, tokenizer):
-    """The lookup index over a lookup database file (.parquet/.json) or a warehouse (.duckdb, read-only)."""
-    from warehouse.lookup import LookupDatabase
-
-    if source.endswith(".duckdb"):
-        import warehouse as wh
-
-        if not os.path.isfile(source):
-            raise UserInputError(f"warehouse {source} not found; run `lmlm run` or pass --lookup-db")
-        con = wh.connect(source, read_only=True)
-        try:
-            db = LookupDatabase.load(con)
-        finally:
-            con.close()
-    else:
-        db = LookupDatabase.load(source)
-    return _open_index(db, mode, tokenizer)
 
 
 # ----------------------------------------------------------------------------- LLM judge
@@ -559,7 +531,7 @@ def evaluate_variant(variant: str, checkpoint: str, *, holdout_annotated: list[s
     log = run_logger(__name__)
     t0 = time.perf_counter()
     model, tokenizer = load_checkpoint(checkpoint)
-    lookup = open_lookup(lookup_source, lookup_mode, tokenizer) if variant == "lmlm" and lookup_source else None
+    lookup = open_lookup(lookup_source, lookup_mode, tokenizer, embed=embed) if variant == "lmlm" and lookup_source else None
     report: dict = {"variant": variant, "checkpoint": checkpoint}
     timings = report.setdefault("seconds", {})
     s = time.perf_counter()

@@ -10,7 +10,7 @@ from models.generate import cite, generate, generate_regenerate_per_lookup
 from schemas.errors import UserInputError
 from schemas.markup import DB_END, DB_ENTITY, DB_RETURN
 from schemas.shards import TRIPLET_SCHEMA, rows_to_table, triplet_id
-from warehouse.lookup import UNKNOWN, ExactIndex, Fact, KeyTrie, LookupDatabase
+from lookup import UNKNOWN, ExactIndex, KeyTrie, LookupDatabase, StoredFact
 
 # The tiny model learns these by heart, so it writes their calls itself.
 DOCS = [
@@ -20,9 +20,9 @@ DOCS = [
     " Maida Vale. He studied at<|db_entity|> Alan Turing<|db_relationship|> Alma Mater<|db_return|> King's College"
     "<|db_end|> King's College.<|endoftext|>",
 ]
-FACTS = [Fact("Ada Lovelace", "Birth Place", "Paris", 1, ("https://example.org/ada",)),
-         Fact("Alan Turing", "Birth Place", "Maida Vale", 2, ("doc-7",)),
-         Fact("Alan Turing", "Alma Mater", "King's College", 1, ("doc-7",))]
+FACTS = [StoredFact("Ada Lovelace", "Birth Place", "Paris", 1, ("https://example.org/ada",)),
+         StoredFact("Alan Turing", "Birth Place", "Maida Vale", 2, ("doc-7",)),
+         StoredFact("Alan Turing", "Alma Mater", "King's College", 1, ("doc-7",))]
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,8 @@ def test_text_without_calls_drops_a_call_the_prompt_opened(lm):
 
 def test_the_trie_lets_the_model_write_only_keys_in_the_database(lm):
     model, tok = lm
-    db = LookupDatabase([Fact("Ada Lovelace", "Birth City", "Paris"), Fact("Alan Turing", "Alma Mater", "King's")])
+    db = LookupDatabase([StoredFact("Ada Lovelace", "Birth City", "Paris"),
+                         StoredFact("Alan Turing", "Alma Mater", "King's")])
     prompt = ["Ada Lovelace was born in"]
     [free] = generate(model, tok, prompt, ExactIndex(db), max_new_tokens=25)
     assert free.lookups[0].relation == "Birth Place" and not free.lookups[0].hit  # not a key of db

@@ -31,7 +31,7 @@ from tasks.evaluate_lmlm import (
     precision_at_1,
     sentence_facts,
 )
-from warehouse.lookup import UNKNOWN, ExactIndex, Fact, LookupDatabase
+from lookup import UNKNOWN, ExactIndex, LookupDatabase, StoredFact
 
 PEOPLE = ["Ada Vance", "Omar Reyes", "Lena Ortiz", "Paul Kim"]
 CITIES = ["Port Ellen", "Lake Mira", "North Dale", "East Bay", "Fort Hale", "New Avon"]
@@ -156,11 +156,11 @@ def test_cloze_exact_match_and_precision_at_1():
 def test_own_lookups_put_the_database_answer_to_the_models_key_into_each_call(copier):
     model, tok = copier
     gold = [doc(p, *TRUTH[p]) for p in PEOPLE[:2]]
-    right = ExactIndex(LookupDatabase([Fact(p, r, v) for p, vs in mini_truth().facts.items() for r, v in vs.items()]))
+    right = ExactIndex(LookupDatabase([StoredFact(p, r, v) for p, vs in mini_truth().facts.items() for r, v in vs.items()]))
     same = fill_own_lookups(model, tok, gold, right)
     assert same.texts == gold and same.calls == 4 and same.value_accuracy == 1.0
     facts = [f for f in right.db.facts.values() if (f.entity, f.relation) != ("Ada Vance", "Birth City")]
-    moved = LookupDatabase([*facts, Fact("Ada Vance", "Birth City", "Fort Hale")])  # one value changed
+    moved = LookupDatabase([*facts, StoredFact("Ada Vance", "Birth City", "Fort Hale")])  # one value changed
     own = fill_own_lookups(model, tok, gold, ExactIndex(moved))
     assert "Birth City<|db_return|> Fort Hale<|db_end|> Port Ellen." in own.texts[0]  # the mention stays the source's
     assert own.texts[1] == gold[1]

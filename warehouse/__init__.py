@@ -18,10 +18,10 @@ from warehouse.db import (
     table_checksum,
 )
 from warehouse.edits import canonical_name, edit_fact, set_alias
-from warehouse.lookup_db import export_lookup_db, import_reference_db, read_reference_db
+from warehouse.lookup_db import export_lookup_db, import_reference_db
 
 __all__ = [
     "WarehouseBusyError", "WarehouseError", "canonical_name", "connect", "edit_fact", "export_lookup_db",
-    "import_reference_db", "load_annotated", "load_documents", "load_triplets", "read_reference_db",
+    "import_reference_db", "load_annotated", "load_documents", "load_triplets",
     "record_run", "run_sql", "set_alias", "stats", "table_checksum",
 ]
