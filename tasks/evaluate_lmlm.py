@@ -410,7 +410,8 @@ def edit_report(model, tokenizer, warehouse_path: str, probes: list[ClozeProbe],
     Edit success: share of the facts the model produced before (cloze exact match) that show the new
     value after the edit. Unlearning: share of those whose old value is no longer produced after the delete.
     """
-    import warehouse as wh
+    from warehouse.db import connect
+    from warehouse.edits import edit_fact
 
     others: dict[str, list[str]] = {}
     for values in gt.facts.values():
@@ -423,7 +424,7 @@ def edit_report(model, tokenizer, warehouse_path: str, probes: list[ClozeProbe],
         new_values.append(rng.choice(choices) if choices else p.gold + " II")
     prompts = [p.prompt for p in probes]
     with tempfile.TemporaryDirectory(prefix="lmlm-edits-") as tmp:
-        con = wh.connect(copy_warehouse(warehouse_path, tmp))
+        con = connect(copy_warehouse(warehouse_path, tmp))
         try:
             db = LookupDatabase.load(con)
             index = open_index(db, lookup_mode, embed=embed, tokenizer=tokenizer)
@@ -435,11 +436,11 @@ def edit_report(model, tokenizer, warehouse_path: str, probes: list[ClozeProbe],
             before = produced([p.gold for p in probes])
             t0 = time.perf_counter()
             for p, v in zip(probes, new_values):
-                wh.edit_fact(con, p.entity, p.relation, v, reason="lmlm evaluation: edit")
+                edit_fact(con, p.entity, p.relation, v, reason="lmlm evaluation: edit")
             db.refresh()
             edited = produced(new_values)
             for p in probes:
-                wh.edit_fact(con, p.entity, p.relation, None, reason="lmlm evaluation: unlearn")
+                edit_fact(con, p.entity, p.relation, None, reason="lmlm evaluation: unlearn")
             db.refresh()
             still = produced([p.gold for p in probes])
             edit_seconds = time.perf_counter() - t0

@@ -11,6 +11,7 @@ from pathlib import Path
 from prefect import task
 
 from warehouse import db
+from warehouse.edits import set_alias
 
 
 @functools.cache
@@ -39,8 +40,8 @@ def propose_aliases(con, kind: str, proposals: list[dict]) -> int:
         have = current.get(p["alias"])
         if p["alias"] == p["canonical"] or (have and (have[1] or have[0] == p["canonical"])):
             continue
-        if db.set_alias(con, kind, p["alias"], p["canonical"], source=p.get("source", "rule"), reviewed=False,
-                        reason=f"corrector proposal ({p.get('source', 'rule')}, score {p.get('score')})") is not None:
+        if set_alias(con, kind, p["alias"], p["canonical"], source=p.get("source", "rule"), reviewed=False,
+                     reason=f"corrector proposal ({p.get('source', 'rule')}, score {p.get('score')})") is not None:
             stored += 1
     return stored
 

@@ -161,7 +161,9 @@ def test_bad_input_is_refused_with_one_clear_line(lm):
 
 
 def test_a_warehouse_edit_shows_in_the_next_generation_without_retraining(lm, tmp_path):
-    import warehouse as wh
+    from warehouse.db import connect, load_triplets
+    from warehouse.edits import edit_fact
+    from warehouse.lookup_db import export_lookup_db
 
     model, tok = lm
     rows = [dict(triplet_id=triplet_id("wiki-ada", 20, "Ada Lovelace", "Birth Place", "London", "test"), doc_id="wiki-ada",
@@ -169,10 +171,10 @@ def test_a_warehouse_edit_shows_in_the_next_generation_without_retraining(lm, tm
                  source_url="https://en.wikipedia.org/wiki/Ada_Lovelace", annotator="test", annotator_version="1",
                  run_id="run-1")]
     pq.write_table(rows_to_table(rows, TRIPLET_SCHEMA), tmp_path / "triplets.parquet")
-    con = wh.connect(tmp_path / "w.duckdb")
-    wh.load_triplets(con, [str(tmp_path / "triplets.parquet")], "run-1")
+    con = connect(tmp_path / "w.duckdb")
+    load_triplets(con, [str(tmp_path / "triplets.parquet")], "run-1")
     lookup_path = str(tmp_path / "lookup.parquet")
-    wh.export_lookup_db(con, parquet_path=lookup_path)
+    export_lookup_db(con, parquet_path=lookup_path)
     db = LookupDatabase.load(lookup_path)
     index = ExactIndex(db)
 
@@ -181,11 +183,11 @@ def test_a_warehouse_edit_shows_in_the_next_generation_without_retraining(lm, tm
         return r.lookups[0].value, r.lookups[0].sources
 
     assert value_written() == ("London", ["https://en.wikipedia.org/wiki/Ada_Lovelace"])
-    wh.edit_fact(con, "Ada Lovelace", "Birth Place", "Marylebone, London", reason="more precise")
-    wh.export_lookup_db(con, parquet_path=lookup_path)
+    edit_fact(con, "Ada Lovelace", "Birth Place", "Marylebone, London", reason="more precise")
+    export_lookup_db(con, parquet_path=lookup_path)
     assert db.refresh()
     assert value_written() == ("Marylebone, London", ["warehouse edit"])  # no document states it
-    wh.edit_fact(con, "Ada Lovelace", "Birth Place", None, reason="unlearn")
-    wh.export_lookup_db(con, parquet_path=lookup_path)
+    edit_fact(con, "Ada Lovelace", "Birth Place", None, reason="unlearn")
+    export_lookup_db(con, parquet_path=lookup_path)
     assert db.refresh()
     assert value_written() == (UNKNOWN, [])

@@ -222,18 +222,20 @@ def test_every_key_of_the_reference_database_is_found():
 
 
 def test_warehouse_export_and_direct_connection_give_the_same_database(tmp_path):
-    import warehouse as wh
+    from warehouse.db import connect
+    from warehouse.edits import edit_fact, set_alias
+    from warehouse.lookup_db import export_lookup_db, import_reference_db
 
     ref = tmp_path / "db.json"
     ref.write_text('{"triplets": [["Ada Lovelace", "Birth Place", "London"], ["Alan Turing", "Birth Place", "Maida Vale"]]}')
-    con = wh.connect(tmp_path / "w.duckdb")
-    wh.import_reference_db(con, str(ref), "run-1")
-    wh.export_lookup_db(con, parquet_path=str(tmp_path / "lookup.parquet"))
+    con = connect(tmp_path / "w.duckdb")
+    import_reference_db(con, str(ref), "run-1")
+    export_lookup_db(con, parquet_path=str(tmp_path / "lookup.parquet"))
     from_file, from_con = LookupDatabase.load(tmp_path / "lookup.parquet"), LookupDatabase.load(con)
     assert from_file.facts == from_con.facts
     assert ExactIndex(from_con).lookup("ada lovelace", "birth place").sources == ["import:db.json"]
-    wh.set_alias(con, "entity", "Turing", "Alan Turing", reason="short name")
-    wh.edit_fact(con, "Ada Lovelace", "Birth Place", None, reason="test deletion")
+    set_alias(con, "entity", "Turing", "Alan Turing", reason="short name")
+    edit_fact(con, "Ada Lovelace", "Birth Place", None, reason="test deletion")
     assert from_con.refresh() is True
     index = ExactIndex(from_con)
     assert index.lookup("Turing", "Birth Place").value == "Maida Vale"

@@ -437,7 +437,3 @@ def run_sql(
     finally:
         con.close()
 
-
-# The rest of the warehouse API, reachable as warehouse.db.* too (those modules import this one).
-from warehouse.edits import edit_fact, set_alias  # noqa: E402
-from warehouse.lookup_db import export_lookup_db, import_reference_db  # noqa: E402
