@@ -20,12 +20,13 @@ from flows.runners import map_over_shards
 from flows.seed import publish_validation, run_seed_stage
 from schemas.configs import CorpusFlowConfig, IngestConfig
 from tasks.ingest import ingest_task
-from tasks.load import code_version, load_warehouse_task
+from tasks.load import load_warehouse_task
 from tasks.profile import merge_profiles, profile_document_shard_task
 from tasks.shardio import list_files
 from tasks.synthetic import generate_corpus_task
 from tasks.validate import validate_documents_task, validate_warehouse_task
 from warehouse import db
+from warehouse.db import code_version
 
 
 @contextmanager

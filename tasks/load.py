@@ -2,33 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-import subprocess
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 from prefect import task
 
 from warehouse import db
+from warehouse.db import code_version
 from warehouse.edits import set_alias
-
-
-@functools.cache
-def code_version() -> str:
-    """Package version plus the git commit when running from a checkout (recorded on every run)."""
-    try:
-        v = version("lmlm-pipeline")
-    except PackageNotFoundError:
-        v = "0+unknown"
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-            text=True, timeout=5,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"{v}+g{sha}" if sha else v
 
 
 def propose_aliases(con, kind: str, proposals: list[dict]) -> int:

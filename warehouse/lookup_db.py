@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from importlib import metadata
 
 import duckdb
 import pyarrow as pa
@@ -21,6 +20,7 @@ from warehouse.db import (
     WarehouseError,
     _add_observed_relations,
     _upsert,
+    code_version,
     record_run,
     transaction,
     utc_now,
@@ -52,13 +52,6 @@ def export_lookup_db(
     if parquet_path:
         write_lookup_parquet(parquet_path, facts)
     return result
-
-
-def _code_version() -> str:
-    try:
-        return metadata.version("lmlm-pipeline")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def import_reference_db(con: duckdb.DuckDBPyConnection, json_path: str, run_id: str) -> dict:
@@ -116,7 +109,7 @@ def import_reference_db(con: duckdb.DuckDBPyConnection, json_path: str, run_id: 
             ).fetchall()
             if con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchall()[0][0] == 0:
                 record_run(con, run_id, "import_reference_db", {"json_path": json_path}, [json_path],
-                           _code_version(), "COMPLETED", counts=result, started_at=started_at, finished_at=utc_now())
+                           code_version(), "COMPLETED", counts=result, started_at=started_at, finished_at=utc_now())
     finally:
         con.unregister("_reference_triplets")
     con.execute("CHECKPOINT").fetchall()
