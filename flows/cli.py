@@ -171,11 +171,11 @@ def cmd_wh_sql(args) -> None:
 
 
 def cmd_wh_export(args) -> None:
-    from warehouse import db
+    from warehouse import db, lookup_db
 
     con = db.connect(_need_db(args.db), read_only=True)
     try:
-        print(json.dumps(db.export_lookup_db(con, args.json, args.parquet), indent=2, default=str))
+        print(json.dumps(lookup_db.export_lookup_db(con, args.json, args.parquet), indent=2, default=str))
     finally:
         con.close()
 
@@ -183,26 +183,26 @@ def cmd_wh_export(args) -> None:
 def cmd_wh_import(args) -> None:
     import uuid
 
-    from warehouse import db
+    from warehouse import db, lookup_db
 
     if not os.path.exists(args.file):
         raise UserError(f"no such file: {args.file}")
     con = db.connect(args.db)
     try:
-        print(json.dumps(db.import_reference_db(con, args.file, run_id=str(uuid.uuid4())), indent=2, default=str))
+        print(json.dumps(lookup_db.import_reference_db(con, args.file, run_id=str(uuid.uuid4())), indent=2, default=str))
     finally:
         con.close()
 
 
 def cmd_wh_edit(args) -> None:
-    from warehouse import db
+    from warehouse import db, edits
 
     if (args.value is None) == (not args.delete):
         raise UserError("give exactly one of --value V (set the fact) or --delete (remove it)")
     con = db.connect(_need_db(args.db))
     try:
-        audit_id = db.edit_fact(con, args.entity, args.relation, None if args.delete else args.value,
-                                reason=args.reason, user=args.user or os.environ.get("USER"))
+        audit_id = edits.edit_fact(con, args.entity, args.relation, None if args.delete else args.value,
+                                   reason=args.reason, user=args.user or os.environ.get("USER"))
     finally:
         con.close()
     print(f"edit recorded (audit id {audit_id})")
@@ -268,12 +268,12 @@ def cmd_trigger(args) -> None:
 
 
 def cmd_wh_alias(args) -> None:
-    from warehouse import db
+    from warehouse import db, edits
 
     con = db.connect(_need_db(args.db))
     try:
-        audit_id = db.set_alias(con, args.kind, args.alias, args.canonical, reason=args.reason,
-                                user=args.user or os.environ.get("USER"))
+        audit_id = edits.set_alias(con, args.kind, args.alias, args.canonical, reason=args.reason,
+                                   user=args.user or os.environ.get("USER"))
     finally:
         con.close()
     print(f"{args.kind} alias {args.alias!r} -> {args.canonical!r} recorded as reviewed (audit id {audit_id})")

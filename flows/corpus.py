@@ -30,10 +30,10 @@ from flows.stages import (
 )
 from schemas.configs import CorpusFlowConfig, IngestConfig
 from schemas.reports import CorpusRunReport, RunRecord, SkippedValidation, WarehouseLoad
-from tasks.load import code_version
 from tasks.profile import merge_profiles
 from tasks.shardio import list_files
 from warehouse import db
+from warehouse.db import code_version
 
 
 @contextmanager

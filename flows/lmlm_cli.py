@@ -87,8 +87,10 @@ def cmd_lmlm_demo(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    from lookup import open_lookup
+    from models.embed import embed
     from models.generate import cite, generate
-    from tasks.evaluate_lmlm import load_checkpoint, open_lookup
+    from tasks.evaluate_lmlm import load_checkpoint
 
     prompts = list(args.prompts)
     if args.file:
@@ -105,7 +107,7 @@ def cmd_generate(args) -> None:
         checkpoint = latest_checkpoint(checkpoint) or checkpoint  # a training folder: its newest checkpoint
     model, tokenizer = load_checkpoint(checkpoint)
     source = args.lookup_db or args.db
-    lookup = None if args.no_lookups else open_lookup(source, args.lookup_mode, tokenizer)
+    lookup = None if args.no_lookups else open_lookup(source, args.lookup_mode, tokenizer, embed=embed)
     if args.threads:
         import torch
 

@@ -106,7 +106,7 @@ def build_deployments(cfg: ServeConfig) -> list:
     """One RunnerDeployment per registered flow, named ``<flow name>/<scheduled|on-demand>``."""
     from prefect.deployments.runner import EntrypointType
 
-    from tasks.load import code_version
+    from warehouse.db import code_version
 
     known = {load_flow(r.entrypoint).name for r in REGISTRY}
     unknown = sorted(set(cfg.schedules) - known)

@@ -29,12 +29,13 @@ from functools import lru_cache
 
 from pydantic import BaseModel
 
+from lookup import UNKNOWN, LookupDatabase, name_words, normalize_key, open_index, open_lookup
+from models.embed import embed
 from models.generate import GenerationResult, generate
 from models.lmlm import Perplexity, normalized_perplexity
 from schemas.configs import EndpointConfig
 from schemas.errors import UserInputError
 from schemas.markup import DB_ENTITY, SPECIAL_TOKENS, Annotated, LookupCall, PlacedCall, parse, parse_lenient, render, strip
-from warehouse.lookup import UNKNOWN, name_words, normalize_key
 
 logger = logging.getLogger(f"lmlm.{__name__}")  # flows/ attach the lmlm logger to Prefect's run log
 
@@ -409,8 +410,8 @@ def edit_report(model, tokenizer, warehouse_path: str, probes: list[ClozeProbe],
     Edit success: share of the facts the model produced before (cloze exact match) that show the new
     value after the edit. Unlearning: share of those whose old value is no longer produced after the delete.
     """
-    import warehouse as wh
-    from warehouse.lookup import LookupDatabase
+    from warehouse.db import connect
+    from warehouse.edits import edit_fact
 
     others: dict[str, list[str]] = {}
     for values in gt.facts.values():
@@ -423,10 +424,10 @@ def edit_report(model, tokenizer, warehouse_path: str, probes: list[ClozeProbe],
         new_values.append(rng.choice(choices) if choices else p.gold + " II")
     prompts = [p.prompt for p in probes]
     with tempfile.TemporaryDirectory(prefix="lmlm-edits-") as tmp:
-        con = wh.connect(copy_warehouse(warehouse_path, tmp))
+        con = connect(copy_warehouse(warehouse_path, tmp))
         try:
             db = LookupDatabase.load(con)
-            index = _open_index(db, lookup_mode, tokenizer)
+            index = open_index(db, lookup_mode, embed=embed, tokenizer=tokenizer)
 
             def produced(values: list[str]) -> list[bool]:
                 rs = _generate(model, tokenizer, prompts, index, max_new_tokens, batch_size, document_start)
@@ -435,11 +436,11 @@ def edit_report(model, tokenizer, warehouse_path: str, probes: list[ClozeProbe],
             before = produced([p.gold for p in probes])
             t0 = time.perf_counter()
             for p, v in zip(probes, new_values):
-                wh.edit_fact(con, p.entity, p.relation, v, reason="lmlm evaluation: edit")
+                edit_fact(con, p.entity, p.relation, v, reason="lmlm evaluation: edit")
             db.refresh()
             edited = produced(new_values)
             for p in probes:
-                wh.edit_fact(con, p.entity, p.relation, None, reason="lmlm evaluation: unlearn")
+                edit_fact(con, p.entity, p.relation, None, reason="lmlm evaluation: unlearn")
             db.refresh()
             still = produced([p.gold for p in probes])
             edit_seconds = time.perf_counter() - t0
@@ -453,34 +454,6 @@ def edit_report(model, tokenizer, warehouse_path: str, probes: list[ClozeProbe],
         "edit_success_all": sum(edited) / len(probes) if probes else 0.0,
         "seconds": edit_seconds,
     }
-
-
-def _open_index(db, mode: str, tokenizer):
-    from warehouse.lookup import open_index
-
-    embed = None
-    if mode == "fuzzy":
-        from models.embed import embed
-    return open_index(db, mode, embed=embed, tokenizer=tokenizer)
-
-
-def open_lookup(source: str, mode: str, tokenizer):
-    """The lookup index over a lookup database file (.parquet/.json) or a warehouse (.duckdb, read-only)."""
-    from warehouse.lookup import LookupDatabase
-
-    if source.endswith(".duckdb"):
-        import warehouse as wh
-
-        if not os.path.isfile(source):
-            raise UserInputError(f"warehouse {source} not found; run `lmlm run` or pass --lookup-db")
-        con = wh.connect(source, read_only=True)
-        try:
-            db = LookupDatabase.load(con)
-        finally:
-            con.close()
-    else:
-        db = LookupDatabase.load(source)
-    return _open_index(db, mode, tokenizer)
 
 
 # ----------------------------------------------------------------------------- LLM judge
@@ -557,7 +530,7 @@ def evaluate_variant(variant: str, checkpoint: str, *, holdout_annotated: list[s
     """Every metric of one model (``cfg`` an LMLMEvaluationConfig); the standard model generates without lookups."""
     t0 = time.perf_counter()
     model, tokenizer = load_checkpoint(checkpoint)
-    lookup = open_lookup(lookup_source, lookup_mode, tokenizer) if variant == "lmlm" and lookup_source else None
+    lookup = open_lookup(lookup_source, lookup_mode, tokenizer, embed=embed) if variant == "lmlm" and lookup_source else None
     report: dict = {"variant": variant, "checkpoint": checkpoint}
     timings = report.setdefault("seconds", {})
     s = time.perf_counter()
