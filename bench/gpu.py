@@ -91,7 +91,8 @@ def bench_pretrain(data: Path, device, shape: str, batch: int, steps: int, compi
 
     from models.lmlm import build_model, flop_parameters
     from models.tokenizer import load_tokenizer, lookup_token_ids
-    from models.train import PackedBlocks, Runtime, model_flops_utilization, peak_flops, train
+    from models.pretrain_data import PackedBlocks
+    from models.train import Runtime, model_flops_utilization, peak_flops, train
     from schemas.configs import PretrainConfig
 
     tok = load_tokenizer(str(data / "tokenizer"))

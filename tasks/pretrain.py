@@ -35,9 +35,9 @@ from prefect import task
 from pydantic import BaseModel, ValidationError
 
 from models.lmlm import MODEL_SHAPES, build_model, context_length_of, count_parameters, flop_parameters, normalized_perplexity
+from models.pretrain_data import PackedBlocks
 from models.tokenizer import load_tokenizer, lookup_token_ids, train_tokenizer
 from models.train import (
-    PackedBlocks,
     autocast_dtype,
     latest_checkpoint,
     list_checkpoints,
