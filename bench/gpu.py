@@ -92,7 +92,7 @@ def bench_pretrain(data: Path, device, shape: str, batch: int, steps: int, compi
     from models.lmlm import build_model, flop_parameters
     from models.tokenizer import load_tokenizer, lookup_token_ids
     from models.pretrain_data import PackedBlocks
-    from models.train import Runtime, model_flops_utilization, peak_flops, train
+    from models.train import DistributedRuntime, model_flops_utilization, peak_flops, train
     from schemas.configs import PretrainConfig
 
     tok = load_tokenizer(str(data / "tokenizer"))
@@ -116,7 +116,7 @@ def bench_pretrain(data: Path, device, shape: str, batch: int, steps: int, compi
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    result = train(model, tok, blocks, cfg, f"/tmp/gpu-pretrain-{shape}-{compile_}", runtime=Runtime(0, 1, device),
+    result = train(model, tok, blocks, cfg, f"/tmp/gpu-pretrain-{shape}-{compile_}", runtime=DistributedRuntime(0, 1, device),
                    stop_after=steps, log=log)
     (ta, sa), (tb, sb) = next(m for m in marks if m[1] >= warm), marks[-1]
     tokens_per_s = (sb - sa) * batch * 1024 / (tb - ta)

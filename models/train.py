@@ -50,25 +50,27 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # ----------------------------------------------------------------------------- runtime
 
 
-class Runtime(NamedTuple):
+class DistributedRuntime(NamedTuple):
+    """This process's place in a data-parallel run (rank 0 of 1 without ``torchrun``)."""
+
     rank: int
     world_size: int
     device: torch.device
 
 
-def setup_distributed() -> Runtime:
+def setup_distributed() -> DistributedRuntime:
     """This process's rank, world size and device; joins the process group when launched by
     ``torchrun`` with WORLD_SIZE > 1 (nccl when CUDA is available, gloo otherwise)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if world_size == 1:
-        return Runtime(0, 1, torch.device("cuda" if cuda else "cpu"))
+        return DistributedRuntime(0, 1, torch.device("cuda" if cuda else "cpu"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return Runtime(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
+    return DistributedRuntime(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
 
 
 def autocast_dtype(bf16: str | bool, device: torch.device) -> torch.dtype | None:
@@ -196,7 +198,7 @@ def train(
     cfg: PretrainConfig,
     out_dir: str,
     *,
-    runtime: Runtime,
+    runtime: DistributedRuntime,
     resume_from: str | None = None,
     evaluate: Callable[[object, torch.dtype | None], float] | None = None,
     stop_after: int | None = None,
