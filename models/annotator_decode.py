@@ -17,8 +17,6 @@ rejected draft slots stay in the KV cache as masked holes, compacted away when t
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import time
 from collections import Counter
@@ -27,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from models.annotator import prompt_ids, segment_bounds
+from models.kv_cache import cache_keyword, keep_positions, new_cache
 from models.tokenizer import lookup_token_ids
 from schemas import markup
 
@@ -118,7 +117,7 @@ class _Decoder:
         self.forbid = forbid
         self.base = model.base_model
         self.head = model.get_output_embeddings()
-        self.cache_arg = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
+        self.cache_arg = cache_keyword(self.base)
         self.relations: Counter[tuple[int, ...]] = Counter()  # relation tokens + <|db_return|> of closed calls
 
     # -- grammar
@@ -213,18 +212,6 @@ class _Decoder:
             hidden = hidden[torch.arange(hidden.shape[0]), keep]
         return self.head(hidden).float()
 
-    def new_cache(self):
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        try:
-            cache = DynamicCache(config=self.model.config)
-        except TypeError:
-            return DynamicCache()
-        if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
-            cache.layers = [_growing_layer()() for _ in cache.layers]
-        return cache
-
     # -- the loop
 
     @torch.no_grad()
@@ -240,7 +227,7 @@ class _Decoder:
             ids[k, :len(p)], valid[k, :len(p)] = torch.tensor(p), True
             rows[k].n_valid = len(p)
         positions = torch.arange(P).expand(B, P)
-        cache = self.new_cache()
+        cache = new_cache(self.model.config, growing=True)
         lengths = torch.tensor([len(p) for p in prompts])
         last = self.forward(ids.to(self.device), valid.long().to(self.device), positions.to(self.device), cache,
                             keep=(lengths - 1).to(self.device)).cpu()
@@ -337,43 +324,8 @@ class _Decoder:
             if row.call_slots:
                 remap = {int(s): width - n + j for j, s in enumerate(slots)}
                 row.call_slots = [remap[s] for s in row.call_slots]
-        gather = index.to(self.device)[:, None, :, None]
-        for layer in cache.layers:
-            for name in ("keys", "values"):
-                t = getattr(layer, name)
-                setattr(layer, name, t.gather(2, gather.expand(-1, t.shape[1], -1, t.shape[3])))
+        keep_positions(cache, index.to(self.device))
         return new_valid
-
-
-@functools.cache
-def _growing_layer():
-    """A KV-cache layer that appends into spare capacity (doubling) instead of concatenating the whole
-    cache on every forward pass, as transformers' DynamicLayer does; the keys/values it returns are views.
-    Anything that replaces ``keys``/``values`` (batch selection, compaction) starts a new buffer."""
-    from transformers.cache_utils import DynamicLayer
-
-    class GrowingLayer(DynamicLayer):
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            n, add = (self.keys.shape[-2] if self.keys.numel() else 0), key_states.shape[-2]
-            buf = getattr(self, "_buffers", None)
-            if buf is None or self.keys is not self._views[0] or n + add > buf[0].shape[-2]:
-                cap = max(2 * (n + add), 256)
-                buf = []
-                for old, new in ((self.keys, key_states), (self.values, value_states)):
-                    b = new.new_empty((*new.shape[:-2], cap, new.shape[-1]))
-                    if n:
-                        b[..., :n, :] = old
-                    buf.append(b)
-                self._buffers = buf
-            self._buffers[0][..., n:n + add, :] = key_states
-            self._buffers[1][..., n:n + add, :] = value_states
-            self._views = (self._buffers[0][..., :n + add, :], self._buffers[1][..., :n + add, :])
-            self.keys, self.values = self._views
-            return self.keys, self.values
-
-    return GrowingLayer
 
 
 @dataclass
@@ -434,7 +386,7 @@ def generate_unconstrained(model, tokenizer, text: str, max_new_tokens: int, sta
     """Plain greedy decoding of the annotated text (one token per forward pass, KV cache), as a server
     without constraints would produce it; for comparison only: its output may alter the source."""
     dec = _Decoder(model, tokenizer, DecodeOptions())
-    cache = dec.new_cache()
+    cache = new_cache(model.config, growing=True)
     p = prompt_ids(tokenizer, text)
     ids = torch.tensor([p], device=dec.device)
     logits = dec.forward(ids, torch.ones_like(ids), torch.arange(len(p), device=dec.device)[None], cache)[0, -1]

@@ -18,13 +18,13 @@ that only keys in the database can be written (prefix-tree constrained decoding)
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
+from models.kv_cache import cache_keyword, new_cache
 from models.tokenizer import lookup_token_ids
 from schemas.errors import UserInputError
 from schemas.markup import DB_END, DB_ENTITY, SPECIAL_TOKENS, mention_span, parse_lenient, strip
@@ -141,7 +141,7 @@ def _decode(model, tokenizer, prompts, lookup, *, max_new_tokens, show_calls, te
         _answer_calls(tokenizer, lookup, special, [(s, s.prompt_call) for s in seqs if s.prompt_call is not None])
     generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
     device = next(model.parameters()).device
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = cache_keyword(model)
 
     with torch.inference_mode():
         while not all(s.finished for s in seqs):
@@ -161,7 +161,7 @@ def _decode(model, tokenizer, prompts, lookup, *, max_new_tokens, show_calls, te
                 ids[row, width - len(s.ids):] = torch.tensor(s.ids)
                 mask[row, width - len(s.ids):] = 1
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            cache = _new_cache(model)
+            cache = new_cache(model.config)
             logits = _forward(model, ids, mask, positions, cache, cache_arg, device)
             next_position = positions[:, -1] + 1
             while True:
@@ -195,15 +195,6 @@ def _decode(model, tokenizer, prompts, lookup, *, max_new_tokens, show_calls, te
                 next_position = next_position + chunk
                 logits = _forward(model, step, mask, positions, cache, cache_arg, device)
     return [_result(tokenizer, s, eos, show_calls) for s in seqs]
-
-
-def _new_cache(model):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older transformers
-        return DynamicCache()
 
 
 def _forward(model, ids, mask, positions, cache, cache_arg, device) -> torch.Tensor:
