@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from models.annotator import Example
+from models.train import adamw, autocast, autocast_dtype, log_step, lr_at
 from schemas.errors import UserInputError
 
 
@@ -66,7 +67,7 @@ def target_loss(model, ids: torch.Tensor, attn: torch.Tensor, target: torch.Tens
     token against its one rival (a two-way softmax), so the model spends no capacity on copying text it
     is never asked to write; call tokens get the full softmax.
     """
-    with torch.autocast(ids.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+    with autocast(ids.device, amp):
         logits = model(input_ids=ids, attention_mask=attn).logits
     keep = target[:, 1:]
     logits, nxt, riv = logits[:, :-1].float(), ids[:, 1:], rival[:, 1:]
@@ -105,8 +106,6 @@ def finetune(model, tokenizer, train: list[Example], *, epochs: float, batch_siz
     elapsed time, so the run still ends at ``min_lr``); the result says how many epochs were done. ``bf16``: autocast (auto: where the CPU or GPU
     has native bfloat16).
     """
-    from models.train import autocast_dtype
-
     if not train:
         raise UserInputError("fine-tuning: no training examples; the seed shards hold no annotated documents")
     device = next(model.parameters()).device
@@ -117,17 +116,7 @@ def finetune(model, tokenizer, train: list[Example], *, epochs: float, batch_siz
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total = max(1, round(epochs * steps_per_epoch))
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
-
-    def lr_at(step: int) -> float:
-        if step < warmup_steps:
-            return lr * (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
-        if stop_after_s is not None:  # a time budget ends the run early: decay over whichever ends first
-            progress = max(progress, min(1.0, (time.perf_counter() - t0) / stop_after_s))
-        return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
+    optimizer = adamw(model, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
 
     history, step, seen, t0 = [], 0, 0, time.perf_counter()
     model.train()
@@ -136,8 +125,11 @@ def finetune(model, tokenizer, train: list[Example], *, epochs: float, batch_siz
         if not queue:
             queue = _batches(train, batch_size, rng)
         batch = queue.pop()
+        # a time budget ends the run early: decay over whichever ends first
+        spent = 0.0 if stop_after_s is None else (time.perf_counter() - t0) / stop_after_s
+        step_lr = lr_at(step, lr=lr, warmup_steps=warmup_steps, total_steps=total, min_lr=min_lr, time_spent=spent)
         for g in optimizer.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = step_lr
         s, n = target_loss(model, *_collate(batch, pad, device), amp, decision_loss)
         (s / n.clamp(min=1)).backward()
         s = s.detach()
@@ -147,9 +139,9 @@ def finetune(model, tokenizer, train: list[Example], *, epochs: float, batch_siz
         optimizer.zero_grad(set_to_none=True)
         step, seen = step + 1, seen + int(n)
         history.append({"step": step, "epoch": step / steps_per_epoch, "loss": float(s) / max(int(n), 1),
-                        "lr": lr_at(step - 1)})
+                        "lr": step_lr})
         if step % 20 == 0 or step == total:
-            log(f"fine-tune step {step}/{total} loss {history[-1]['loss']:.4f} ({time.perf_counter() - t0:.0f} s)")
+            log_step(log, step, total, history[-1]["loss"], f"({time.perf_counter() - t0:.0f} s)", label="fine-tune")
         if holdout and (step % eval_every == 0 or step == total):
             history.append({"step": step, "epoch": step / steps_per_epoch,
                             "holdout_loss": holdout_loss(model, holdout, pad, amp=amp, decision_loss=decision_loss)})

@@ -73,6 +73,26 @@ def setup_distributed() -> DistributedRuntime:
     return DistributedRuntime(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
 
 
+# ----------------------------------------------------------------------------- schedule, precision, optimizer, log line
+
+
+def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0,
+          min_lr_ratio: float | None = None, time_spent: float = 0.0) -> float:
+    """The learning rate of ``step`` (0-based): linear warmup to ``lr`` over ``warmup_steps``, then cosine
+    decay to the floor at ``total_steps``. The floor is ``min_lr``, or ``lr * min_lr_ratio`` when that is
+    given (the two are computed as written, so each schedule keeps its exact floats). ``time_spent``: the
+    fraction of a time budget already used; the decay runs at least that far, so a run that a time budget
+    ends early still ends at the floor."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    progress = max(progress, min(1.0, time_spent))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    if min_lr_ratio is not None:
+        return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
+    return min_lr + cosine * (lr - min_lr)
+
+
 def autocast_dtype(bf16: str | bool, device: torch.device) -> torch.dtype | None:
     """bfloat16 when asked, or for ``"auto"`` where it is faster: CUDA GPUs with bf16 and CPUs with
     native bf16 (AMX / AVX512-BF16; measured ~2.4x faster for the tiny model there)."""
@@ -83,22 +103,28 @@ def autocast_dtype(bf16: str | bool, device: torch.device) -> torch.dtype | None
     return torch.bfloat16 if bf16 else None
 
 
-def cosine_lr(step: int, total_steps: int, cfg: PretrainConfig) -> float:
-    """Linear warmup to ``cfg.lr``, then cosine decay to ``cfg.min_lr`` at ``total_steps``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+def autocast(device: torch.device, amp: torch.dtype | None) -> torch.autocast:
+    """Autocast to ``amp`` on ``device``'s type; does nothing when ``amp`` is None."""
+    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
 
-def make_optimizer(model, cfg: PretrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases, or position scalars)."""
+def adamw(model, *, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, weight decay on matrices only (not on norms, biases, or
+    position scalars)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # the fused kernel is ~5x faster than the per-tensor loop on CPU too
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type in ("cuda", "cpu"))
+    fused = params[0].device.type in ("cuda", "cpu") if params else False
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused)
+
+
+def log_step(log: Callable[[str], None], step: int, total: int, loss: float, *figures: str,
+             label: str | None = None) -> None:
+    """The progress line of every loop: ``[label: ]step <step>/<total> loss <loss> <figures...>``."""
+    line = " ".join([f"step {step}/{total} loss {loss:.4f}", *figures])
+    log(f"{label}: {line}" if label else line)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -216,8 +242,12 @@ def train(
     tokens_per_step = world * B * accum * T
     total_steps = cfg.steps_for(tokens_per_step)
     amp = autocast_dtype(cfg.bf16, device)
-    optimizer = make_optimizer(model, cfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total_steps, cfg) / cfg.lr)
+    optimizer = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+
+    def lr_of(s: int) -> float:
+        return lr_at(s, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=total_steps, min_lr=cfg.min_lr)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_of(s) / cfg.lr)
     step, history, checkpoint = 0, [], None
 
     if resume_from is not None:
@@ -243,13 +273,13 @@ def train(
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
+    amp_context = autocast(device, amp)
     start_step, train_seconds = step, 0.0
     pending: list[tuple[int, torch.Tensor]] = []  # (step, loss tensor): read back only at log points
 
     def finish_logging() -> None:
         for s, loss in pending:
-            history.append({"step": s, "tokens": s * tokens_per_step, "loss": float(loss), "lr": cosine_lr(s - 1, total_steps, cfg)})
+            history.append({"step": s, "tokens": s * tokens_per_step, "loss": float(loss), "lr": lr_of(s - 1)})
         pending.clear()
 
     def checkpoint_now() -> str:
@@ -281,7 +311,7 @@ def train(
             ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             sync = world == 1 or i == accum - 1
             with (contextlib.nullcontext() if sync else train_model.no_sync()):
-                with autocast:
+                with amp_context:
                     logits = train_model(input_ids=ids).logits
                 nll, _ = masked_nll(logits, ids, mask)
                 (nll * scale).backward()
@@ -302,7 +332,7 @@ def train(
         if step % cfg.log_every == 0 or step == end_step:
             finish_logging()
             rate = (step - start_step) * tokens_per_step / max(train_seconds, 1e-9)
-            log(f"step {step}/{total_steps} loss {history[-1]['loss']:.4f} lr {history[-1]['lr']:.2e} {rate:,.0f} tok/s")
+            log_step(log, step, total_steps, history[-1]["loss"], f"lr {history[-1]['lr']:.2e}", f"{rate:,.0f} tok/s")
         if step % cfg.eval_every == 0 or step == total_steps:
             if rank == 0 and evaluate is not None:
                 holdout = evaluate(model, amp)

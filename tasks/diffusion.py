@@ -39,6 +39,7 @@ from models.autoencoder import (
 )
 from models.diffusion import EMA, Denoiser, LatentDiffusion
 from models.device import device_of, resolve_device
+from models.train import adamw, autocast, log_step, lr_at
 from schemas.diffusion_configs import AutoencoderConfig, DiffusionConfig, SamplingConfig, TrainingBudget
 from schemas.errors import UserInputError
 from tasks.shardio import read_table
@@ -135,13 +136,6 @@ def class_ids(labels: list[str | None], classes: list[str]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- training loop
 
 
-def _lr_at(step: int, budget: TrainingBudget) -> float:
-    if step < budget.warmup_steps:
-        return budget.lr * (step + 1) / budget.warmup_steps
-    progress = min(1.0, (step - budget.warmup_steps) / max(1, budget.steps - budget.warmup_steps))
-    return budget.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
-
-
 def step_generators(seed: int, step: int, device: torch.device | str = "cpu") -> tuple[np.random.Generator, torch.Generator]:
     """The batch and noise generators of one training step (so resuming redraws them exactly); the noise
     generator lives on ``device`` (the same seed draws other numbers on a GPU than on the CPU)."""
@@ -177,22 +171,21 @@ def fit(model: torch.nn.Module, batch_loss: Callable[[int], torch.Tensor], budge
     ``step``. ``save(kind, trainer_state)`` writes a checkpoint ("checkpoint" or "final"). Returns the
     trainer state {"step", "history", "train_seconds", "optimizer"}."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": budget.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=budget.lr, betas=(0.9, 0.99), fused=True)
+    optimizer = adamw(model, lr=budget.lr, weight_decay=budget.weight_decay, betas=(0.9, 0.99))
     state = {"step": 0, "history": [], "train_seconds": 0.0}
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
         state = {k: resume_state[k] for k in ("step", "history", "train_seconds")}
         log(f"{label}: resumed at step {state['step']}/{budget.steps}")
     model.train()
-    autocast = torch.autocast(device_of(model).type, dtype=amp or torch.float32, enabled=amp is not None)
+    amp_context = autocast(device_of(model), amp)
     running, t0 = [], time.perf_counter()
     while state["step"] < budget.steps:
         step = state["step"]
         for g in optimizer.param_groups:
-            g["lr"] = _lr_at(step, budget)
-        with autocast:
+            g["lr"] = lr_at(step, lr=budget.lr, warmup_steps=budget.warmup_steps, total_steps=budget.steps,
+                            min_lr_ratio=0.1)  # TrainingBudget decays to lr/10
+        with amp_context:
             loss = batch_loss(step)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, budget.grad_clip)
@@ -207,7 +200,7 @@ def fit(model: torch.nn.Module, batch_loss: Callable[[int], torch.Tensor], budge
             state["train_seconds"] += elapsed
             mean = float(torch.stack(running).mean())
             state["history"].append({"step": state["step"], "loss": mean})
-            log(f"{label}: step {state['step']}/{budget.steps} loss {mean:.4f} ({len(running) / elapsed:.1f} steps/s)")
+            log_step(log, state["step"], budget.steps, mean, f"({len(running) / elapsed:.1f} steps/s)", label=label)
             running, t0 = [], time.perf_counter()
         if state["step"] % budget.checkpoint_every == 0 and state["step"] < budget.steps:
             state["train_seconds"] += time.perf_counter() - t0
