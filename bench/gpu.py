@@ -10,7 +10,7 @@ dependencies (Prefect, DuckDB, Faker):
 BPE tokenizer trained on them, held-out source texts for the annotator, and a copy of the annotator.
 ``run`` needs torch, transformers, tokenizers, pyarrow and pydantic, and measures:
 
-  pretrain   LMLM pretraining through ``models.train.train`` (the flow's loop: packing, loss mask,
+  pretrain   LMLM pretraining through ``models.pretrain.train`` (the flow's loop: packing, loss mask,
              AdamW, cosine schedule, bf16 autocast), gpt2-124m and llama2-176m shapes at 1,024 tokens:
              steady tokens/s (warm-up steps excluded), MFU by the 6N rule against the card's bf16
              dense peak, peak memory; eager and torch.compile.
@@ -91,8 +91,8 @@ def bench_pretrain(data: Path, device, shape: str, batch: int, steps: int, compi
 
     from models.lmlm import build_model, flop_parameters
     from models.tokenizer import load_tokenizer, lookup_token_ids
-    from models.pretrain_data import PackedBlocks
-    from models.train import DistributedRuntime, model_flops_utilization, peak_flops, train
+    from models.pretrain import PackedBlocks, model_flops_utilization, peak_flops, train
+    from models.train import DistributedRuntime
     from schemas.configs import PretrainConfig
 
     tok = load_tokenizer(str(data / "tokenizer"))
