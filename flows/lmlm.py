@@ -80,7 +80,7 @@ def ground_truth_of(config: LMLMFlowConfig) -> str | None:
 def lmlm_pretraining(config: LMLMFlowConfig = LMLMFlowConfig()) -> dict:
     """Pretrain the LMLM and the standard baseline (same shape, tokenizer and token budget) on the
     annotated shards of a corpus run; publishes both loss curves in one plot."""
-    from models.train import plot_loss_curves
+    from models.pretrain import plot_loss_curves
 
     logger = get_run_logger()
     shards = annotated_shards(config)

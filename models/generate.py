@@ -19,7 +19,6 @@ constrained decoding).
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lookup import LookupIndex, LookupResult
+from models.kv_cache import cache_keyword, new_cache
 from models.tokenizer import lookup_token_ids
 from schemas.errors import UserInputError
 from schemas.markup import DB_END, DB_ENTITY, SPECIAL_TOKENS, mention_span, parse_lenient, strip
@@ -143,7 +143,7 @@ def _decode(model, tokenizer, prompts, lookup, *, max_new_tokens, show_calls, te
         _answer_calls(tokenizer, lookup, special, [(s, s.prompt_call) for s in seqs if s.prompt_call is not None])
     generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
     device = next(model.parameters()).device
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = cache_keyword(model)
 
     with torch.inference_mode():
         while not all(s.finished for s in seqs):
@@ -163,7 +163,7 @@ def _decode(model, tokenizer, prompts, lookup, *, max_new_tokens, show_calls, te
                 ids[row, width - len(s.ids):] = torch.tensor(s.ids)
                 mask[row, width - len(s.ids):] = 1
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            cache = _new_cache(model)
+            cache = new_cache(model.config)
             logits = _forward(model, ids, mask, positions, cache, cache_arg, device)
             next_position = positions[:, -1] + 1
             while True:
@@ -198,15 +198,6 @@ def _decode(model, tokenizer, prompts, lookup, *, max_new_tokens, show_calls, te
                 next_position = next_position + chunk
                 logits = _forward(model, step, mask, positions, cache, cache_arg, device)
     return [_result(tokenizer, s, eos, show_calls) for s in seqs]
-
-
-def _new_cache(model):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older transformers
-        return DynamicCache()
 
 
 def _forward(model, ids, mask, positions, cache, cache_arg, device) -> torch.Tensor:

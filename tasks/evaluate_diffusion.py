@@ -27,7 +27,8 @@ from models.device import device_of, resolve_device
 from models.diffusion import LatentDiffusion
 from schemas.diffusion_configs import LatentDiffusionFlowConfig, TrainingBudget
 from schemas.errors import UserInputError
-from tasks.diffusion import Autoencoder, DiffusionModel, TextSplit, class_ids, encoder_features, fit, step_generators
+from models.train import fit
+from tasks.diffusion import Autoencoder, DiffusionModel, TextSplit, class_ids, encoder_features, step_generators
 
 
 # ----------------------------------------------------------------------------- text metrics
