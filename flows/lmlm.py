@@ -142,7 +142,8 @@ def lmlm_evaluation(config: LMLMFlowConfig = LMLMFlowConfig()) -> dict:
     import torch
 
     from flows.stages import evaluate_variant_task
-    from tasks.evaluate_lmlm import cloze_probes, comparison_rows, load_ground_truth, sample_people
+    from tasks.evaluate_lmlm import cloze_probes, comparison_rows
+    from tasks.ground_truth import load_ground_truth, sample_people
     from tasks.pretrain import holdout_texts, is_holdout
 
     logger = get_run_logger()

@@ -309,3 +309,19 @@ def cite(result: GenerationResult) -> str:
     for offset, mark in sorted(inserts, reverse=True):
         out = out[:offset] + mark + out[offset:]
     return out + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+def generate_batched(model, tokenizer, prompts: list[str], lookup, max_new_tokens: int, batch_size: int,
+              document_start: bool = False) -> list[GenerationResult]:
+    """Greedy generation in batches of similar prompt length; results in prompt order. With
+    ``document_start`` each prompt follows an end-of-text token, as a document's opening does in
+    pretraining and perplexity scoring; else it is running text, as a packed block can start anywhere."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[GenerationResult | None] = [None] * len(prompts)
+    eos = (tokenizer.eos_token or "") if document_start else ""
+    for k in range(0, len(order), batch_size):
+        chunk = order[k:k + batch_size]
+        for i, r in zip(chunk, generate(model, tokenizer, [eos + prompts[i] for i in chunk], lookup,
+                                        max_new_tokens=max_new_tokens, show_calls=True)):
+            out[i] = r
+    return out

@@ -16,22 +16,10 @@ from models.generate import GenerationResult
 from schemas.errors import UserInputError
 from schemas.markup import parse
 from schemas.shards import TRIPLET_SCHEMA, rows_to_table, triplet_id
-from tasks.evaluate_lmlm import (
-    AtomicFact,
-    ClozeProbe,
-    GroundTruth,
-    exact_match,
-    extract_facts,
-    factscore,
-    fill_own_lookups,
-    judge_report,
-    load_ground_truth,
-    parse_judgement,
-    perplexity_report,
-    precision_at_1,
-    sentence_facts,
-)
 from lookup import UNKNOWN, ExactIndex, LookupDatabase, StoredFact
+from tasks.evaluate_lmlm import ClozeProbe, exact_match, fill_own_lookups, perplexity_report, precision_at_1
+from tasks.factscore import AtomicFact, extract_facts, factscore, judge_report, parse_judgement, sentence_facts
+from tasks.ground_truth import GroundTruth, load_ground_truth
 
 PEOPLE = ["Ada Vance", "Omar Reyes", "Lena Ortiz", "Paul Kim"]
 CITIES = ["Port Ellen", "Lake Mira", "North Dale", "East Bay", "Fort Hale", "New Avon"]
@@ -80,8 +68,10 @@ def copier():
     for i, s in enumerate(ids):
         x[i, :len(s)], keep[i, :len(s)] = torch.tensor(s), loss_mask(torch.tensor(s), special)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(200):
+    for _ in range(600):  # until it has learned the documents (~200 steps; how many depends on the CPU's kernels)
         loss = model(input_ids=x, labels=x.masked_fill(~keep, -100)).loss
+        if loss.item() < 0.03:
+            break
         opt.zero_grad()
         loss.backward()
         opt.step()
