@@ -372,8 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from flows.progress import cli_bars
+
     try:
-        args.func(args)
+        with cli_bars():
+            args.func(args)
     except UserError as exc:
         for line in str(exc).splitlines() or [""]:
             print(f"lmlm: error: {line}", file=sys.stderr)

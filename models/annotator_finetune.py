@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from models.annotator import Example
 from models.train import adamw, autocast, autocast_dtype, log_step, lr_at
+from schemas import progress
 from schemas.errors import UserInputError
 
 
@@ -138,6 +139,7 @@ def finetune(model, tokenizer, train: list[Example], *, epochs: float, batch_siz
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step, seen = step + 1, seen + int(n)
+        progress.update("fine-tune", step, total, "steps")
         history.append({"step": step, "epoch": step / steps_per_epoch, "loss": float(s) / max(int(n), 1),
                         "lr": step_lr})
         if step % 20 == 0 or step == total:

@@ -45,6 +45,7 @@ from models.train import (
     resumable_state,
     save_checkpoint,
 )
+from schemas import progress
 from schemas.configs import PretrainConfig
 from schemas.errors import UserInputError
 
@@ -269,6 +270,8 @@ def train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if rank == 0:
+            progress.update(f"pretrain {os.path.basename(os.path.normpath(out_dir))}", step, end_step, "steps")
         pending.append((step, step_loss / n_targets.clamp(min=1)))
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -33,6 +33,7 @@ from transformers.utils import logging as hf_logging
 
 from models.device import device_of
 from models.tokenizer import save_tokenizer
+from schemas import progress
 from schemas.diffusion_configs import TrainingBudget
 
 TRAINER_STATE = "trainer_state.pt"
@@ -305,6 +306,7 @@ def fit(model: torch.nn.Module, batch_loss: Callable[[int], torch.Tensor], budge
         if after_step is not None:
             after_step(step)
         state["step"] = step + 1
+        progress.update(label, state["step"], budget.steps, "steps")
         running.append(loss.detach())
         if state["step"] % budget.log_every == 0 or state["step"] == budget.steps:
             elapsed = time.perf_counter() - t0

@@ -18,7 +18,6 @@ BLEU, MAUVE, diversity, memorisation, perplexity, class accuracy, the baselines)
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
@@ -40,15 +39,13 @@ from models.diffusion import EMA, Denoiser, LatentDiffusion
 from models.device import device_of, resolve_device
 from models.train import (
     fit,
-    latest_checkpoint,
     load_module,
     load_trainer_state,
-    quiet_progress,
     save_module,
     save_trainer_state,
     write_folder_atomic,
 )
-from schemas.diffusion_configs import AutoencoderConfig, DiffusionConfig, SamplingConfig, TrainingBudget
+from schemas.diffusion_configs import AutoencoderConfig, DiffusionConfig, SamplingConfig
 from schemas.errors import UserInputError
 from tasks.shardio import read_table
 

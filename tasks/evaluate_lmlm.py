@@ -30,6 +30,7 @@ from lookup import (
 from models.embed import embed
 from models.generate import generate_batched
 from models.lmlm import Perplexity, load_lmlm, normalized_perplexity
+from schemas import progress
 from schemas.errors import UserInputError
 from schemas.markup import (
     DB_ENTITY,
@@ -266,6 +267,7 @@ def evaluate_variant(variant: str, checkpoint: str, *, holdout_annotated: list[s
     s = time.perf_counter()
     report["perplexity"] = perplexity_report(model, tokenizer, holdout_annotated, variant, lookup, cfg.batch_size)
     timings["perplexity"] = time.perf_counter() - s
+    progress.update(f"evaluate {variant}", len(timings), 4, "metrics")
     logger.info("%s: normalized perplexity oracle %.3f, own lookups %.3f", variant, report["perplexity"]["oracle"],
              report["perplexity"]["own_lookups"])
     if gt is not None and people:
@@ -274,6 +276,7 @@ def evaluate_variant(variant: str, checkpoint: str, *, holdout_annotated: list[s
             model, tokenizer, people, lookup, gt, prompt=cfg.bio_prompt, max_new_tokens=cfg.bio_max_new_tokens,
             gamma=cfg.length_penalty_gamma, batch_size=cfg.batch_size, document_start=cfg.document_start)
         timings["bios"] = time.perf_counter() - s
+        progress.update(f"evaluate {variant}", len(timings), 4, "metrics")
         logger.info("%s: FActScore %.3f (length penalty %.3f), %.1f facts per bio", variant,
                  report["bios"]["factscore"], report["bios"]["factscore_length_penalty"],
                  report["bios"]["facts_per_response"])
@@ -287,6 +290,7 @@ def evaluate_variant(variant: str, checkpoint: str, *, holdout_annotated: list[s
         report["cloze"] = cloze_report(model, tokenizer, probes, lookup, max_new_tokens=cfg.cloze_max_new_tokens,
                                        batch_size=cfg.batch_size, document_start=cfg.document_start)
         timings["cloze"] = time.perf_counter() - s
+        progress.update(f"evaluate {variant}", len(timings), 4, "metrics")
         logger.info("%s: cloze exact match %.3f, P@1 %.3f", variant, report["cloze"]["exact_match"],
                  report["cloze"]["precision_at_1"])
     if gt is not None and edit_probes and warehouse_path:
@@ -298,6 +302,7 @@ def evaluate_variant(variant: str, checkpoint: str, *, holdout_annotated: list[s
         else:
             report["edits"] = edit_report_without_lookups(model, tokenizer, edit_probes, cfg)
         timings["edits"] = time.perf_counter() - s
+        progress.update(f"evaluate {variant}", len(timings), 4, "metrics")
         logger.info("%s: edit success %.3f, unlearning %.3f over %d known facts", variant, report["edits"]["edit_success"],
                  report["edits"]["unlearning"], report["edits"]["known_before"])
     timings["total"] = time.perf_counter() - t0

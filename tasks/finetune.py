@@ -14,7 +14,6 @@ import json
 import os
 import time
 
-from pydantic import BaseModel
 
 from schemas import markup
 from schemas.configs import AnnotatorFinetuneConfig

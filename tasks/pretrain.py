@@ -31,7 +31,7 @@ from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from models.lmlm import MODEL_SHAPES, build_model, context_length_of, count_parameters, flop_parameters, normalized_perplexity
 from models.pretrain import PackedBlocks, model_flops_utilization, peak_flops, plot_loss_curves, train
@@ -39,7 +39,6 @@ from models.tokenizer import load_tokenizer, lookup_token_ids, train_tokenizer
 from models.train import (
     autocast_dtype,
     latest_checkpoint,
-    list_checkpoints,
     load_trainer_state,
     quiet_progress,
     setup_distributed,
