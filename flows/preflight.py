@@ -35,14 +35,16 @@ def require(problems: list[str]) -> None:
         raise UserInputError("\n".join(problems))
 
 
-def check_corpus_run(config: CorpusFlowConfig) -> list[str]:
-    """Problems that would stop a corpus-processing run (``lmlm run``, ``lmlm pipeline``) later."""
+def check_corpus_run(config: CorpusFlowConfig, busy_warehouse: bool = True) -> list[str]:
+    """Problems that would stop a corpus-processing run (``lmlm run``, ``lmlm pipeline``) later;
+    ``busy_warehouse``: a warehouse another process writes now is a problem (from the CLI; a flow run
+    that starts anyway waits ``warehouse_wait_s`` for the writer when it loads)."""
     problems = []
     if config.corpus:
         problems += check_inputs(config.corpus, "corpus")
     problems += check_writable(config.workdir, "workdir")
     warehouse = config.warehouse_path or os.path.join(config.workdir, "warehouse.duckdb")
-    problems += check_warehouse(warehouse, "warehouse_path" if config.warehouse_path else "workdir")
+    problems += check_warehouse(warehouse, "warehouse_path" if config.warehouse_path else "workdir", busy_warehouse)
     problems += check_annotator(config.seed.annotator, "seed.annotator", synthetic=not config.corpus)
     problems += check_task_runner(config.task_runner, "task_runner")
     small = config.small_annotator
@@ -130,12 +132,12 @@ def check_writable(folder: str, setting: str) -> list[str]:
     return []
 
 
-def check_warehouse(path: str, setting: str) -> list[str]:
-    """The warehouse file can be written and no other process is writing it now."""
+def check_warehouse(path: str, setting: str, busy: bool = True) -> list[str]:
+    """The warehouse file can be written and (``busy``) no other process is writing it now."""
     if "://" in path and not path.startswith("file://"):
         return [f"{setting}: warehouse {path} must be a local file path (DuckDB updates it in place)"]
     problems = check_writable(os.path.dirname(os.path.abspath(path)), setting)
-    if not problems and os.path.exists(path):
+    if busy and not problems and os.path.exists(path):
         from warehouse import db
 
         try:
