@@ -269,11 +269,11 @@ def _result(tokenizer, s: _Sequence, eos, show_calls: bool) -> GenerationResult:
     prompt = tokenizer.decode(s.ids[:s.n_prompt], clean_up_tokenization_spaces=False)
     text = tokenizer.decode(new, clean_up_tokenization_spaces=False)
     # strip with the prompt, since a call the prompt opened ends in the continuation
-    without = _without_calls(prompt + text)[len(_without_calls(prompt)):]
+    without = without_calls(prompt + text)[len(without_calls(prompt)):]
     return GenerationResult(text if show_calls else without, without, s.calls, len(s.ids) - s.n_prompt)
 
 
-def _without_calls(text: str) -> str:
+def without_calls(text: str) -> str:
     """``text`` with no lookup markup: calls removed (malformed ones too), a call left open at the
     end cut off, and stray lookup tokens a model wrote outside any call dropped."""
     text = _MALFORMED_CALL.sub("", strip(text))

@@ -18,7 +18,16 @@ from schemas.markup import parse
 from schemas.shards import TRIPLET_SCHEMA, rows_to_table, triplet_id
 from lookup import UNKNOWN, ExactIndex, LookupDatabase, StoredFact
 from tasks.evaluate_lmlm import ClozeProbe, exact_match, fill_own_lookups, perplexity_report, precision_at_1
-from tasks.factscore import AtomicFact, extract_facts, factscore, judge_report, parse_judgement, sentence_facts
+from tasks.factscore import (
+    AtomicFact,
+    extract_facts,
+    factscore,
+    judge_report,
+    lookup_checks,
+    lookup_quality,
+    parse_judgement,
+    sentence_facts,
+)
 from tasks.ground_truth import GroundTruth, load_ground_truth
 
 PEOPLE = ["Ada Vance", "Omar Reyes", "Lena Ortiz", "Paul Kim"]
@@ -97,34 +106,54 @@ def test_corpus_templates_recover_every_gold_fact_of_the_synthetic_bios(tmp_path
         assert found == set(gt.facts[person].items())  # a biography states all of its subject's facts
 
 
-def test_bio_facts_come_from_calls_and_sentences_and_are_checked_against_the_truth():
+def test_only_the_visible_text_is_scored_and_each_fact_is_checked_against_the_truth():
     gt = mini_truth()
-    text = (f" an American chemist.{call('Ada Vance', 'Birth City', 'Port Ellen')} She was born in Port Ellen."
+    text = (f" an American chemist. She was born in{call('Ada Vance', 'Birth City', 'Port Ellen')} Port Ellen."
             f" She married Bo Li. She worked in Fort Hale. She was born in Port Ellen."
             f" Her birthplace was{call('Ada Vance', 'Birth City', UNKNOWN)} unknown."
             f" She studied at{call('Ada Vance', 'Alma Mater', 'Gale Co')} Gale Co. Friends describe her as kind."
+            f" Her field of study was{call('Ada Vance', 'Major', 'botany')}"  # a call whose value is never written
             " She majored in<|db_entity|> Ada Vance<|db_relationship|> Major")  # cut off mid-call
-    facts = extract_facts("Ada Vance", "Tell me a bio of Ada Vance. Ada Vance is",
-                          GenerationResult(text, "", []), gt)
-    got = {(f.relation, f.value, f.source): f.supported for f in facts}
-    assert got == {
-        ("Occupation", "chemist", "text"): True,  # the prompt's "Ada Vance is" + " an American chemist."
-        ("Birth City", "Port Ellen", "lookup"): True,  # the call, and its mention counted once
-        ("Spouse", "Bo Li", "text"): False,
-        ("Employer City", "Fort Hale", "text"): False,
-        ("Alma Mater", "Gale Co", "lookup"): False,  # a lookup states a fact too, checked like any other
-    }
+    result = GenerationResult(text, "", [])
+    facts = extract_facts("Ada Vance", "Tell me a bio of Ada Vance. Ada Vance is", result, gt)
+    assert {(f.relation, f.value): f.supported for f in facts} == {
+        ("Occupation", "chemist"): True,  # the prompt's "Ada Vance is" + " an American chemist."
+        ("Birth City", "Port Ellen"): True,  # stated twice, counted once
+        ("Spouse", "Bo Li"): False,
+        ("Employer City", "Fort Hale"): False,
+        ("Alma Mater", "Gale Co"): False,
+    }  # the Major call states nothing a reader sees, so it is no fact
+    checks = lookup_checks("Ada Vance", result, gt)
+    assert [(c.relation, c.true_fact, c.copied) for c in checks] == [
+        ("Birth City", True, True), ("Birth City", False, False), ("Alma Mater", False, True), ("Major", False, False)]
+    quality = lookup_quality([checks, []])
+    assert quality["lookups_per_response"] == 2 and quality["lookup_precision"] == 0.25
+    assert quality["lookup_copied"] == pytest.approx(2 / 3)  # over the 3 calls that fetched a value
 
 
-def test_factscore_and_the_length_penalty_follow_the_paper():
+def test_a_right_lookup_followed_by_a_wrong_value_in_the_text_is_unsupported():
+    """The paper's protocol: the call fetched Ada's true birthplace, but the reader is told another city."""
+    gt = mini_truth()
+    result = GenerationResult(f" an American chemist. She was born in{call('Ada Vance', 'Birth City', 'Port Ellen')} Lake Mira.",
+                              "", [])
+    facts = extract_facts("Ada Vance", "Tell me a bio of Ada Vance. Ada Vance is", result, gt)
+    assert AtomicFact("Birth City", "Lake Mira", False) in facts
+    assert not any(f.value == "Port Ellen" for f in facts)
+    [check] = lookup_checks("Ada Vance", result, gt)
+    assert check.true_fact and not check.copied  # a right lookup, copied wrong
+    assert factscore([facts])["factscore"] == 0.5  # chemist supported, Lake Mira not
+
+
+def test_factscore_averages_over_all_responses_and_the_length_penalty_follows_the_paper():
     short = [True] * 4 + [False]  # 5 facts, 4 supported
     long = [True] * 9 + [False] * 3  # 12 facts: no penalty
     report = factscore([short, long, []], gamma=10)
     assert report["responses"] == 3 and report["responded"] == 2
-    assert report["factscore"] == pytest.approx((0.8 + 0.75) / 2)
-    assert report["factscore_length_penalty"] == pytest.approx((0.8 * math.exp(1 - 10 / 5) + 0.75) / 2)
-    assert report["facts_per_response"] == pytest.approx(17 / 3)
-    facts = [AtomicFact("Occupation", "poet", True, "text"), AtomicFact("Birth City", "X", False, "lookup")]
+    assert report["factscore"] == pytest.approx((0.8 + 0.75 + 0) / 3)  # a bio that states nothing scores 0
+    assert report["factscore_responded"] == pytest.approx((0.8 + 0.75) / 2)  # the paper's: abstentions left out
+    assert report["factscore_length_penalty"] == pytest.approx((0.8 * math.exp(1 - 10 / 5) + 0.75 + 0) / 3)
+    assert report["facts_per_response"] == pytest.approx(17 / 3) and report["gamma"] == 10
+    facts = [AtomicFact("Occupation", "poet", True), AtomicFact("Birth City", "X", False)]
     assert factscore([facts])["factscore"] == 0.5
     assert factscore([[]])["factscore"] == 0.0  # nothing stated: no credit
 
