@@ -11,14 +11,27 @@ from schemas.errors import UserInputError
 from schemas.lmlm_configs import LMLMFlowConfig
 
 
-def format_comparison(rows: list[dict], variants: list[str]) -> str:
-    """The side-by-side table as plain text."""
-    width = max([len(r["metric"]) for r in rows] + [6])
-    head = f"{'metric':<{width}}  " + "  ".join(f"{v:>10}" for v in variants)
+def format_comparison(rows: list[dict], variants: list[str], labels: dict[str, str] | None = None) -> str:
+    """The side-by-side table as plain text: mean ± standard deviation where there is one (over seeds, or over
+    the minimal pairs' draws of a single run; the last column says which)."""
+    labels = labels or {}
+
+    def cell(r: dict, v: str) -> str:
+        x, std = r.get(v), r.get(f"{v}_std")
+        if x is None:
+            return ""
+        text = f"{x:.3f}" if isinstance(x, float) else str(x)
+        return text if std is None else f"{text} ± {std:.3f}"
+
+    heads = [labels.get(v, v) for v in variants]
+    cells = [[cell(r, v) for v in variants] for r in rows]
+    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(heads)]
+    name_w = max([len(r["metric"]) for r in rows] + [6])
+    head = f"{'metric':<{name_w}}  " + "  ".join(f"{h:>{w}}" for h, w in zip(heads, widths)) + "  ±"
     out = [head, "-" * len(head)]
-    for r in rows:
-        cells = ("" if r.get(v) is None else f"{r[v]:.3f}" if isinstance(r[v], float) else str(r[v]) for v in variants)
-        out.append(f"{r['metric']:<{width}}  " + "  ".join(f"{c:>10}" for c in cells))
+    for r, c in zip(rows, cells):
+        spread = f"{r['spread']} ({r['n']})" if r.get("spread") else ""
+        out.append(f"{r['metric']:<{name_w}}  " + "  ".join(f"{x:>{w}}" for x, w in zip(c, widths)) + f"  {spread}")
     return "\n".join(out)
 
 
@@ -36,8 +49,12 @@ def _flow_config(args) -> LMLMFlowConfig:
             pre[key] = getattr(args, key)
     if getattr(args, "sequential", False):
         data["parallel"] = False
+    if getattr(args, "seeds", None) is not None:
+        data["seeds"] = args.seeds
+    if getattr(args, "pipeline_database", False) and data.get("pipeline_database") is None:
+        data["pipeline_database"] = {}
     ev = data.setdefault("evaluation", {})
-    for key in ("lookup_db", "lookup_mode", "bio_people", "cloze_probes", "edit_facts"):
+    for key in ("lookup_db", "lookup_mode", "bio_people", "cloze_probes", "edit_facts", "minimal_pairs"):
         if getattr(args, key, None) is not None:
             ev[key] = getattr(args, key)
     if getattr(args, "judge_base_url", None):
@@ -53,18 +70,23 @@ def cmd_lmlm_pretrain(args) -> None:
     from flows.lmlm import lmlm_pretraining
 
     report = lmlm_pretraining(_flow_config(args))
-    for v, r in report["variants"].items():
-        ppl = r["holdout_normalized_perplexity"]
-        print(f"{v:<9} {r['parameters']:,} parameters, {r['tokens']:,} tokens in {r['train_seconds']:.0f} s, "
-              f"holdout normalized perplexity {'-' if ppl is None else f'{ppl:.3f}'}")
+    for seed, by in report["runs"].items():
+        for v, r in by.items():
+            ppl = r["holdout_normalized_perplexity"]
+            print(f"{v:<13} seed {seed}: {r['parameters']:,} parameters, {r['tokens']:,} tokens in {r['train_seconds']:.0f} s, "
+                  f"holdout normalized perplexity {'-' if ppl is None else f'{ppl:.3f}'}")
     print(f"checkpoints: {report['out_dir']}")
     print(f"loss curves: {report['loss_curves']}")
 
 
 def _print_evaluation(report: dict) -> None:
     print()
-    print(format_comparison(report["comparison"], list(report["variants"])))
-    print(f"\nreport: {report['report']}")
+    rows = report.get("rows", {})
+    print(format_comparison(report["comparison"], list(report["variants"]), {k: r["label"] for k, r in rows.items()}))
+    seeds = report.get("seeds", [])
+    print(f"\n{len(seeds)} training seed(s): {', '.join(map(str, seeds))}; FActScore on the visible text (lookup calls "
+          "removed), bios stating no fact score 0")
+    print(f"report: {report['report']}")
 
 
 def cmd_lmlm_evaluate(args) -> None:
@@ -79,9 +101,10 @@ def cmd_lmlm_demo(args) -> None:
     t0 = time.perf_counter()
     result = lmlm_demo(_flow_config(args))
     pre = result["pretraining"]
-    for v, r in pre["variants"].items():
-        print(f"{v:<9} {r['parameters']:,} parameters, {r['tokens']:,} tokens, {r['train_seconds']:.0f} s training")
-    print(f"pretraining wall time (both variants): {pre['wall_seconds']:.0f} s")
+    for seed, by in pre["runs"].items():
+        for v, r in by.items():
+            print(f"{v:<13} seed {seed}: {r['parameters']:,} parameters, {r['tokens']:,} tokens, {r['train_seconds']:.0f} s training")
+    print(f"pretraining wall time (every variant and seed): {pre['wall_seconds']:.0f} s")
     _print_evaluation(result["evaluation"])
     print(f"demo wall time: {time.perf_counter() - t0:.0f} s")
 
@@ -172,11 +195,15 @@ def argparse_parent():
     p.add_argument("--token-budget", type=int, help="training tokens per variant")
     p.add_argument("--max-steps", type=int, help="optimizer steps per variant (overrides the token budget)")
     p.add_argument("--sequential", action="store_true", help="train the variants one after the other in this process")
+    p.add_argument("--seeds", type=int, help="training seeds per variant (figures: mean ± std over them; default 1)")
+    p.add_argument("--pipeline-database", action="store_true",
+                   help="also an LMLM on the database the pipeline's own annotators build (<workdir>/pipeline)")
     p.add_argument("--lookup-db", help="lookup database for evaluation (default: the workdir's warehouse)")
     p.add_argument("--lookup-mode", choices=["exact", "fuzzy", "trie"])
     p.add_argument("--bio-people", type=int, help="bios generated per variant")
     p.add_argument("--cloze-probes", type=int, help="cloze probes per variant")
     p.add_argument("--edit-facts", type=int, help="facts edited and deleted")
+    p.add_argument("--minimal-pairs", type=int, help="minimal pairs per phenomenon and draw (0 skips)")
     p.add_argument("--judge-base-url", help="OpenAI-compatible judge for FActScore, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--judge-model", default="gpt-4o-mini")
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")

@@ -209,6 +209,33 @@ def normalized_perplexity(
     return Perplexity(float(nll_sum), trained, sum(len(s) for s in sources))
 
 
+@torch.no_grad()
+def text_logprobs(model, tokenizer, texts: list[str], *, batch_size: int = 32) -> list[float]:
+    """Log-probability of each whole text (summed over its tokens), read as a document opening: after an
+    end-of-text token, with no lookup calls. Minimal-pair probes compare these between two texts."""
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    seqs = [[eos, *ids] for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    out = [0.0] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    was_training = model.training
+    model.eval()
+    for k in range(0, len(order), batch_size):
+        rows = order[k:k + batch_size]
+        width = max(len(seqs[i]) for i in rows)
+        ids = torch.full((len(rows), width), eos, dtype=torch.long)
+        keep = torch.zeros((len(rows), width), dtype=torch.bool)
+        for r, i in enumerate(rows):  # right padding is invisible to causal attention
+            ids[r, :len(seqs[i])], keep[r, 1:len(seqs[i])] = torch.tensor(seqs[i]), True
+        ids, keep = ids.to(device), keep.to(device)
+        logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
+        token = logp.gather(-1, ids[:, 1:, None])[..., 0] * keep[:, 1:]
+        for r, i in enumerate(rows):
+            out[i] = float(token[r].sum())
+    model.train(was_training)
+    return out
+
+
 def load_lmlm(path: str):
     """(model in eval mode, tokenizer) of a checkpoint folder that tasks.pretrain wrote."""
     from transformers import AutoModelForCausalLM

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas.configs import Config, EndpointConfig, PretrainConfig
+from schemas.configs import Config, EndpointConfig, PretrainConfig, SmallAnnotatorStagesConfig
 
 Variant = Literal["lmlm", "standard"]
 
@@ -38,10 +38,18 @@ class LMLMEvaluationConfig(Config):
     bio_people: int = Field(60, ge=0, description="people asked for a bio (FActScore); 0 skips")
     bio_prompt: str = Field("Tell me a bio of {entity}. {entity} is", description="bio prompt; {entity} is the name")
     bio_max_new_tokens: int = Field(200, ge=8, description="calls count: a looked-up fact costs ~15 tokens")
-    length_penalty_gamma: float = Field(10.0, gt=0, description="FActScore length penalty: x exp(1 - gamma/facts) below gamma facts")
+    length_penalty_gamma: float = Field(
+        10.0, gt=0, description="FActScore length penalty: x exp(1 - gamma/facts) below gamma facts (the paper's 10)")
     cloze_probes: int = Field(240, ge=0, description="T-REx/LAMA-style cloze probes from the ground truth; 0 skips")
     cloze_max_new_tokens: int = Field(32, ge=4)
     edit_facts: int = Field(100, ge=0, description="facts edited, then deleted, in a copy of the warehouse; 0 skips")
+    edit_latency_probes: int = Field(
+        10, ge=0, description="of the edited facts, how many are edited one at a time to time the warehouse write -> "
+                              "the next generation of that fact's probe")
+    minimal_pairs: int = Field(
+        100, ge=0, description="minimal pairs per phenomenon and draw (agreement, pronouns, punctuation, common "
+                               "knowledge), held out from training; 0 skips")
+    minimal_pair_draws: int = Field(5, ge=1, description="independent draws of minimal pairs (the ± of one model)")
     include_holdout_people: bool = Field(
         False, description="also probe people whose biography was held out of training (only the LMLM can know them)")
     document_start: bool = Field(
@@ -55,6 +63,18 @@ class LMLMEvaluationConfig(Config):
     seed: int = Field(0, description="which people, probes and facts are sampled")
 
 
+class PipelineDatabaseConfig(Config):
+    """The second database: the same corpus annotated by the pipeline's own annotators (seed annotator + corrector
+    on a sample, the small annotator fine-tuned on it, bulk annotation of every document) instead of the oracle
+    that annotates every document from the ground-truth KB. An LMLM is pretrained on its annotated shards and
+    looks facts up in its warehouse; the standard model is shared (its call-free text is the same corpus)."""
+
+    workdir: str | None = Field(None, description="the pipeline corpus run's workdir; unset: <workdir>/pipeline")
+    small_annotator: SmallAnnotatorStagesConfig = Field(
+        default_factory=lambda: SmallAnnotatorStagesConfig(enabled=True),
+        description="fine-tune and bulk settings of the run that builds it (the corpus flow's defaults)")
+
+
 class LMLMFlowConfig(Config):
     """Pretrain the LMLM and its standard baseline on the same annotated shards, and evaluate both."""
 
@@ -65,6 +85,10 @@ class LMLMFlowConfig(Config):
     variants: list[Variant] = Field(default_factory=lambda: ["lmlm", "standard"], min_length=1)
     pretrain: PretrainConfig = Field(default_factory=lambda: PretrainConfig(**DEMO_PRETRAIN),
                                      description="shared by every variant: same shape, tokenizer and token budget")
+    seeds: int = Field(1, ge=1, description="training seeds per variant (pretrain.seed, +1, ...); figures are the "
+                                            "mean and standard deviation over them")
+    pipeline_database: PipelineDatabaseConfig | None = Field(
+        None, description="also pretrain and evaluate an LMLM on the database the pipeline's own annotators built")
     parallel: bool = Field(True, description="train the variants at once, one process each (CPU machines)")
     threads_per_process: int = Field(1, ge=1, description="torch CPU threads of each training process")
     evaluation: LMLMEvaluationConfig = Field(default_factory=LMLMEvaluationConfig)

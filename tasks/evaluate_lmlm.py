@@ -15,6 +15,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydantic import BaseModel
@@ -29,7 +30,7 @@ from lookup import (
 )
 from models.embed import embed
 from models.generate import generate_batched
-from models.lmlm import Perplexity, load_lmlm, normalized_perplexity
+from models.lmlm import Perplexity, load_lmlm, normalized_perplexity, text_logprobs
 from schemas import progress
 from schemas.errors import UserInputError
 from schemas.markup import (
@@ -43,6 +44,7 @@ from schemas.markup import (
 )
 from tasks.factscore import bio_report, judge_report, same_value
 from tasks.ground_truth import GroundTruth
+from tasks.minimal_pairs import PHENOMENA, minimal_pair_report
 
 logger = logging.getLogger(f"lmlm.{__name__}")  # flows/ attach the lmlm logger to Prefect's run log
 
@@ -199,12 +201,17 @@ def copy_warehouse(path: str, folder: str) -> str:
 
 
 def edit_report(model, tokenizer, warehouse_path: str, probes: list[ClozeProbe], gt: GroundTruth, *,
-                lookup_mode: str, max_new_tokens: int, batch_size: int, seed: int, document_start: bool = False) -> dict:
-    """Edit the facts of ``probes`` to other values of the same relation, then delete them, in a copy of
-    the warehouse, refreshing the lookup database after each; no retraining.
+                lookup_mode: str, max_new_tokens: int, batch_size: int, seed: int, document_start: bool = False,
+                uses_database: bool = True, latency_probes: int = 10) -> dict:
+    """Edit the facts of ``probes`` to other values of the same relation, then delete them, in a copy of the
+    warehouse, refreshing the lookup database after each; no retraining. The same generation probes run before,
+    after the edit and after the delete, whether or not the model reads the database (``uses_database``: the
+    standard model cannot, so what it produces after the edit is measured, not assumed).
 
-    Edit success: share of the facts the model produced before (cloze exact match) that show the new
-    value after the edit. Unlearning: share of those whose old value is no longer produced after the delete.
+    Edit success: share of the facts the model produced before (cloze exact match) that show the new value after
+    the edit. Unlearning: share of those whose old value is no longer produced after the delete. Latency: for the
+    first ``latency_probes`` facts, edited one at a time, seconds from the warehouse write to the end of the next
+    generation of that fact's probe, over the edits that generation showed (how many did: ``latency_seen``).
     """
     from warehouse.db import connect
     from warehouse.edits import edit_fact
@@ -223,32 +230,50 @@ def edit_report(model, tokenizer, warehouse_path: str, probes: list[ClozeProbe],
         con = connect(copy_warehouse(warehouse_path, tmp))
         try:
             db = LookupDatabase.load(con)
-            index = open_index(db, lookup_mode, embed=embed, tokenizer=tokenizer)
+            index = open_index(db, lookup_mode, embed=embed, tokenizer=tokenizer) if uses_database else None
 
-            def produced(values: list[str]) -> list[bool]:
-                rs = generate_batched(model, tokenizer, prompts, index, max_new_tokens, batch_size, document_start)
-                return [exact_match(r.text_without_calls, v) for r, v in zip(rs, values)]
+            def produced(values: list[str], which: list[int]) -> list[bool]:
+                rs = generate_batched(model, tokenizer, [prompts[i] for i in which], index, max_new_tokens,
+                                      batch_size, document_start)
+                return [exact_match(r.text_without_calls, values[i]) for i, r in zip(which, rs)]
 
-            before = produced([p.gold for p in probes])
+            everything = list(range(len(probes)))
+            before = produced([p.gold for p in probes], everything)
+            timed = min(latency_probes, len(probes))
+            latencies = []  # of the edits the next generation showed
+            for i in range(timed):  # one at a time: write, refresh, generate
+                t = time.perf_counter()
+                edit_fact(con, probes[i].entity, probes[i].relation, new_values[i], reason="lmlm evaluation: edit")
+                db.refresh()
+                if produced(new_values, [i])[0]:
+                    latencies.append(time.perf_counter() - t)
             t0 = time.perf_counter()
-            for p, v in zip(probes, new_values):
+            for p, v in list(zip(probes, new_values))[timed:]:
                 edit_fact(con, p.entity, p.relation, v, reason="lmlm evaluation: edit")
             db.refresh()
-            edited = produced(new_values)
+            edited = produced(new_values, everything)
             for p in probes:
                 edit_fact(con, p.entity, p.relation, None, reason="lmlm evaluation: unlearn")
             db.refresh()
-            still = produced([p.gold for p in probes])
+            still = produced([p.gold for p in probes], everything)
             edit_seconds = time.perf_counter() - t0
         finally:
             con.close()
     known = [i for i, b in enumerate(before) if b]
+    latencies.sort()
     return {
-        "facts": len(probes), "known_before": len(known),
+        "facts": len(probes), "known_before": len(known), "uses_database": uses_database,
         "edit_success": sum(edited[i] for i in known) / len(known) if known else 0.0,
         "unlearning": sum(not still[i] for i in known) / len(known) if known else 0.0,
         "edit_success_all": sum(edited) / len(probes) if probes else 0.0,
         "seconds": edit_seconds,
+        # write -> refresh -> the next generation of the edited fact's probe, one fact at a time; the latency
+        # figures are over the edits that generation showed (none for a model that reads no database)
+        "latency_probes": timed, "latency_seen": len(latencies),
+        "latency_median_s": latencies[len(latencies) // 2] if latencies else None,
+        "latency_max_s": latencies[-1] if latencies else None,
+        **({} if uses_database else {"note": "reads no database: an edit or delete needs retraining; the figures are "
+                                             "what it produced after the database changed"}),
     }
 
 
@@ -257,8 +282,10 @@ def edit_report(model, tokenizer, warehouse_path: str, probes: list[ClozeProbe],
 
 def evaluate_variant(variant: str, checkpoint: str, *, holdout_annotated: list[str], lookup_source: str | None,
                      lookup_mode: str, gt: GroundTruth | None, people: list[str], probes: list[ClozeProbe],
-                     edit_probes: list[ClozeProbe], warehouse_path: str | None, cfg) -> dict:
-    """Every metric of one model (``cfg`` an LMLMEvaluationConfig); the standard model generates without lookups."""
+                     edit_probes: list[ClozeProbe], warehouse_path: str | None, cfg,
+                     seen: Callable[[str], bool] | None = None) -> dict:
+    """Every metric of one model (``cfg`` an LMLMEvaluationConfig); the standard model generates without lookups.
+    ``seen``: whether a sentence occurs in the training text (minimal pairs are drawn from the rest)."""
     t0 = time.perf_counter()
     model, tokenizer = load_lmlm(checkpoint)
     lookup = open_lookup(lookup_source, lookup_mode, tokenizer, embed=embed) if variant == "lmlm" and lookup_source else None
@@ -267,7 +294,7 @@ def evaluate_variant(variant: str, checkpoint: str, *, holdout_annotated: list[s
     s = time.perf_counter()
     report["perplexity"] = perplexity_report(model, tokenizer, holdout_annotated, variant, lookup, cfg.batch_size)
     timings["perplexity"] = time.perf_counter() - s
-    progress.update(f"evaluate {variant}", len(timings), 4, "metrics")
+    progress.update(f"evaluate {variant}", len(timings), 5, "metrics")
     logger.info("%s: normalized perplexity oracle %.3f, own lookups %.3f", variant, report["perplexity"]["oracle"],
              report["perplexity"]["own_lookups"])
     if gt is not None and people:
@@ -276,7 +303,7 @@ def evaluate_variant(variant: str, checkpoint: str, *, holdout_annotated: list[s
             model, tokenizer, people, lookup, gt, prompt=cfg.bio_prompt, max_new_tokens=cfg.bio_max_new_tokens,
             gamma=cfg.length_penalty_gamma, batch_size=cfg.batch_size, document_start=cfg.document_start)
         timings["bios"] = time.perf_counter() - s
-        progress.update(f"evaluate {variant}", len(timings), 4, "metrics")
+        progress.update(f"evaluate {variant}", len(timings), 5, "metrics")
         logger.info("%s: FActScore %.3f (length penalty %.3f), %.1f facts per bio", variant,
                  report["bios"]["factscore"], report["bios"]["factscore_length_penalty"],
                  report["bios"]["facts_per_response"])
@@ -290,56 +317,90 @@ def evaluate_variant(variant: str, checkpoint: str, *, holdout_annotated: list[s
         report["cloze"] = cloze_report(model, tokenizer, probes, lookup, max_new_tokens=cfg.cloze_max_new_tokens,
                                        batch_size=cfg.batch_size, document_start=cfg.document_start)
         timings["cloze"] = time.perf_counter() - s
-        progress.update(f"evaluate {variant}", len(timings), 4, "metrics")
+        progress.update(f"evaluate {variant}", len(timings), 5, "metrics")
         logger.info("%s: cloze exact match %.3f, P@1 %.3f", variant, report["cloze"]["exact_match"],
                  report["cloze"]["precision_at_1"])
     if gt is not None and edit_probes and warehouse_path:
         s = time.perf_counter()
-        if variant == "lmlm":
-            report["edits"] = edit_report(model, tokenizer, warehouse_path, edit_probes, gt, lookup_mode=lookup_mode,
-                                          max_new_tokens=cfg.cloze_max_new_tokens, batch_size=cfg.batch_size,
-                                          seed=cfg.seed, document_start=cfg.document_start)
-        else:
-            report["edits"] = edit_report_without_lookups(model, tokenizer, edit_probes, cfg)
+        report["edits"] = edit_report(model, tokenizer, warehouse_path, edit_probes, gt, lookup_mode=lookup_mode,
+                                      max_new_tokens=cfg.cloze_max_new_tokens, batch_size=cfg.batch_size,
+                                      seed=cfg.seed, document_start=cfg.document_start,
+                                      uses_database=variant == "lmlm", latency_probes=cfg.edit_latency_probes)
         timings["edits"] = time.perf_counter() - s
-        progress.update(f"evaluate {variant}", len(timings), 4, "metrics")
+        progress.update(f"evaluate {variant}", len(timings), 5, "metrics")
         logger.info("%s: edit success %.3f, unlearning %.3f over %d known facts", variant, report["edits"]["edit_success"],
                  report["edits"]["unlearning"], report["edits"]["known_before"])
+    if gt is not None and cfg.minimal_pairs:
+        s = time.perf_counter()
+        report["minimal_pairs"] = minimal_pair_report(
+            gt, lambda texts: text_logprobs(model, tokenizer, texts, batch_size=2 * cfg.batch_size),
+            n_per_phenomenon=cfg.minimal_pairs, draws=cfg.minimal_pair_draws, seed=cfg.seed,
+            seen=seen or (lambda sentence: False))
+        timings["minimal_pairs"] = time.perf_counter() - s
+        progress.update(f"evaluate {variant}", len(timings), 5, "metrics")
+        logger.info("%s: minimal pairs %.3f ± %.3f over %d draws", variant, report["minimal_pairs"]["accuracy"],
+                    report["minimal_pairs"]["accuracy_std"], cfg.minimal_pair_draws)
     timings["total"] = time.perf_counter() - t0
     return report
 
 
-def edit_report_without_lookups(model, tokenizer, probes: list[ClozeProbe], cfg) -> dict:
-    """The standard model has no database to edit: its answers after an "edit" are its answers before."""
-    rs = generate_batched(model, tokenizer, [p.prompt for p in probes], None, cfg.cloze_max_new_tokens, cfg.batch_size,
-                   cfg.document_start)
-    before = [exact_match(r.text_without_calls, p.gold) for p, r in zip(probes, rs)]
-    return {"facts": len(probes), "known_before": sum(before), "edit_success": 0.0,
-            "unlearning": 0.0, "edit_success_all": 0.0, "seconds": 0.0,
-            "note": "no lookup database: edits and deletes need retraining"}
+# (metric, where in a variant's report, how many decimals); absent everywhere: the row is left out
+COMPARISON_METRICS: list[tuple[str, tuple[str, ...], int]] = [
+    ("normalized perplexity (its database's values)", ("perplexity", "oracle"), 3),
+    ("normalized perplexity (own lookups)", ("perplexity", "own_lookups"), 3),
+    ("FActScore (visible text, all bios)", ("bios", "factscore"), 3),
+    ("FActScore, length penalty (gamma 10)", ("bios", "factscore_length_penalty"), 3),
+    ("FActScore over bios stating a fact", ("bios", "factscore_responded"), 3),
+    ("bios stating a fact", ("bios", "responded"), 1),
+    ("facts per bio", ("bios", "facts_per_response"), 2),
+    ("lookups per bio", ("bios", "lookups_per_response"), 2),
+    ("lookup precision", ("bios", "lookup_precision"), 3),
+    ("lookups copied correctly", ("bios", "lookup_copied"), 3),
+    ("FActScore, LLM judge", ("bios_llm_judge", "factscore"), 3),
+    ("cloze exact match", ("cloze", "exact_match"), 3),
+    ("cloze precision@1", ("cloze", "precision_at_1"), 3),
+    ("edit success", ("edits", "edit_success"), 3),
+    ("unlearning", ("edits", "unlearning"), 3),
+    ("edit latency, median s (write -> next generation)", ("edits", "latency_median_s"), 3),
+    ("minimal pairs, all", ("minimal_pairs", "accuracy"), 3),
+    *[(f"minimal pairs, {p.replace('_', ' ')}", ("minimal_pairs", "by_phenomenon", p, "mean"), 3) for p in PHENOMENA],
+]
 
 
-# its inputs (a ground truth of thousands of facts) are not worth hashing for a cache key
+def _at(report: dict, path: tuple[str, ...]):
+    for key in path:
+        if not isinstance(report, dict) or key not in report:
+            return None
+        report = report[key]
+    return report
 
 
-def comparison_rows(reports: dict[str, dict]) -> list[dict]:
-    """One row per metric, one column per variant: the side-by-side table."""
-    metrics = [
-        ("normalized perplexity (oracle lookups)", ("perplexity", "oracle")),
-        ("normalized perplexity (own lookups)", ("perplexity", "own_lookups")),
-        ("FActScore", ("bios", "factscore")),
-        ("FActScore, length penalty", ("bios", "factscore_length_penalty")),
-        ("facts per bio", ("bios", "facts_per_response")),
-        ("FActScore, LLM judge", ("bios_llm_judge", "factscore")),
-        ("cloze exact match", ("cloze", "exact_match")),
-        ("cloze precision@1", ("cloze", "precision_at_1")),
-        ("edit success", ("edits", "edit_success")),
-        ("unlearning", ("edits", "unlearning")),
-    ]
+def comparison_rows(runs: dict[int, dict[str, dict]]) -> list[dict]:
+    """One row per metric, one column per variant (and ``<variant>_std``): the mean over the seeds of ``runs``
+    (seed -> variant -> evaluate_variant's report) and the standard deviation over them (``spread``: "seeds").
+    With one seed, the minimal pairs' deviation is over their draws ("draws") and the others have none."""
+    import statistics
+
+    variants = list(dict.fromkeys(v for by in runs.values() for v in by))
+    several = len(runs) > 1
+    only = next(iter(runs.values()))
     rows = []
-    for name, (section, key) in metrics:
-        values = {v: r.get(section, {}).get(key) for v, r in reports.items()}
-        if all(x is None for x in values.values()):
+    for name, path, digits in COMPARISON_METRICS:
+        draws = path[0] == "minimal_pairs"  # one run: the minimal pairs' spread is over their draws
+        std_path = (path[:-1] + ("std",)) if path[-1] == "mean" else ("minimal_pairs", "accuracy_std")
+        row: dict = {"metric": name}
+        for v in variants:
+            values = [x for by in runs.values() if (x := _at(by.get(v, {}), path)) is not None]
+            std = None
+            if len(values) > 1:
+                std = statistics.stdev(values)
+            elif values and not several and draws:
+                std = _at(only.get(v, {}), std_path)
+            row[v] = round(statistics.fmean(values), digits) if values else None
+            row[f"{v}_std"] = None if std is None else round(std, digits)
+        if all(row[v] is None for v in variants):
             continue
-        rows.append({"metric": name, **{v: (round(x, 3) if isinstance(x, float) else x) for v, x in values.items()}})
+        row["spread"] = "seeds" if several else ("draws" if draws else None)
+        row["n"] = len(runs) if several else (_at(only[variants[0]], ("minimal_pairs", "draws")) if draws else 1)
+        rows.append(row)
     return rows

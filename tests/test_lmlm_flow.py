@@ -214,9 +214,16 @@ def test_edits_and_deletes_show_without_retraining_and_leave_the_warehouse_alone
     gt = mini_truth()
     probes = [ClozeProbe(p, "Birth City", f"{p} was born in", TRUTH[p][0]) for p in PEOPLE]
     report = edit_report(model, tok, warehouse_file, probes, gt, lookup_mode="exact", max_new_tokens=24,
-                         batch_size=3, seed=0, document_start=True)
+                         batch_size=3, seed=0, document_start=True, latency_probes=2)
     assert report["known_before"] == 4
     assert report["edit_success"] == 1.0 and report["unlearning"] == 1.0
+    # edited one at a time, the very next generation shows the new value
+    assert report["latency_probes"] == report["latency_seen"] == 2 and 0 < report["latency_median_s"] < 60
+    # the same probes for a model that reads no database: what it produces is measured, the database changes nothing
+    blind = edit_report(model, tok, warehouse_file, probes, gt, lookup_mode="exact", max_new_tokens=24,
+                        batch_size=3, seed=0, document_start=True, latency_probes=2, uses_database=False)
+    assert not blind["uses_database"] and "retraining" in blind["note"]
+    assert blind["latency_seen"] == 0 and blind["latency_median_s"] is None  # no generation ever saw an edit
     con = db.connect(warehouse_file, read_only=True)
     try:
         assert con.execute("select count(*) from fact_edits").fetchone()[0] == 0  # edits went to a copy
@@ -288,7 +295,8 @@ def flows_run(workdir, prefect_harness):  # about a minute: a Prefect server, tw
         pretrain=dict(model="micro", vocab_size=400, context_length=64, batch_size=2, max_steps=4, warmup_steps=1,
                       eval_every=2, checkpoint_every=4, eval_docs=4, holdout_fraction=0.2, bf16=False),
         evaluation=LMLMEvaluationConfig(perplexity_docs=3, bio_people=3, bio_max_new_tokens=16, cloze_probes=5,
-                                        cloze_max_new_tokens=8, edit_facts=3, batch_size=4))
+                                        cloze_max_new_tokens=8, edit_facts=3, batch_size=4, minimal_pairs=4,
+                                        minimal_pair_draws=2))
     return config, lmlm_pretraining(config), lmlm_evaluation(config)
 
 
@@ -306,15 +314,19 @@ def test_pretraining_trains_both_variants_on_equal_terms_with_one_loss_plot(flow
 @pytest.mark.slow
 def test_evaluation_reports_both_variants_side_by_side(flows_run):
     config, _, ev = flows_run
-    assert set(ev["variants"]) == {"lmlm", "standard"}
+    assert set(ev["variants"]) == {"lmlm", "standard"} and ev["seeds"] == [0]
     metrics = {r["metric"]: r for r in ev["comparison"]}
-    for name in ("normalized perplexity (oracle lookups)", "normalized perplexity (own lookups)", "FActScore",
-                 "FActScore, length penalty", "cloze exact match", "cloze precision@1", "edit success", "unlearning"):
-        assert set(metrics[name]) == {"metric", "lmlm", "standard"}, name
+    for name in ("normalized perplexity (its database's values)", "normalized perplexity (own lookups)",
+                 "FActScore (visible text, all bios)", "FActScore, length penalty (gamma 10)", "cloze exact match",
+                 "cloze precision@1", "edit success", "unlearning", "minimal pairs, all"):
+        assert {"metric", "lmlm", "standard"} <= set(metrics[name]), name
+    assert metrics["minimal pairs, all"]["spread"] == "draws"  # one seed: the spread is over the pairs' draws
     lm = ev["variants"]["lmlm"]
     assert lm["perplexity"]["docs"] == 3 and lm["perplexity"]["own_lookups"] > 1
     assert lm["bios"]["responses"] == 3 and len(lm["bio_samples"]) == 3 and lm["cloze"]["probes"] == 5
-    assert ev["variants"]["standard"]["edits"]["edit_success"] == 0.0  # nothing to edit without a database
+    assert lm["minimal_pairs"]["pairs_per_draw"] == 4 * config.evaluation.minimal_pairs
+    std_edits = ev["variants"]["standard"]["edits"]
+    assert not std_edits["uses_database"] and std_edits["facts"] == 3  # measured with the same probes
     on_disk = json.loads(open(ev["report"]).read())
     assert on_disk["comparison"] == ev["comparison"]
 
