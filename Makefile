@@ -15,6 +15,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
 DOCS ?=
 WORKDIR ?= out/demo
+SEEDS ?=
 
 .PHONY: demo demo-lmlm demo-diffusion test test-fast bench install install-test clean
 
@@ -39,12 +40,12 @@ demo: $(VENV)/.installed
 # the LMLM and its standard baseline on their own corpus run (seed-annotated by the KB aligner, not by the
 # demo's briefly trained small annotator)
 demo-lmlm: $(VENV)/.installed
-	$(VENV)/bin/lmlm lmlm demo --workdir out/demo-lmlm
+	$(VENV)/bin/lmlm lmlm demo --workdir out/demo-lmlm $(if $(SEEDS),--seeds $(SEEDS),)
 
 # the text autoencoder and the latent diffusion model on the synthetic corpus; samples of one class;
 # perplexity under the standard model of `make demo-lmlm` when that has run
 demo-diffusion: $(VENV)/.installed
-	$(VENV)/bin/lmlm diffusion train --workdir out/diffusion-demo \
+	$(VENV)/bin/lmlm diffusion train --workdir out/diffusion-demo $(if $(SEEDS),--seeds $(SEEDS),) \
 		$(if $(wildcard out/demo-lmlm/lmlm/standard/checkpoint-*),--reference-lm out/demo-lmlm,)
 	$(VENV)/bin/lmlm sample --checkpoint out/diffusion-demo --class science --n 5
 

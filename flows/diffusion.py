@@ -69,12 +69,20 @@ def run_diffusion_stage(config: LatentDiffusionFlowConfig, data: TextData, ae, s
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The evaluation rows as a markdown table (the CLI prints it too)."""
+    """The evaluation rows as a markdown table (the CLI prints it too): mean ± standard deviation where the rows
+    carry one (over draws of samples, or over training seeds)."""
     cols = ["generator", "setting", "mauve", "class_accuracy", "diversity", "memorised_verbatim", "memorised_train_4grams",
             "perplexity", "samples_per_s"]
-    fmt = lambda v: "–" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+
+    def fmt(r: dict, c: str) -> str:
+        v, std = r.get(c), r.get(f"{c}_std")
+        if v is None:
+            return "–"
+        text = f"{v:.3f}" if isinstance(v, float) else str(v)
+        return text if std is None else f"{text} ± {std:.3f}"
+
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r, c) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -92,13 +100,17 @@ def _publish(report: dict, workdir: str) -> None:
     if "autoencoder" in report:
         a = report["autoencoder"]
         lines.append(f"- autoencoder: {a['parameters']:,} trainable parameters, {a['steps']} steps in {a['train_seconds']} s; "
-                     f"held-out BLEU **{a['holdout']['bleu']:.2f}**, exact match **{a['holdout']['exact_match']:.3f}**")
+                     f"held-out BLEU **{a['holdout']['bleu']:.2f}** against the {a['holdout'].get('bleu_reference', 'texts')}, "
+                     f"exact match **{a['holdout']['exact_match']:.3f}**")
     if "diffusion" in report:
         d = report["diffusion"]
         lines.append(f"- diffusion: {d['parameters']:,} parameters, {d['steps']} steps in {d['train_seconds']} s, "
                      f"{len(d['classes'])} classes")
     if "evaluation" in report:
-        lines += ["", markdown_table(report["evaluation"]["rows"])]
+        e = report["evaluation"]
+        lines += ["", f"Mean ± standard deviation over {e.get('spread', 'draws')}; MAUVE features: {e.get('mauve_features')}; "
+                  f"samples conditioned on the held-out texts' classes (equal counts, held-out class mix).", "",
+                  markdown_table(e["rows"])]
         publish_table(report["evaluation"]["rows"], key="latent-diffusion-evaluation", description="Generators compared")
     create_markdown_artifact("\n".join(lines), key="latent-diffusion", description="Latent diffusion report")
     publish_links({"workdir": workdir, "report": os.path.join(workdir, "report.json")}, key="latent-diffusion-outputs")
@@ -135,14 +147,20 @@ def diffusion_training(config: LatentDiffusionFlowConfig) -> dict:
     return _stage_report(config, data, "diffusion", run_diffusion_stage(config, data, ae, setup)[2])
 
 
-@flow(name="latent-diffusion")
-def latent_diffusion(config: LatentDiffusionFlowConfig) -> dict:
-    """The whole job: autoencoder, diffusion, samples per class, evaluation table, report."""
-    setup = _device_setup(config)
+def seed_config(config: LatentDiffusionFlowConfig, k: int) -> LatentDiffusionFlowConfig:
+    """The config of the k-th training seed: both seeds moved by k, in workdir/seed-<autoencoder seed> (k > 0)."""
+    if k == 0:
+        return config
+    ae, dm = config.autoencoder, config.diffusion
+    return config.model_copy(update={
+        "workdir": os.path.join(config.workdir, f"seed-{ae.seed + k}"),
+        "autoencoder": ae.model_copy(update={"seed": ae.seed + k}), "diffusion": dm.model_copy(update={"seed": dm.seed + k})})
+
+
+def _train_and_evaluate(config: LatentDiffusionFlowConfig, data: TextData, setup: DeviceSetup) -> dict:
+    """One training seed: autoencoder, diffusion and (when configured) the evaluation, in ``config.workdir``."""
     Path(config.workdir).mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    data = prepare_texts(config, setup.device)
-    report = {"texts": data.stats, "config": config.model_dump(mode="json")}
+    report: dict = {}
     stage = time.perf_counter()
     ae, report["autoencoder"] = run_autoencoder_stage(config, data, setup)
     report["autoencoder"]["stage_seconds"] = round(time.perf_counter() - stage, 1)
@@ -152,9 +170,39 @@ def latent_diffusion(config: LatentDiffusionFlowConfig) -> dict:
     if config.evaluation is not None:
         stage = time.perf_counter()
         evaluation = evaluate_generators_task(config, data.train, data.holdout, ae, dm, latents, amp=setup.amp,
-                                         device=setup.device, log=get_run_logger().info)
+                                              device=setup.device, log=get_run_logger().info)
         report["evaluation"] = evaluation.model_dump()
+        report["evaluation"]["spread"] = f"draws ({evaluation.draws}) of {evaluation.samples_per_draw} samples"
         report["evaluation"]["stage_seconds"] = round(time.perf_counter() - stage, 1)
+    return report
+
+
+@flow(name="latent-diffusion")
+def latent_diffusion(config: LatentDiffusionFlowConfig) -> dict:
+    """The whole job: autoencoder, diffusion, samples, evaluation table, report; with ``seeds`` > 1 once per training
+    seed on the same texts, the table then the mean and standard deviation over the seeds."""
+    from tasks.evaluate_diffusion import combine_seeds
+
+    setup = _device_setup(config)
+    Path(config.workdir).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data = prepare_texts(config, setup.device)
+    report = {"texts": data.stats, "config": config.model_dump(mode="json")}
+    per_seed = []
+    for k in range(config.seeds):
+        one = seed_config(config, k)
+        per_seed.append(_train_and_evaluate(one, data, setup))
+        per_seed[-1]["workdir"] = os.path.abspath(one.workdir)
+        if config.seeds > 1:  # each seed's own report at once (the first seed's workdir gets the combined one at the end)
+            _write_report({"texts": data.stats, **per_seed[-1]}, one.workdir, "report.json" if k else "seed-report.json")
+    report.update(per_seed[0])
+    if config.seeds > 1:
+        report["seeds"] = [{"workdir": r["workdir"], "autoencoder_bleu": r["autoencoder"]["holdout"]["bleu"],
+                            "rows": r.get("evaluation", {}).get("rows")} for r in per_seed]
+        report["autoencoder"]["holdout"]["bleu_seeds"] = [r["autoencoder"]["holdout"]["bleu"] for r in per_seed]
+        if config.evaluation is not None:
+            report["evaluation"]["rows"] = combine_seeds([r["evaluation"]["rows"] for r in per_seed])
+            report["evaluation"]["spread"] = f"seeds ({config.seeds}); each seed's figure is its mean over draws"
     report["total_seconds"] = round(time.perf_counter() - t0, 1)
     _publish(report, config.workdir)
     report["workdir"] = os.path.abspath(config.workdir)

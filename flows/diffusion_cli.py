@@ -12,12 +12,12 @@ def _config_from_args(args) -> LatentDiffusionFlowConfig:
     data = with_overrides(load_config_file(args.config, LatentDiffusionFlowConfig), {
         "workdir": args.workdir or None, "document_shards": args.shards, "threads": args.threads or None, "device": args.device,
         "autoencoder.train.steps": args.ae_steps, "diffusion.train.steps": args.diffusion_steps,
-        "evaluation.reference_lm": args.reference_lm})
+        "evaluation.reference_lm": args.reference_lm, "seeds": args.seeds, "evaluation.draws": args.draws})
     if args.no_eval:
         data["evaluation"] = None
     config = validated(LatentDiffusionFlowConfig, data, 'latent-diffusion config')
     if config.evaluation is not None and config.evaluation.reference_lm:
-        from tasks.evaluate_diffusion import resolve_reference_lm
+        from tasks.reference_lm import resolve_reference_lm
 
         resolve_reference_lm(config.evaluation.reference_lm)  # a wrong folder fails now, not after training
     return config
@@ -32,14 +32,15 @@ def cmd_diffusion_train(args) -> None:
     print()
     if "autoencoder" in report:
         a = report["autoencoder"]
-        print(f"autoencoder: held-out BLEU {a['holdout']['bleu']:.2f}, exact match {a['holdout']['exact_match']:.3f} "
-              f"({a['steps']} steps, {a['train_seconds']} s)")
+        print(f"autoencoder: held-out BLEU {a['holdout']['bleu']:.2f} against the {a['holdout'].get('bleu_reference', 'texts')}, "
+              f"exact match {a['holdout']['exact_match']:.3f} ({a['steps']} steps, {a['train_seconds']} s)")
     if "diffusion" in report:
         d = report["diffusion"]
         print(f"diffusion:   {d['steps']} steps, {d['train_seconds']} s, classes: {', '.join(d['classes']) or '(none)'}")
     if "evaluation" in report:
-        print()
-        print(markdown_table(report["evaluation"]["rows"]))
+        e = report["evaluation"]
+        print(f"\nmean ± std over {e.get('spread')}; MAUVE features: {e.get('mauve_features')}")
+        print(markdown_table(e["rows"]))
     print(f"\nreport:      {report['report']}")
     if args.stage == "all":
         print(f"try:         lmlm sample --checkpoint {config.workdir} --class <class> --n 10")
@@ -71,6 +72,8 @@ def add_diffusion_commands(sub) -> None:
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--device", help="auto (default: the first CUDA GPU when PyTorch sees one, else the CPU), cpu, cuda or cuda:N")
     t.add_argument("--no-eval", action="store_true", help="skip sampling and evaluation")
+    t.add_argument("--seeds", type=int, help="training seeds (the table: mean ± std over them; default 1)")
+    t.add_argument("--draws", type=int, help="draws of held-out texts and samples per seed (default 3)")
     t.add_argument("--reference-lm", help="causal LM for the perplexity column: a model folder, a pretraining folder, the "
                    "workdir of `lmlm lmlm pretrain` (its standard model, e.g. out/demo-lmlm), or a hub name")
     t.set_defaults(func=cmd_diffusion_train)

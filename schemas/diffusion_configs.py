@@ -102,7 +102,15 @@ class SamplingConfig(Config):
 
 
 class DiffusionEvaluationConfig(Config):
-    samples_per_class: int = Field(40, ge=1, description="samples drawn per class for every generator compared")
+    samples_per_draw: int = Field(
+        440, ge=2, description="held-out texts per draw (a seeded sample; all when fewer); every generator draws as many "
+        "samples, conditioned on those texts' classes: equal counts and the held-out class mix, as MAUVE needs")
+    draws: int = Field(3, ge=1, description="independent draws of held-out texts and samples; figures are the mean and "
+                       "standard deviation over them (MAUVE moves by ~0.1 between draws of a few hundred)")
+    mauve_features: str = Field(
+        "reference-lm", description="features MAUVE compares: reference-lm (the reference LM's mean last hidden state: a "
+        "model the generator never used), minilm (all-MiniLM-L6-v2, the autoencoder's own encoder: not independent), or "
+        "a causal-LM folder / hub name; reference-lm without a reference LM falls back to minilm, and the report says so")
     extra_guidance_scales: list[NonNegativeFloat] = Field(
         [3.0], description="further classifier-free guidance weights evaluated besides sampling.guidance_scale (each a "
         "row of the table): larger w, higher class accuracy, lower MAUVE")
@@ -138,6 +146,8 @@ class LatentDiffusionFlowConfig(Config):
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     evaluation: DiffusionEvaluationConfig | None = Field(default_factory=DiffusionEvaluationConfig, description="none skips evaluation")
+    seeds: int = Field(1, ge=1, description="training seeds (autoencoder.seed and diffusion.seed, +1, ...); the first in "
+                       "workdir, the others in workdir/seed-<k>; the table is the mean and standard deviation over them")
     device: str = Field("auto", description="where the models train and sample: auto (the first CUDA GPU when PyTorch "
                         "sees one, else the CPU), cpu, cuda or cuda:N")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; unset: torch's default")

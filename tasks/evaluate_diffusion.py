@@ -1,10 +1,11 @@
 """Evaluation of latent diffusion for language (LD4LG), as plain functions.
 
-    autoencoder -> reconstruction BLEU / exact match of held-out texts
+    autoencoder -> reconstruction BLEU / exact match of held-out texts (against the original text, lower-cased)
     every generator (diffusion with classifier-free guidance at each weight, unconditional, latent-classifier
-    guided; a class-conditional AR baseline trained on the same texts) -> samples per class
-    -> MAUVE against held-out text, diversity (distinct-n), memorisation, class accuracy (a tf-idf judge),
-       perplexity under a reference causal LM
+    guided; a class-conditional AR baseline trained on the same texts) -> in each of several draws, one sample per
+    drawn held-out text, of that text's class (equal counts, the held-out class mix)
+    -> MAUVE against those texts on a reference causal LM's features (``tasks/reference_lm.py``), diversity
+       (distinct-n), memorisation, class accuracy (a tf-idf judge), perplexity under that LM; mean ± std over draws
 
 ``evaluate_generators`` runs the whole comparison the latent-diffusion flow reports; the metrics are
 separately callable (``bench/`` uses them on saved samples).
@@ -13,12 +14,13 @@ separately callable (``bench/`` uses them on saved samples).
 from __future__ import annotations
 
 import math
-import os
+import random
 import re
+import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
+import numpy as np
 import torch
 from pydantic import BaseModel
 
@@ -30,6 +32,7 @@ from schemas import progress
 from schemas.errors import UserInputError
 from models.train import fit
 from tasks.diffusion import Autoencoder, DiffusionModel, TextSplit, class_ids, encoder_features, step_generators
+from tasks.reference_lm import ReferenceLM, lm_features, load_reference_lm, perplexity
 
 
 # ----------------------------------------------------------------------------- text metrics
@@ -65,13 +68,20 @@ def corpus_bleu(hypotheses: list[str], references: list[str], max_n: int = 4) ->
 
 
 def reconstruction_scores(ae: Autoencoder, texts: list[str], features=None) -> dict:
-    """Reconstruction BLEU (0-100) and exact-match rate of ``texts`` through the autoencoder, with examples."""
+    """Reconstruction BLEU (0-100) and exact match of ``texts`` through the autoencoder, against the original
+    texts: lower-cased for the uncased minilm decoder (as written for a hub backbone), nothing else removed, so a
+    word the decoder's vocabulary lacks (or an accent the uncased encoder strips) counts as a miss. Exact match
+    compares word sequences (spacing around punctuation aside). ``bleu_vocabulary`` is the older, kinder figure:
+    against the texts as a perfect reconstruction spells them (the encoder's vocabulary and casing)."""
     latents = ae.encode(*features) if features is not None else ae.encode_texts(texts)
-    decoded, texts = ae.decode(latents), ae.normalize(texts)
-    exact = sum(d == t for d, t in zip(decoded, texts)) / max(1, len(texts))
-    examples = [{"text": t, "reconstruction": d} for t, d in zip(texts[:5], decoded[:5])]
-    return {"texts": len(texts), "bleu": round(corpus_bleu(decoded, texts), 2), "exact_match": round(exact, 4),
-            "examples": examples}
+    decoded = ae.decode(latents)
+    cased = ae.hub is not None
+    references = list(texts) if cased else [t.lower() for t in texts]
+    exact = sum(words(d) == words(r) for d, r in zip(decoded, references)) / max(1, len(texts))
+    examples = [{"text": t, "reconstruction": d} for t, d in zip(references[:5], decoded[:5])]
+    return {"texts": len(texts), "bleu": round(corpus_bleu(decoded, references), 2), "exact_match": round(exact, 4),
+            "bleu_reference": "original text, as written" if cased else "original text, lower-cased (uncased decoder)",
+            "bleu_vocabulary": round(corpus_bleu(decoded, ae.normalize(texts)), 2), "examples": examples}
 
 
 def holdout_reconstruction(ae: Autoencoder, encoder, texts: list[str], max_tokens: int) -> dict:
@@ -103,95 +113,21 @@ def memorisation(samples: list[str], training_texts: list[str]) -> dict:
     return {"verbatim": round(verbatim, 4), "train_4grams": round(sum(g in seen for g in grams) / max(1, len(grams)), 4)}
 
 
-def mauve_score(samples: list[str], references: list[str], seed: int = 25, *, reference_features=None) -> float:
-    """MAUVE of samples against reference text, features from the offline sentence encoder
-    (``reference_features``: the references' embeddings when already computed).
+def mauve_score(samples: list[str], references: list[str], seed: int = 25, *, reference_features=None,
+                featurize: Callable[[list[str]], np.ndarray] | None = None) -> float:
+    """MAUVE of samples against reference text, features from ``featurize`` (default: the offline sentence
+    encoder; ``reference_features``: the references' features when already computed).
 
     MAUVE quantizes both sets together into ~n/10 k-means clusters (n the smaller set): it resolves
-    distributions only with tens of points per cluster, so compare sets of hundreds of texts."""
+    distributions only with tens of points per cluster, so compare sets of hundreds of texts, of equal size."""
     import mauve
 
-    from models.embed import embed
-
-    p = embed(references) if reference_features is None else reference_features
-    q = embed(samples)
+    if featurize is None:
+        from models.embed import embed as featurize
+    p = featurize(references) if reference_features is None else reference_features
+    q = featurize(samples)
     out = mauve.compute_mauve(p_features=p, q_features=q, seed=seed, verbose=False, device_id=-1)
     return float(out.mauve)
-
-
-_REFERENCE_LM_FIX = ("pass a folder holding a Hugging Face causal LM (config.json), a pretraining variant folder of "
-                     "checkpoint-* folders, the workdir of `lmlm lmlm pretrain` (run `make demo-lmlm` first), or a hub name")
-
-
-@dataclass
-class ReferenceLM:
-    """A causal LM loaded once for scoring many sample sets; ``path``: the folder (or hub name) it came from."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    path: str
-
-
-def resolve_reference_lm(lm: str) -> str:
-    """The folder (or hub name) of the causal LM that ``lm`` names: a folder holding one (config.json); a
-    pretraining variant folder (its newest checkpoint); the output folder or workdir of `lmlm lmlm pretrain`
-    (the standard model's newest checkpoint: the LMLM's own text carries lookup calls); else a hub name."""
-    from models.train import latest_checkpoint
-
-    folder = os.path.expanduser(lm)
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        return folder
-    candidates = (folder, os.path.join(folder, "standard"), os.path.join(folder, "lmlm", "standard"))
-    found = next((c for c in map(latest_checkpoint, candidates) if c), None)
-    if found:
-        return found
-    if os.path.exists(folder) or os.path.isabs(folder) or folder.startswith(".") or folder.count("/") > 1:
-        raise UserInputError(f"reference LM {lm!r}: no causal LM and no standard-model checkpoint there; {_REFERENCE_LM_FIX}")
-    return lm
-
-
-def load_reference_lm(lm: str, device: str | torch.device | None = "auto") -> ReferenceLM:
-    """The causal LM that ``lm`` names (see ``resolve_reference_lm``), in eval mode, on ``device`` (auto: CUDA
-    when available, else the CPU)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from models.train import quiet_progress
-
-    path = resolve_reference_lm(lm)
-    try:
-        with quiet_progress():
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        what = "it" if path == lm else repr(path)
-        raise UserInputError(f"reference LM {lm!r}: cannot load {what} ({str(exc).splitlines()[0]}); "
-                             f"{_REFERENCE_LM_FIX}") from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"  # every text starts at position 0
-    model.to(resolve_device(device)).eval()
-    return ReferenceLM(model, tokenizer, path)
-
-
-def perplexity(texts: list[str], lm: str | ReferenceLM, batch_size: int = 16) -> float:
-    """Perplexity of ``texts`` under a causal LM (a loaded one, or anything ``load_reference_lm`` takes): exp of
-    the mean loss over every token after each text's first; texts longer than the LM's context are scored on
-    their first context-length tokens; nan when no text has two tokens."""
-    ref = load_reference_lm(lm) if isinstance(lm, str) else lm
-    model, tokenizer = ref.model, ref.tokenizer
-    device = device_of(model)
-    context = getattr(model.config, "max_position_embeddings", None)
-    kept = [t for t in texts if t.strip()]
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(kept), batch_size):
-            enc = tokenizer(kept[i:i + batch_size], return_tensors="pt", padding=True, truncation=context is not None,
-                            max_length=context).to(device)
-            labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)[:, 1:]
-            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
-            total, count = total + float(loss), count + int((labels != -100).sum())
-    return math.exp(total / count) if count else float("nan")
 
 
 # ----------------------------------------------------------------------------- the judge and the baselines
@@ -298,10 +234,11 @@ def train_latent_classifier(latents: torch.Tensor, labels: list[str | None], cla
 
 def score_samples(samples: list[str], target_labels: list[str] | None, *, references: list[str], training_texts: list[str],
                   classifier: TextClassifier | None, reference_lm: str | ReferenceLM | None, mauve_seed: int = 25,
-                  reference_features=None) -> dict:
+                  reference_features=None, featurize: Callable[[list[str]], np.ndarray] | None = None) -> dict:
     """MAUVE vs references, diversity, memorisation, class accuracy (when targets are given), perplexity (with an LM)."""
     row = {"samples": len(samples),
-           "mauve": round(mauve_score(samples, references, mauve_seed, reference_features=reference_features), 4),
+           "mauve": round(mauve_score(samples, references, mauve_seed, reference_features=reference_features,
+                                      featurize=featurize), 4),
            "diversity": round(diversity(samples), 4), "distinct_2": round(distinct_n(samples, 2), 4),
            **{f"memorised_{k}": v for k, v in memorisation(samples, training_texts).items()}}
     row["class_accuracy"] = (round(classifier.accuracy(samples, target_labels), 4)
@@ -310,59 +247,114 @@ def score_samples(samples: list[str], target_labels: list[str] | None, *, refere
     return row
 
 
-class DiffusionEvaluation(BaseModel):
-    """Every generator scored side by side, then held-out real text as the reference row."""
+def draw_indices(n_texts: int, n: int, draw: int, seed: int) -> list[int]:
+    """Which of ``n_texts`` held-out texts one draw compares against: ``n`` of them (all when fewer), seeded."""
+    order = list(range(n_texts))
+    random.Random(f"diffusion-draw/{seed}/{draw}").shuffle(order)
+    return sorted(order[:n])
 
-    rows: list[dict]  # generator, setting, the score_samples columns, samples_per_s
+
+def summarize_draws(draws: list[dict]) -> dict:
+    """The mean of every numeric column over the draws (rounded), and ``<column>_std``, their standard deviation
+    (None for one draw); columns that are not numbers keep the first draw's value."""
+    out: dict = {}
+    for key, first in draws[0].items():
+        values = [d[key] for d in draws]
+        if isinstance(first, (int, float)) and not isinstance(first, bool) and all(isinstance(v, (int, float)) for v in values):
+            out[key] = round(statistics.fmean(values), 4)
+            out[f"{key}_std"] = round(statistics.stdev(values), 4) if len(values) > 1 else None
+        else:
+            out[key] = first
+    return out
+
+
+class DiffusionEvaluation(BaseModel):
+    """Every generator scored side by side, then held-out real text as the reference row. Each figure is the mean
+    over ``draws`` draws (``<column>_std``: their standard deviation); a draw compares ``samples_per_draw`` samples
+    of every generator with as many held-out texts, the samples conditioned on those texts' classes (equal counts,
+    the held-out class mix), with MAUVE on ``mauve_features``."""
+
+    rows: list[dict]  # generator, setting, the score_samples columns and their _std, samples_per_s
     classes: list[str]
-    real_text_accuracy: float | None  # the judge on held-out real text; None without classes
+    real_text_accuracy: float | None  # the judge on all held-out real text; None without classes
     ar_baseline: dict | None  # the AR baseline's training report; None when it was skipped
-    examples: dict[str, list[dict]]  # generator -> a few {"class", "text"} samples
-    reference_texts: int
+    examples: dict[str, list[dict]]  # generator -> a few {"class", "text"} samples of the first draw
+    reference_texts: int  # held-out texts to draw from
+    draws: int
+    samples_per_draw: int
+    class_mix: dict[str, int]  # held-out texts per class (what every draw's samples follow)
+    mauve_features: str  # which model's features MAUVE compares
+
+
+def mauve_featurizer(ev, lm: ReferenceLM | None, device, log: Callable[[str], None]) -> tuple[Callable, str]:
+    """(texts -> features, what they are) for MAUVE: a causal LM's mean hidden state (the reference LM, or the
+    folder ``ev.mauve_features`` names), else all-MiniLM-L6-v2, the autoencoder's own encoder, flagged as such."""
+    from models.embed import embed
+
+    source = ev.mauve_features
+    if source == "reference-lm" and lm is None:
+        log("MAUVE features: no reference LM set, so all-MiniLM-L6-v2 (the autoencoder's own encoder: not independent)")
+        source = "minilm"
+    if source == "minilm":
+        return embed, "all-MiniLM-L6-v2 sentence embeddings (the autoencoder's own frozen encoder: not independent)"
+    model = lm if source == "reference-lm" else load_reference_lm(source, device)
+    return (lambda texts: lm_features(texts, model)), f"{model.path}: last hidden state, mean over tokens"
 
 
 def evaluate_generators(config: LatentDiffusionFlowConfig, train: TextSplit, holdout: TextSplit, ae: Autoencoder,
                         dm: DiffusionModel, latents: torch.Tensor, *, amp: torch.dtype | None = None,
                         device: str | torch.device = "auto", log: Callable[[str], None] = print) -> DiffusionEvaluation:
-    """Samples of every generator (``config.evaluation`` must be set) scored against the held-out texts: the
-    diffusion model with classifier-free guidance at each weight, unconditional and latent-classifier guided; the
-    class-conditional AR baseline (minilm decoder only); and held-out real text itself. ``latents`` are those of
+    """Samples of every generator (``config.evaluation`` must be set) scored against held-out texts, in
+    ``evaluation.draws`` draws: the diffusion model with classifier-free guidance at each weight, unconditional and
+    latent-classifier guided; the class-conditional AR baseline (minilm decoder only); and held-out real text itself.
+    Each draw takes ``samples_per_draw`` held-out texts (seeded) and asks every generator for one sample per text,
+    of that text's class, so counts are equal and the class mix is the held-out one. ``latents`` are those of
     ``train.texts``; the judge learns from ``train``; the reference LM and the AR baseline run on ``device``, the
     latent classifier where ``dm`` is."""
     ev, sampling = config.evaluation, config.sampling
     classes = dm.classes
-    refs = ae.normalize(holdout.texts)
+    refs_all = ae.normalize(holdout.texts)  # as the generators spell their samples (lower case for minilm)
     training_texts = ae.normalize(train.texts)
-    labelled = [(t, y) for t, y in zip(refs, holdout.labels) if y in classes]
+    pool = [(t, y) for t, y in zip(refs_all, holdout.labels) if y in classes] if classes else [(t, None) for t in refs_all]
     classifier, real_accuracy = None, None
     if classes:
         # the judge learns from the training texts (held-out documents stay unseen) and is scored on all held-out ones
         train_labelled = [(t, y) for t, y in zip(training_texts, train.labels) if y in classes]
         classifier = TextClassifier([t for t, _ in train_labelled], [y for _, y in train_labelled])
-        real_accuracy = classifier.accuracy([t for t, _ in labelled], [y for _, y in labelled])
+        real_accuracy = classifier.accuracy([t for t, _ in pool], [y for _, y in pool])
         log(f"text classifier: {real_accuracy:.3f} accuracy on held-out real text")
-    from models.embed import embed
-
-    ref_features = embed(refs)  # once, not per generator
     lm = load_reference_lm(ev.reference_lm, device) if ev.reference_lm else None  # once, not per generator
     if lm is not None:
         log(f"perplexity under {lm.path} (texts as the generators spell them: lower case for the uncased decoder)")
-    score = lambda samples, targets: score_samples(  # noqa: E731
-        samples, targets, references=refs, training_texts=training_texts, classifier=classifier,
-        reference_lm=lm, mauve_seed=ev.mauve_seed, reference_features=ref_features)
-    n, shape = ev.samples_per_class, tuple(latents.shape[1:])
-    rows, examples = [], {}
+    featurize, features_name = mauve_featurizer(ev, lm, device, log)
+    pool_features = featurize([t for t, _ in pool])  # once; each draw takes its rows
+    n = min(ev.samples_per_draw, len(pool))
+    draws = [draw_indices(len(pool), n, d, ev.mauve_seed) for d in range(ev.draws)]
+    log(f"{ev.draws} draws of {n} held-out texts (of {len(pool)}), every generator sampling their classes; "
+        f"MAUVE features: {features_name}")
 
-    def diffusion_samples(label, how, **kw):
-        t0 = time.perf_counter()
+    def score(texts: list[str], draw: int, targets: list[str | None] | None) -> dict:
+        idx = draws[draw]
+        return score_samples(texts, targets, references=[pool[i][0] for i in idx], training_texts=training_texts,
+                             classifier=classifier, reference_lm=lm, mauve_seed=ev.mauve_seed + draw,
+                             reference_features=pool_features[idx], featurize=featurize)
+
+    shape = tuple(latents.shape[1:])
+
+    def diffusion_samples(label: str, how, draw: int, **kw) -> tuple[list[str], list[str | None]]:
+        wanted = [pool[i][1] for i in draws[draw]]
+        if label == "uncond" or not classes:  # no class label: one batch, the targets are the draw's classes
+            z = dm.sample_latents(len(wanted), None, how, shape, seed=ev.mauve_seed + 1000 * draw)
+            return ae.decode(z), wanted
         texts, targets = [], []
-        for i, c in enumerate(classes or [None]):
-            conditioned = label == "cfg"  # unconditional and latent-classifier-guided samples get no class label
-            z = dm.sample_latents(n if classes else n * 8, c if conditioned else None, how, shape, seed=ev.mauve_seed + i,
+        for i, c in enumerate(classes):
+            k = wanted.count(c)
+            if not k:
+                continue
+            z = dm.sample_latents(k, c if label == "cfg" else None, how, shape, seed=ev.mauve_seed + 1000 * draw + i,
                                   **({} if label != "guided" else {"target": i, **kw}))
-            texts += ae.decode(z)
-            targets += [c] * len(z)
-        return texts, targets, time.perf_counter() - t0
+            texts, targets = texts + ae.decode(z), targets + [c] * k
+        return texts, targets
 
     steps = f"{sampling.sampler} {sampling.steps} steps"
     generators = [("diffusion", f"{steps}, CFG w={sampling.guidance_scale}", "cfg", sampling, {})]
@@ -373,37 +365,67 @@ def evaluate_generators(config: LatentDiffusionFlowConfig, train: TextSplit, hol
         clf = train_latent_classifier(latents, train.labels, classes, dm.model, ev.latent_classifier, amp=amp, log=log)
         generators.append(("diffusion + latent-classifier guidance", f"no class, gradient scale {ev.classifier_guidance_scale}",
                            "guided", sampling, {"classifier": clf, "classifier_scale": ev.classifier_guidance_scale}))
-    for done, (name, setting, label, how, kw) in enumerate(generators, 1):
-        texts, targets, seconds = diffusion_samples(label, how, **kw)
-        row = {"generator": name, "setting": setting, **score(texts, targets if classes else None),
-               "samples_per_s": round(len(texts) / seconds, 2)}
-        rows.append(row)
-        examples[name] = [{"class": y, "text": t} for t, y in list(zip(texts, targets))[::max(1, n // 2)]][:2 * max(1, len(classes))]
-        scores = {k: v for k, v in row.items() if k not in ("generator", "setting")}
-        log(f"{name}: {scores}")
-        progress.update("evaluate generators", done, len(generators), "generators")
+    sources: list[tuple[str, str, Callable[[int], tuple[list[str], list[str | None]]]]] = [
+        (name, setting, lambda d, label=label, how=how, kw=kw: diffusion_samples(label, how, d, **kw))
+        for name, setting, label, how, kw in generators]
     ar_report = None
-
     if ev.ar_baseline is not None and ae.hub is None:
         ae_cfg = config.autoencoder
         ar, ar_report = train_ar_baseline(
             train, classes, ae.tokenizer, ev.ar_baseline, width=ae_cfg.width,
             layers=ae_cfg.decoder_layers + ae_cfg.reconstruction_layers, heads=ae_cfg.heads,
             max_length=ae.max_length + 1, seed=ae_cfg.seed, amp=amp, device=device, log=log)
-        t0, texts, targets = time.perf_counter(), [], []
-        for i, c in enumerate(classes or [None]):
-            got = sample_ar(ar, ae.tokenizer, i if c else len(classes), n, seed=ev.mauve_seed + i)
-            texts, targets = texts + got, targets + [c] * len(got)
-        row = {"generator": "AR baseline (class-conditional)", "setting": f"{ar_report['parameters']:,} params, temperature 1",
-               **score(texts, targets if classes else None), "samples_per_s": round(len(texts) / (time.perf_counter() - t0), 2)}
+
+        def ar_samples(draw: int) -> tuple[list[str], list[str | None]]:
+            wanted = [pool[i][1] for i in draws[draw]]
+            texts, targets = [], []
+            for i, c in enumerate(classes or [None]):
+                k = wanted.count(c)
+                if k:
+                    got = sample_ar(ar, ae.tokenizer, i if c else len(classes), k, seed=ev.mauve_seed + 1000 * draw + i)
+                    texts, targets = texts + got, targets + [c] * len(got)
+            return texts, targets
+
+        sources.append(("AR baseline (class-conditional)", f"{ar_report['parameters']:,} params, temperature 1", ar_samples))
+    rows, examples = [], {}
+    for done, (name, setting, sample) in enumerate(sources, 1):
+        per_draw, seconds, count = [], 0.0, 0
+        for d in range(ev.draws):
+            t0 = time.perf_counter()
+            texts, targets = sample(d)
+            seconds, count = seconds + time.perf_counter() - t0, count + len(texts)
+            per_draw.append(score(texts, d, targets if classes else None))
+            if d == 0:
+                examples[name] = [{"class": y, "text": t} for t, y in list(zip(texts, targets))[::max(1, len(texts) // 22)]][:22]
+        row = {"generator": name, "setting": setting, **summarize_draws(per_draw),
+               "samples_per_s": round(count / seconds, 2) if seconds else None}
         rows.append(row)
-        examples[row["generator"]] = [{"class": y, "text": t} for t, y in list(zip(texts, targets))[::max(1, n // 2)]][:2 * max(1, len(classes))]
-    real = [t for t, _ in labelled] or refs  # normalized as the generators spell their samples, so rows compare
-    rows.append({"generator": "held-out real text", "setting": "reference", "samples": len(real), "mauve": None,
-                 "diversity": round(diversity(real), 4), "distinct_2": round(distinct_n(real, 2), 4),
-                 **{f"memorised_{k}": v for k, v in memorisation(real, training_texts).items()},
-                 "class_accuracy": None if real_accuracy is None else round(real_accuracy, 4),
-                 "perplexity": None if lm is None else round(perplexity(real, lm), 2),
-                 "samples_per_s": None})
+        log(f"{name}: MAUVE {row['mauve']} ± {row['mauve_std']}, class accuracy {row['class_accuracy']} ± "
+            f"{row['class_accuracy_std']} ({ev.draws} draws of {n})")
+        progress.update("evaluate generators", done, len(sources), "generators")
+    real = []
+    for d in range(ev.draws):  # the drawn held-out texts themselves: the ceiling of every column but MAUVE
+        texts = [pool[i][0] for i in draws[d]]
+        real.append({"samples": len(texts), "mauve": None, "diversity": round(diversity(texts), 4),
+                     "distinct_2": round(distinct_n(texts, 2), 4),
+                     **{f"memorised_{k}": v for k, v in memorisation(texts, training_texts).items()},
+                     "class_accuracy": None if classifier is None else
+                     round(classifier.accuracy(texts, [pool[i][1] for i in draws[d]]), 4),
+                     "perplexity": None if lm is None else round(perplexity(texts, lm), 2)})
+    rows.append({"generator": "held-out real text", "setting": "reference", **summarize_draws(real), "samples_per_s": None})
+    mix: dict[str, int] = {}
+    for _, y in pool:
+        mix[str(y)] = mix.get(str(y), 0) + 1
     return DiffusionEvaluation(rows=rows, classes=classes, real_text_accuracy=real_accuracy, ar_baseline=ar_report,
-                               examples=examples, reference_texts=len(refs))
+                               examples=examples, reference_texts=len(pool), draws=ev.draws, samples_per_draw=n,
+                               class_mix=dict(sorted(mix.items())), mauve_features=features_name)
+
+
+def combine_seeds(rows_per_seed: list[list[dict]]) -> list[dict]:
+    """The evaluation rows of several training seeds as one table: per generator, the mean over the seeds of each
+    seed's figure (itself a mean over draws) and ``<column>_std``, the standard deviation over the seeds."""
+    combined = []
+    for row in rows_per_seed[0]:
+        same = [next(r for r in rows if r["generator"] == row["generator"]) for rows in rows_per_seed]
+        combined.append(summarize_draws([{k: v for k, v in r.items() if not k.endswith("_std")} for r in same]))
+    return combined

@@ -181,6 +181,7 @@ def test_autoencoder_learns_to_reconstruct_and_reloads_identically(tmp_path, enc
     ae, report = ld.train_autoencoder(train, cfg, str(tmp_path / "ae"), max_tokens=16, encoder=encoder, log=lambda m: None)
     scores = ev.reconstruction_scores(ae, TEXTS)
     assert scores["exact_match"] == 1.0 and scores["bleu"] == pytest.approx(100.0)
+    assert scores["bleu_reference"] == "original text, lower-cased (uncased decoder)"
     assert scores["examples"][0]["reconstruction"] == "ann lee is a chemist."  # the uncased MiniLM vocabulary
     loaded = ld.load_autoencoder(str(tmp_path / "ae"))
     assert loaded.decode(ae.encode_texts(TEXTS)) == ae.normalize(TEXTS)
@@ -308,6 +309,37 @@ def test_bleu_is_100_for_identical_text_and_0_without_shared_4grams():
     assert 0 < ev.corpus_bleu(["the cat sat on the mat", "a dog ran in the park ."], refs) < 100
 
 
+def test_reconstruction_bleu_is_against_the_original_text_so_words_outside_the_vocabulary_count_as_misses():
+    class Echo:  # an autoencoder whose decoder writes back what the encoder's vocabulary kept, lower-cased
+        hub = None
+
+        def encode_texts(self, texts):
+            return texts
+
+        def decode(self, latents):
+            return [t.lower().replace("zyxq", "") for t in latents]
+
+        def normalize(self, texts):
+            return self.decode(texts)
+
+    texts = ["Ann Lee is a zyxq chemist in Port Ellen, born 1950."] * 3
+    scores = ev.reconstruction_scores(Echo(), texts)
+    assert scores["bleu_vocabulary"] == pytest.approx(100.0)  # the older figure: unseen words removed first
+    assert scores["bleu"] < 90 and scores["exact_match"] == 0.0
+
+
+def test_draws_take_equal_seeded_subsets_and_summaries_give_mean_and_std():
+    first, again, second = ev.draw_indices(100, 40, 0, 25), ev.draw_indices(100, 40, 0, 25), ev.draw_indices(100, 40, 1, 25)
+    assert first == again and len(first) == len(set(first)) == 40 and first != second
+    assert ev.draw_indices(10, 40, 0, 25) == list(range(10))  # fewer texts than asked: all of them
+    rows = ev.summarize_draws([{"generator": "g", "mauve": 0.6, "samples": 40, "perplexity": None},
+                               {"generator": "g", "mauve": 0.8, "samples": 40, "perplexity": None}])
+    assert rows["generator"] == "g" and rows["mauve"] == pytest.approx(0.7) and rows["mauve_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert rows["samples"] == 40 and rows["samples_std"] == 0.0 and rows["perplexity"] is None
+    seeds = ev.combine_seeds([[{"generator": "g", "mauve": 0.5, "mauve_std": 0.2}], [{"generator": "g", "mauve": 0.7, "mauve_std": 0.1}]])
+    assert seeds[0]["mauve"] == pytest.approx(0.6) and seeds[0]["mauve_std"] == pytest.approx(0.1414, abs=1e-4)
+
+
 def test_diversity_and_memorisation():
     repeated = ["the same words again and again"] * 4
     varied = ["one two three four", "five six seven eight", "nine ten eleven twelve", "a b c d"]
@@ -392,7 +424,7 @@ def test_latent_diffusion_flow_end_to_end(tmp_path, prefect_harness):
         "autoencoder": {**TINY_AE, "train": {"steps": 20, "batch_size": 16, "checkpoint_every": 10}},
         "diffusion": {"width": 32, "layers": 2, "train": {"steps": 20, "batch_size": 16}},
         "sampling": {"steps": 4},
-        "evaluation": {"samples_per_class": 3, "latent_classifier": {"steps": 5}, "ar_baseline": {"steps": 5}}})
+        "evaluation": {"samples_per_draw": 12, "draws": 2, "latent_classifier": {"steps": 5}, "ar_baseline": {"steps": 5}}})
     report = latent_diffusion(config)
     generators = [r["generator"] for r in report["evaluation"]["rows"]]
     assert generators[0] == "diffusion" and "AR baseline (class-conditional)" in generators
@@ -401,3 +433,8 @@ def test_latent_diffusion_flow_end_to_end(tmp_path, prefect_harness):
     texts = ld.sample_texts(str(tmp_path), 3, report["diffusion"]["classes"][0])
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     assert not math.isnan(report["evaluation"]["rows"][0]["mauve"])
+    evaluation = report["evaluation"]
+    n = evaluation["samples_per_draw"]
+    assert evaluation["draws"] == 2 and n == min(12, evaluation["reference_texts"])
+    assert all(r["samples"] == n for r in evaluation["rows"])  # every generator: as many samples as references
+    assert "mauve_std" in evaluation["rows"][0] and "not independent" in evaluation["mauve_features"]  # no reference LM

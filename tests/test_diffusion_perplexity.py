@@ -13,7 +13,7 @@ import torch
 from schemas.configs import PretrainConfig
 from schemas.errors import UserInputError
 from schemas.shards import ANNOTATED_SCHEMA, rows_to_table
-from tasks import evaluate_diffusion as ev
+from tasks import reference_lm as ev  # the reference LM: perplexity, features
 from tasks.pretrain import pretrain
 from tasks.shardio import write_table_atomic
 
@@ -90,6 +90,15 @@ def test_a_loaded_lm_scores_as_its_path_whatever_the_batching_and_skips_empty_te
     assert math.isnan(ev.perplexity(["", " ", "the"], lm))  # no token has a context to be scored in: nan, not a perfect 1
 
 
+def test_lm_features_are_one_vector_per_text_whatever_the_batching(workdir, texts):
+    in_order, shuffled = texts
+    lm = ev.load_reference_lm(workdir["checkpoint"], "cpu")
+    mixed = [t[: len(t) // (1 + i % 3)] for i, t in enumerate(in_order + shuffled)] + [""]
+    one, batched = ev.lm_features(mixed, lm, batch_size=1), ev.lm_features(mixed, lm, batch_size=5)
+    assert one.shape == (len(mixed), lm.model.config.hidden_size)
+    assert abs(one - batched).max() < 1e-4  # padding does not leak into the mean
+
+
 def test_a_folder_without_a_model_is_named_in_one_error_line(tmp_path):
     (tmp_path / "empty").mkdir()
     for bad in (tmp_path / "empty", tmp_path / "missing"):
@@ -121,9 +130,9 @@ def test_reference_lm_flag_sets_the_config_and_a_wrong_folder_fails_before_train
     from flows.diffusion_cli import _config_from_args
 
     cfg_file = tmp_path / "c.json"
-    cfg_file.write_text(json.dumps({"evaluation": {"samples_per_class": 3}}))
+    cfg_file.write_text(json.dumps({"evaluation": {"samples_per_draw": 3}}))
     config = _config_from_args(_train_args("--config", str(cfg_file), "--reference-lm", workdir["workdir"]))
-    assert (config.evaluation.reference_lm, config.evaluation.samples_per_class) == (workdir["workdir"], 3)
+    assert (config.evaluation.reference_lm, config.evaluation.samples_per_draw) == (workdir["workdir"], 3)
     assert _config_from_args(_train_args("--reference-lm", workdir["workdir"], "--no-eval")).evaluation is None
     with pytest.raises(UserInputError, match="no standard-model checkpoint there"):
         _config_from_args(_train_args("--reference-lm", str(tmp_path)))
