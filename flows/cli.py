@@ -189,6 +189,19 @@ def cmd_trigger(args) -> None:
         raise UserError(f"flow run {run.id} ended {run.state.name}: {run.state.message or ''}".strip())
 
 
+def cmd_report(args) -> None:
+    from flows.report import results_report
+    from schemas.configs import ResultsPageConfig
+
+    data = with_overrides(load_config_file(args.config, ResultsPageConfig), {
+        "lmlm": args.lmlm, "diffusion": args.diffusion, "annotator": args.annotator, "out_dir": args.out})
+    page = results_report(validated(ResultsPageConfig, data, source=args.config))
+    for section, source in page["sources"].items():
+        print(f"{section + ':':<11}{source or '(no report found)'}")
+    print(f"page:      {page['markdown_path']}")
+    print(f"           {page['html_path']}")
+
+
 def cmd_mark_crashed(args) -> None:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
@@ -362,6 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("flow_run", help="flow run id (from the UI or lmlm trigger)")
     mc.add_argument("--reason", default="its process was killed; marked by lmlm mark-crashed")
     mc.set_defaults(func=cmd_mark_crashed)
+
+    rp = sub.add_parser("report", help="render the newest evaluation reports (LMLM, diffusion, annotator) into one "
+                        "Markdown/HTML results page, also a Prefect artifact")
+    rp.add_argument("--lmlm", help="LMLM workdir or evaluation report (default out/demo-lmlm)")
+    rp.add_argument("--diffusion", help="latent-diffusion workdir or report (default out/diffusion-demo)")
+    rp.add_argument("--annotator", help="corpus-run workdir with the small-annotator stages (default out/demo)")
+    rp.add_argument("--out", help="folder for results.md, results.html and the plots (default out/results)")
+    rp.add_argument("--config", help="JSON/YAML file of ResultsPageConfig fields")
+    rp.set_defaults(func=cmd_report)
 
     add_warehouse_commands(sub)
     add_annotator_commands(sub)

@@ -21,12 +21,14 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.artifacts import line_chart_png, publish_links, publish_png, publish_table
+from flows.report import results_report
 from flows.stages import (
     evaluate_generators_task,
     holdout_reconstruction_task,
     train_autoencoder_task,
     train_diffusion_task,
 )
+from schemas.configs import ResultsPageConfig
 from schemas.diffusion_configs import LatentDiffusionFlowConfig
 from tasks.diffusion import encoder_features, load_autoencoder
 from tasks.diffusion_texts import TextData, prepare_texts
@@ -207,4 +209,7 @@ def latent_diffusion(config: LatentDiffusionFlowConfig) -> dict:
     _publish(report, config.workdir)
     report["workdir"] = os.path.abspath(config.workdir)
     report["report"] = _write_report(report, config.workdir)
+    if config.evaluation is not None:
+        page = results_report(ResultsPageConfig(diffusion=config.workdir, out_dir=os.path.join(config.workdir, "results")))
+        report["results_page"] = page["markdown_path"]
     return report

@@ -22,7 +22,9 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.artifacts import publish_links, publish_png, publish_table
+from flows.report import results_report
 from flows.stages import pretrain_process, pretrain_variant
+from schemas.configs import ResultsPageConfig
 from schemas.errors import UserInputError
 from schemas.lmlm_configs import LMLMEvaluationConfig, LMLMFlowConfig
 from tasks.shardio import list_files
@@ -272,7 +274,9 @@ def lmlm_evaluation(config: LMLMFlowConfig = LMLMFlowConfig()) -> dict:
                   "(mean and std over seeds)")
     _publish_samples(first)
     publish_links({"report": path}, key="lmlm-evaluation-outputs")
-    return {**report, "report": path}
+    page = results_report(ResultsPageConfig(lmlm=config.workdir, annotator=pipeline_workdir(config) or
+                                            ResultsPageConfig().annotator, out_dir=os.path.join(out, "results")))
+    return {**report, "report": path, "results_page": page["markdown_path"]}
 
 
 def _publish_samples(reports: dict) -> None:

@@ -29,6 +29,7 @@ from tasks.finetune import finetune_annotator
 from tasks.ingest import ingest_corpus
 from tasks.load import load_warehouse, reviewed_overrides
 from tasks.profile import profile_document_shard
+from tasks.results_page import render_results_page
 from tasks.seed import annotate_seed, sample_seed_documents
 from tasks.synthetic import generate_corpus
 from tasks.validate import validate_annotations, validate_documents, validate_warehouse
@@ -103,3 +104,6 @@ evaluate_generators_task = task(evaluate_generators, name="evaluate-generators",
 pretrain_process = task(pretrain_in_process, name="pretrain-in-process", cache_policy=NO_CACHE)
 pretrain_variant = task(pretrain_here, name="pretrain-variant", cache_policy=NO_CACHE)
 evaluate_variant_task = task(evaluate_variant, name="evaluate-lmlm-variant", cache_policy=NO_CACHE)
+
+# the results page (its inputs are report files that change between runs: never cached)
+render_results_page_task = task(render_results_page, name="render-results-page", cache_policy=NO_CACHE)

@@ -300,3 +300,13 @@ class BulkFlowConfig(Config):
     load_warehouse: bool = Field(True, description="load the bulk shards into <workdir>/warehouse.duckdb (or warehouse_path)")
     warehouse_path: str | None = Field(None)
     warehouse_wait_s: float = Field(600.0, ge=0)
+
+
+class ResultsPageConfig(Config):
+    """Where `lmlm report` (and the evaluation flows) find the newest reports, and where the page goes."""
+
+    lmlm: str | None = Field("out/demo-lmlm", description="LMLM workdir (its lmlm/evaluation-report.json) or report file")
+    diffusion: str | None = Field("out/diffusion-demo", description="latent-diffusion workdir (its report.json) or report file")
+    annotator: str | None = Field(
+        "out/demo", description="corpus-run workdir with the small-annotator stages (its report.json) or report file")
+    out_dir: str = Field("out/results", description="results.md, results.html and their PNGs go here")

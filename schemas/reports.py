@@ -314,3 +314,16 @@ class PretrainReport(BaseModel):
     history: list[dict]
 
 
+
+
+# ---------------------------------------------------------------- results page
+
+
+class ResultsPage(BaseModel):
+    """The results page `lmlm report` and the evaluation flows write: where it is, what it was built from."""
+
+    markdown_path: str
+    html_path: str
+    images: list[str]  # PNGs next to the page
+    sources: dict[str, str | None]  # section -> the report file it was rendered from (None: none found)
+    markdown_inline: str  # the page with its images embedded as data URIs (a Prefect markdown artifact)

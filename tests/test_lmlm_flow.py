@@ -329,6 +329,8 @@ def test_evaluation_reports_both_variants_side_by_side(flows_run):
     assert not std_edits["uses_database"] and std_edits["facts"] == 3  # measured with the same probes
     on_disk = json.loads(open(ev["report"]).read())
     assert on_disk["comparison"] == ev["comparison"]
+    page = open(ev["results_page"]).read()  # the evaluation flow renders the results page from its report
+    assert "FActScore (visible text, all bios)" in page and "LMLM, oracle database" in page
 
 
 def test_generate_cli_answers_lookups_from_the_warehouse_with_or_without_markup(copier, warehouse_file, tmp_path,
