@@ -78,6 +78,11 @@ def _bulk_parameters(cfg: ServeConfig) -> dict:
     return {"config": {"workdir": w, "document_shards": [os.path.join(w, "shards", "documents")]}}
 
 
+def _results_parameters(cfg: ServeConfig) -> dict:
+    w = (cfg.corpus or CorpusFlowConfig(workdir=cfg.workdir)).workdir
+    return {"config": {"lmlm": w, "annotator": w, "out_dir": os.path.join(w, "results")}}
+
+
 # One line per flow. Later flows (LMLM pretraining, evaluation, autoencoder, diffusion) add theirs
 # here, e.g. Registration("flows.pretrain:pretraining") (the flow's own defaults fill the UI form).
 REGISTRY: list[Registration] = [
@@ -90,6 +95,8 @@ REGISTRY: list[Registration] = [
     Registration("flows.annotator:bulk_annotation", _bulk_parameters, one_at_a_time=True,
                  description="annotate every document shard with the fine-tuned annotator, load the warehouse"),
     *(Registration(f"flows.lmlm:{name}", lambda c: {"config": {"workdir": (c.corpus or CorpusFlowConfig(workdir=c.workdir)).workdir}}, one_at_a_time=True) for name in ("lmlm_pretraining", "lmlm_evaluation")),
+    Registration("flows.report:results_report", _results_parameters,
+                 description="render the newest evaluation reports into the results page (Markdown, HTML, artifact)"),
 ]
 
 
