@@ -340,6 +340,16 @@ def test_draws_take_equal_seeded_subsets_and_summaries_give_mean_and_std():
     assert seeds[0]["mauve"] == pytest.approx(0.6) and seeds[0]["mauve_std"] == pytest.approx(0.1414, abs=1e-4)
 
 
+def test_each_training_seed_moves_both_seeds_and_trains_in_a_folder_of_its_own(tmp_path):
+    from flows.diffusion import seed_config
+
+    config = LatentDiffusionFlowConfig(workdir=str(tmp_path), seeds=3)
+    assert seed_config(config, 0) is config
+    second = seed_config(config, 2)
+    assert second.workdir == str(tmp_path / "seed-2")
+    assert (second.autoencoder.seed, second.diffusion.seed) == (2, 2) and second.sampling == config.sampling
+
+
 def test_diversity_and_memorisation():
     repeated = ["the same words again and again"] * 4
     varied = ["one two three four", "five six seven eight", "nine ten eleven twelve", "a b c d"]

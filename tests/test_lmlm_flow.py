@@ -355,6 +355,22 @@ def test_generate_cli_answers_lookups_from_the_warehouse_with_or_without_markup(
     assert cited.startswith("Ada Vance was born in Port Ellen[1].") and "[1] Ada Vance / Birth City -> Port Ellen: doc-0" in cited
 
 
+def test_seeds_and_the_pipeline_database_get_folders_of_their_own(tmp_path):
+    from flows.lmlm import model_dir, rows_of, seeds_of
+    from schemas.lmlm_configs import LMLMFlowConfig
+
+    config = LMLMFlowConfig(workdir=str(tmp_path), seeds=3, pretrain={"seed": 5}, pipeline_database={})
+    rows = rows_of(config)
+    assert [(r.name, r.variant) for r in rows] == [("lmlm", "lmlm"), ("standard", "standard"), ("lmlm-pipeline", "lmlm")]
+    assert rows[2].workdir == str(tmp_path / "pipeline")  # the pipeline's corpus run, beside the oracle's
+    assert seeds_of(config) == [5, 6, 7]
+    out = tmp_path / "lmlm"
+    assert model_dir(rows[0], 5, config) == str(out / "lmlm")  # the first seed keeps the one-seed layout
+    assert model_dir(rows[1], 7, config) == str(out / "seed-7" / "standard")
+    assert model_dir(rows[2], 6, config) == str(out / "pipeline" / "seed-6" / "lmlm")
+    assert [r.name for r in rows_of(LMLMFlowConfig(workdir=str(tmp_path)))] == ["lmlm", "standard"]
+
+
 def test_bad_input_ends_in_one_clear_line(workdir, tmp_path, capsys):
     from flows.cli import main
     from flows.lmlm import annotated_shards
