@@ -210,11 +210,13 @@ def normalized_perplexity(
 
 
 @torch.no_grad()
-def text_logprobs(model, tokenizer, texts: list[str], *, batch_size: int = 32) -> list[float]:
+def text_logprobs(model, tokenizer, texts: list[str], *, lookup_calls: bool = False, batch_size: int = 32) -> list[float]:
     """Log-probability of each whole text (summed over its tokens), read as a document opening: after an
-    end-of-text token, with no lookup calls. Minimal-pair probes compare these between two texts."""
+    end-of-text token. With ``lookup_calls`` the texts carry lookup markup and, as in pretraining, the looked-up
+    values (and each ``<|db_end|>``) are left out: they come from the database. Minimal pairs compare these."""
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
+    special = lookup_token_ids(tokenizer) if lookup_calls else None
     seqs = [[eos, *ids] for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
     out = [0.0] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -226,7 +228,9 @@ def text_logprobs(model, tokenizer, texts: list[str], *, batch_size: int = 32) -
         ids = torch.full((len(rows), width), eos, dtype=torch.long)
         keep = torch.zeros((len(rows), width), dtype=torch.bool)
         for r, i in enumerate(rows):  # right padding is invisible to causal attention
-            ids[r, :len(seqs[i])], keep[r, 1:len(seqs[i])] = torch.tensor(seqs[i]), True
+            seq = torch.tensor(seqs[i])
+            ids[r, :len(seq)], keep[r, :len(seq)] = seq, loss_mask(seq, special)
+        keep[:, 0] = False  # the end-of-text token that opens the document is context, not a target
         ids, keep = ids.to(device), keep.to(device)
         logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
         token = logp.gather(-1, ids[:, 1:, None])[..., 0] * keep[:, 1:]

@@ -44,7 +44,7 @@ from schemas.markup import (
 )
 from tasks.factscore import bio_report, judge_report, same_value
 from tasks.ground_truth import GroundTruth
-from tasks.minimal_pairs import PHENOMENA, minimal_pair_report
+from tasks.minimal_pairs import FIELD_COHERENCE, PHENOMENA, minimal_pair_report
 
 logger = logging.getLogger(f"lmlm.{__name__}")  # flows/ attach the lmlm logger to Prefect's run log
 
@@ -332,10 +332,12 @@ def evaluate_variant(variant: str, checkpoint: str, *, holdout_annotated: list[s
                  report["edits"]["unlearning"], report["edits"]["known_before"])
     if gt is not None and cfg.minimal_pairs:
         s = time.perf_counter()
+        own_format = (lambda texts: text_logprobs(model, tokenizer, texts, lookup_calls=True,
+                                                  batch_size=2 * cfg.batch_size)) if variant == "lmlm" else None
         report["minimal_pairs"] = minimal_pair_report(
             gt, lambda texts: text_logprobs(model, tokenizer, texts, batch_size=2 * cfg.batch_size),
             n_per_phenomenon=cfg.minimal_pairs, draws=cfg.minimal_pair_draws, seed=cfg.seed,
-            seen=seen or (lambda sentence: False))
+            seen=seen or (lambda sentence: False), markup_logprob=own_format)
         timings["minimal_pairs"] = time.perf_counter() - s
         progress.update(f"evaluate {variant}", len(timings), 5, "metrics")
         logger.info("%s: minimal pairs %.3f ± %.3f over %d draws", variant, report["minimal_pairs"]["accuracy"],
@@ -351,7 +353,7 @@ COMPARISON_METRICS: list[tuple[str, tuple[str, ...], int]] = [
     ("FActScore (visible text, all bios)", ("bios", "factscore"), 3),
     ("FActScore, length penalty (gamma 10)", ("bios", "factscore_length_penalty"), 3),
     ("FActScore over bios stating a fact", ("bios", "factscore_responded"), 3),
-    ("bios stating a fact", ("bios", "responded"), 1),
+    ("share of bios stating a fact", ("bios", "responded_share"), 3),
     ("facts per bio", ("bios", "facts_per_response"), 2),
     ("lookups per bio", ("bios", "lookups_per_response"), 2),
     ("lookup precision", ("bios", "lookup_precision"), 3),
@@ -362,8 +364,14 @@ COMPARISON_METRICS: list[tuple[str, tuple[str, ...], int]] = [
     ("edit success", ("edits", "edit_success"), 3),
     ("unlearning", ("edits", "unlearning"), 3),
     ("edit latency, median s (write -> next generation)", ("edits", "latency_median_s"), 3),
-    ("minimal pairs, all", ("minimal_pairs", "accuracy"), 3),
-    *[(f"minimal pairs, {p.replace('_', ' ')}", ("minimal_pairs", "by_phenomenon", p, "mean"), 3) for p in PHENOMENA],
+    ("minimal pairs, plain text, all four", ("minimal_pairs", "accuracy"), 3),
+    *[(f"minimal pairs, plain text, {p.replace('_', ' ')}", ("minimal_pairs", "by_phenomenon", p, "mean"), 3)
+      for p in PHENOMENA],
+    ("minimal pairs, LMLM's own format (calls before values), all four", ("minimal_pairs", "with_lookups", "accuracy"), 3),
+    *[(f"minimal pairs, own format, {p.replace('_', ' ')}", ("minimal_pairs", "with_lookups", "by_phenomenon", p, "mean"), 3)
+      for p in PHENOMENA],
+    ("minimal pairs, plain text, field coherence (looked-up values)",
+     ("minimal_pairs", "by_phenomenon", FIELD_COHERENCE, "mean"), 3),
 ]
 
 
@@ -387,7 +395,7 @@ def comparison_rows(runs: dict[int, dict[str, dict]]) -> list[dict]:
     rows = []
     for name, path, digits in COMPARISON_METRICS:
         draws = path[0] == "minimal_pairs"  # one run: the minimal pairs' spread is over their draws
-        std_path = (path[:-1] + ("std",)) if path[-1] == "mean" else ("minimal_pairs", "accuracy_std")
+        std_path = (path[:-1] + ("std",)) if path[-1] == "mean" else (*path[:-1], "accuracy_std")
         row: dict = {"metric": name}
         for v in variants:
             values = [x for by in runs.values() if (x := _at(by.get(v, {}), path)) is not None]

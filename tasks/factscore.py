@@ -159,6 +159,7 @@ def factscore(per_response: Sequence[Sequence[AtomicFact | bool]], gamma: float 
     return {
         "responses": n,
         "responded": len(responded),  # responses with at least one fact (the rest abstain)
+        "responded_share": len(responded) / n if n else 0.0,
         "factscore": sum(precision) / n if n else 0.0,
         "factscore_responded": sum(responded) / len(responded) if responded else 0.0,
         "factscore_length_penalty": sum(penalised) / n if n else 0.0,
