@@ -87,6 +87,7 @@ class Row:
     variant: str  # what tasks.pretrain trains: "lmlm" or "standard"
     workdir: str  # the corpus run: annotated shards, warehouse, ground truth
     out: str  # the pretraining folder of its variants
+    seeds: tuple[int, ...]  # its training seeds
 
 
 ROW_LABELS = {"lmlm": "LMLM, oracle database", "lmlm-pipeline": "LMLM, pipeline database", "standard": "standard"}
@@ -100,10 +101,12 @@ def pipeline_workdir(config: LMLMFlowConfig) -> str | None:
 def rows_of(config: LMLMFlowConfig) -> list[Row]:
     """The variants on the workdir's database, and an LMLM on the pipeline's database when configured (the
     standard model is not trained twice: its call-free text is the same corpus whoever annotated it)."""
-    out = out_dir_of(config)
-    rows = [Row(v, v, config.workdir, out) for v in dict.fromkeys(config.variants)]
-    if config.pipeline_database is not None and "lmlm" in config.variants:
-        rows.append(Row("lmlm-pipeline", "lmlm", pipeline_workdir(config), os.path.join(out, "pipeline")))
+    out, seeds = out_dir_of(config), tuple(seeds_of(config))
+    rows = [Row(v, v, config.workdir, out, seeds) for v in dict.fromkeys(config.variants)]
+    db = config.pipeline_database
+    if db is not None and "lmlm" in config.variants:
+        rows.append(Row("lmlm-pipeline", "lmlm", pipeline_workdir(config), os.path.join(out, "pipeline"),
+                        seeds[:db.seeds or len(seeds)]))
     return rows
 
 
@@ -142,7 +145,7 @@ def lmlm_pretraining(config: LMLMFlowConfig = LMLMFlowConfig()) -> dict:
     budget = f"{config.pretrain.max_steps} steps" if config.pretrain.max_steps else f"{config.pretrain.token_budget:,} tokens"
     logger.info("pretraining %s, seed(s) %s: %s, %s each", ", ".join(r.name for r in rows),
                 ", ".join(map(str, seeds)), config.pretrain.model, budget)
-    jobs = [(r, s) for s in seeds for r in rows]
+    jobs = [(r, s) for s in seeds for r in rows if s in r.seeds]
     if config.parallel and len(jobs) > 1:  # two processes at a time (the flow's task runner)
         futures = [pretrain_process.submit(config.pretrain.model_copy(update={"seed": s}).model_dump_json(),
                                            shards[r.name], model_dir(r, s, config), r.variant,
@@ -186,7 +189,7 @@ def checkpoints_of(config: LMLMFlowConfig) -> dict[int, dict[str, str]]:
 
     found: dict[int, dict[str, str]] = {}
     for seed in seeds_of(config):
-        for row in rows_of(config):
+        for row in (r for r in rows_of(config) if seed in r.seeds):
             folder = model_dir(row, seed, config)
             given = config.evaluation.checkpoints.get(row.name) if seed == config.pretrain.seed else None
             path = given or latest_checkpoint(folder)
@@ -251,7 +254,7 @@ def lmlm_evaluation(config: LMLMFlowConfig = LMLMFlowConfig()) -> dict:
                             for t in split_texts(shard, "text", fraction)[0]])
     runs: dict[int, dict[str, dict]] = {}
     for seed, by_row in checkpoints.items():
-        for row in rows:
+        for row in (r for r in rows if r.name in by_row):
             src = sources[row.name]
             runs.setdefault(seed, {})[row.name] = evaluate_variant_task(
                 row.variant, by_row[row.name], holdout_annotated=src["held"], lookup_source=src["lookup"],
@@ -262,7 +265,7 @@ def lmlm_evaluation(config: LMLMFlowConfig = LMLMFlowConfig()) -> dict:
     os.makedirs(out, exist_ok=True)
     first = runs[min(runs)]
     report = {"workdir": os.path.abspath(config.workdir), "checkpoints": checkpoints,
-              "rows": {r.name: {"label": ROW_LABELS.get(r.name, r.name), "variant": r.variant,
+              "rows": {r.name: {"label": _label(r, config), "variant": r.variant, "seeds": list(r.seeds),
                                 "workdir": os.path.abspath(r.workdir), "lookup_source": sources[r.name]["lookup"]}
                        for r in rows},
               "lookup_source": sources[rows[0].name]["lookup"], "lookup_mode": ev.lookup_mode, "ground_truth": gt_dir,
@@ -277,6 +280,13 @@ def lmlm_evaluation(config: LMLMFlowConfig = LMLMFlowConfig()) -> dict:
     page = results_report(ResultsPageConfig(lmlm=config.workdir, annotator=pipeline_workdir(config) or
                                             ResultsPageConfig().annotator, out_dir=os.path.join(out, "results")))
     return {**report, "report": path, "results_page": page["markdown_path"]}
+
+
+def _label(row: Row, config: LMLMFlowConfig) -> str:
+    """The row's name in tables; a row trained on fewer seeds than the others says how many."""
+    label = ROW_LABELS.get(row.name, row.name)
+    n = len(row.seeds)
+    return label if n == config.seeds else f"{label} ({n} seed{'s' * (n > 1)})"
 
 
 def _publish_samples(reports: dict) -> None:

@@ -51,8 +51,11 @@ def _flow_config(args) -> LMLMFlowConfig:
         data["parallel"] = False
     if getattr(args, "seeds", None) is not None:
         data["seeds"] = args.seeds
-    if getattr(args, "pipeline_database", False) and data.get("pipeline_database") is None:
+    if (getattr(args, "pipeline_database", False) or getattr(args, "pipeline_seeds", None)) \
+            and data.get("pipeline_database") is None:
         data["pipeline_database"] = {}
+    if getattr(args, "pipeline_seeds", None) is not None:
+        data["pipeline_database"]["seeds"] = args.pipeline_seeds
     ev = data.setdefault("evaluation", {})
     for key in ("lookup_db", "lookup_mode", "bio_people", "cloze_probes", "edit_facts", "minimal_pairs"):
         if getattr(args, key, None) is not None:
@@ -198,6 +201,7 @@ def argparse_parent():
     p.add_argument("--seeds", type=int, help="training seeds per variant (figures: mean ± std over them; default 1)")
     p.add_argument("--pipeline-database", action="store_true",
                    help="also an LMLM on the database the pipeline's own annotators build (<workdir>/pipeline)")
+    p.add_argument("--pipeline-seeds", type=int, help="training seeds of that LMLM (default: as many as --seeds)")
     p.add_argument("--lookup-db", help="lookup database for evaluation (default: the workdir's warehouse)")
     p.add_argument("--lookup-mode", choices=["exact", "fuzzy", "trie"])
     p.add_argument("--bio-people", type=int, help="bios generated per variant")

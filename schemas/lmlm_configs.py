@@ -70,6 +70,8 @@ class PipelineDatabaseConfig(Config):
     looks facts up in its warehouse; the standard model is shared (its call-free text is the same corpus)."""
 
     workdir: str | None = Field(None, description="the pipeline corpus run's workdir; unset: <workdir>/pipeline")
+    seeds: int | None = Field(
+        None, ge=1, description="training seeds of its LMLM (the first ones of the flow's); unset: as many as the flow's")
     small_annotator: SmallAnnotatorStagesConfig = Field(
         default_factory=lambda: SmallAnnotatorStagesConfig(enabled=True),
         description="fine-tune and bulk settings of the run that builds it (the corpus flow's defaults)")

@@ -384,9 +384,10 @@ def _at(report: dict, path: tuple[str, ...]):
 
 
 def comparison_rows(runs: dict[int, dict[str, dict]]) -> list[dict]:
-    """One row per metric, one column per variant (and ``<variant>_std``): the mean over the seeds of ``runs``
-    (seed -> variant -> evaluate_variant's report) and the standard deviation over them (``spread``: "seeds").
-    With one seed, the minimal pairs' deviation is over their draws ("draws") and the others have none."""
+    """One row per metric, one column per variant (and ``<variant>_std``, ``<variant>_n``): the mean over the seeds
+    of ``runs`` (seed -> variant -> evaluate_variant's report) that have the variant, and the standard deviation over
+    them (``spread``: "seeds"; none for a variant with one seed). With one seed in all, the minimal pairs' deviation
+    is over their draws ("draws") and the others have none."""
     import statistics
 
     variants = list(dict.fromkeys(v for by in runs.values() for v in by))
@@ -406,6 +407,7 @@ def comparison_rows(runs: dict[int, dict[str, dict]]) -> list[dict]:
                 std = _at(only.get(v, {}), std_path)
             row[v] = round(statistics.fmean(values), digits) if values else None
             row[f"{v}_std"] = None if std is None else round(std, digits)
+            row[f"{v}_n"] = len(values)
         if all(row[v] is None for v in variants):
             continue
         row["spread"] = "seeds" if several else ("draws" if draws else None)

@@ -368,6 +368,9 @@ def test_seeds_and_the_pipeline_database_get_folders_of_their_own(tmp_path):
     assert model_dir(rows[0], 5, config) == str(out / "lmlm")  # the first seed keeps the one-seed layout
     assert model_dir(rows[1], 7, config) == str(out / "seed-7" / "standard")
     assert model_dir(rows[2], 6, config) == str(out / "pipeline" / "seed-6" / "lmlm")
+    assert rows[2].seeds == (5, 6, 7)
+    fewer = LMLMFlowConfig(workdir=str(tmp_path), seeds=3, pipeline_database={"seeds": 1})
+    assert [r.seeds for r in rows_of(fewer)] == [(0, 1, 2), (0, 1, 2), (0,)]  # its first seed only
     assert [r.name for r in rows_of(LMLMFlowConfig(workdir=str(tmp_path)))] == ["lmlm", "standard"]
 
 
