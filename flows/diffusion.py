@@ -32,6 +32,7 @@ from schemas.configs import ResultsPageConfig
 from schemas.diffusion_configs import LatentDiffusionFlowConfig
 from tasks.diffusion import encoder_features, load_autoencoder
 from tasks.diffusion_texts import TextData, prepare_texts
+from tasks.results_page import format_estimate
 
 
 @dataclass
@@ -76,15 +77,8 @@ def markdown_table(rows: list[dict]) -> str:
     cols = ["generator", "setting", "mauve", "class_accuracy", "diversity", "memorised_verbatim", "memorised_train_4grams",
             "perplexity", "samples_per_s"]
 
-    def fmt(r: dict, c: str) -> str:
-        v, std = r.get(c), r.get(f"{c}_std")
-        if v is None:
-            return "–"
-        text = f"{v:.3f}" if isinstance(v, float) else str(v)
-        return text if std is None else f"{text} ± {std:.3f}"
-
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r, c) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(format_estimate(r.get(c), r.get(f"{c}_std")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 

@@ -14,17 +14,11 @@ from schemas.lmlm_configs import LMLMFlowConfig
 def format_comparison(rows: list[dict], variants: list[str], labels: dict[str, str] | None = None) -> str:
     """The side-by-side table as plain text: mean ± standard deviation where there is one (over seeds, or over
     the minimal pairs' draws of a single run; the last column says which)."""
+    from tasks.results_page import format_estimate
+
     labels = labels or {}
-
-    def cell(r: dict, v: str) -> str:
-        x, std = r.get(v), r.get(f"{v}_std")
-        if x is None:
-            return ""
-        text = f"{x:.3f}" if isinstance(x, float) else str(x)
-        return text if std is None else f"{text} ± {std:.3f}"
-
     heads = [labels.get(v, v) for v in variants]
-    cells = [[cell(r, v) for v in variants] for r in rows]
+    cells = [[format_estimate(r.get(v), r.get(f"{v}_std"), missing="") for v in variants] for r in rows]
     widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(heads)]
     name_w = max([len(r["metric"]) for r in rows] + [6])
     head = f"{'metric':<{name_w}}  " + "  ".join(f"{h:>{w}}" for h, w in zip(heads, widths)) + "  ±"

@@ -103,11 +103,13 @@ def _load(path: str | None, *candidates: str) -> tuple[dict | None, str | None]:
     return None, None
 
 
-def _num(x, std=None, digits: int = 3) -> str:
+def format_estimate(x, std=None, digits: int = 3, missing: str = "–") -> str:
+    """A figure as the tables print it: "0.722 ± 0.010" with a standard deviation, "0.722" without one."""
     if x is None:
-        return "–"
+        return missing
     text = f"{x:,.{digits}f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)
     return text if std is None else f"{text} ± {std:.{digits}f}"
+
 
 
 def _copy(src: str | None, out_dir: str, name: str) -> str | None:
@@ -126,6 +128,14 @@ def _figure(width: float, height: float):
     return plt, *plt.subplots(figsize=(width, height))
 
 
+def _save(plt, fig, page: _Page, out_dir: str, name: str, caption: str) -> str:
+    """Write the figure as ``name`` next to the page and show it there; returns the name."""
+    fig.savefig(os.path.join(out_dir, name), dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    page.img(name, caption)
+    return name
+
+
 # ----------------------------------------------------------------------------- sections
 
 
@@ -141,7 +151,7 @@ def _lmlm_section(page: _Page, report: dict, file: str, out_dir: str) -> list[st
            "standard deviation over the seeds** (with one seed, the minimal pairs' ± is over their draws and the "
            "others have none; the last column says which).")
     page.table(["metric", *(labels.get(c, c) for c in columns), "±"],
-               [[r["metric"], *(_num(r.get(c), r.get(f"{c}_std")) for c in columns),
+               [[r["metric"], *(format_estimate(r.get(c), r.get(f"{c}_std")) for c in columns),
                  f"{r['spread']} ({r['n']})" if r.get("spread") else ""] for r in rows])
     mp = first.get("minimal_pairs", {})
     edits = first.get("edits", {})
@@ -192,10 +202,8 @@ def _lmlm_section(page: _Page, report: dict, file: str, out_dir: str) -> list[st
         ax.set_ylim(0, 1)
         ax.set_ylabel("pairs where the good sentence wins")
         ax.legend(fontsize=8)
-        fig.savefig(os.path.join(out_dir, "lmlm-minimal-pairs.png"), dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        page.img("lmlm-minimal-pairs.png", "Minimal pairs per phenomenon, first seed (± over draws); dashed: chance")
-        images.append("lmlm-minimal-pairs.png")
+        images.append(_save(plt, fig, page, out_dir, "lmlm-minimal-pairs.png",
+                            "Minimal pairs per phenomenon, plain text, first seed (± over draws); dashed: chance"))
     return images
 
 
@@ -205,15 +213,15 @@ def _diffusion_section(page: _Page, report: dict, file: str, out_dir: str) -> li
     page.h(2, "Latent diffusion (LD4LG)")
     a = report.get("autoencoder", {})
     hold = a.get("holdout", {})
-    page.p(f"From `{file}`. Autoencoder: held-out reconstruction BLEU **{_num(hold.get('bleu'), digits=2)}** "
-           f"against the {hold.get('bleu_reference', 'held-out texts')} (exact match {_num(hold.get('exact_match'))}; "
-           f"against the texts as the encoder's vocabulary spells them: {_num(hold.get('bleu_vocabulary'), digits=2)}).")
+    page.p(f"From `{file}`. Autoencoder: held-out reconstruction BLEU **{format_estimate(hold.get('bleu'), digits=2)}** "
+           f"against the {hold.get('bleu_reference', 'held-out texts')} (exact match {format_estimate(hold.get('exact_match'))}; "
+           f"against the texts as the encoder's vocabulary spells them: {format_estimate(hold.get('bleu_vocabulary'), digits=2)}).")
     if not ev:
         page.p("No evaluation in this report.")
         return images
     cols = [("generator", "generator"), ("setting", "setting"), ("mauve", "MAUVE"), ("class_accuracy", "class accuracy"),
             ("diversity", "diversity"), ("memorised_train_4grams", "memorised 4-grams"), ("perplexity", "perplexity")]
-    page.table([c[1] for c in cols], [[_num(r.get(k), r.get(f"{k}_std")) if k not in ("generator", "setting")
+    page.table([c[1] for c in cols], [[format_estimate(r.get(k), r.get(f"{k}_std")) if k not in ("generator", "setting")
                                        else str(r.get(k)) for k, _ in cols] for r in ev["rows"]])
     mix = ev.get("class_mix", {})
     page.p(f"Mean ± standard deviation over {ev.get('spread', 'draws')}. Each draw takes {ev.get('samples_per_draw')} "
@@ -237,10 +245,8 @@ def _diffusion_section(page: _Page, report: dict, file: str, out_dir: str) -> li
         ax.set_ylabel("MAUVE")
         ax.set_title("guidance trade-off: fluency (MAUVE) vs class")
         ax.grid(alpha=0.3)
-        fig.savefig(os.path.join(out_dir, "diffusion-guidance.png"), dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        page.img("diffusion-guidance.png", "Classifier-free guidance trades MAUVE for class accuracy (± over draws)")
-        images.append("diffusion-guidance.png")
+        images.append(_save(plt, fig, page, out_dir, "diffusion-guidance.png",
+                            "Classifier-free guidance trades MAUVE for class accuracy (± over draws)"))
     loss = _copy(report.get("loss_curves_png"), out_dir, "diffusion-loss-curves.png")
     if loss:
         page.img(loss, "Autoencoder and diffusion training loss")
@@ -254,25 +260,25 @@ def _annotator_section(page: _Page, report: dict, file: str, out_dir: str) -> li
     rows = []
     q = seed.get("quality_vs_gold") or {}
     if q:
-        rows.append(["seed annotator vs gold (triplets)", _num(q.get("precision")), _num(q.get("recall")),
-                     _num(q.get("f1")), f"{seed.get('annotated', '?')} seed documents"])
+        rows.append(["seed annotator vs gold (triplets)", format_estimate(q.get("precision")), format_estimate(q.get("recall")),
+                     format_estimate(q.get("f1")), f"{seed.get('annotated', '?')} seed documents"])
     h = ft.get("holdout_quality") or {}
     if h:
-        rows.append([f"small annotator ({ft.get('base')}, {_num(ft.get('parameters'))} parameters) on held-out seed",
-                     _num(h.get("precision")), _num(h.get("recall")), _num(h.get("f1")),
+        rows.append([f"small annotator ({ft.get('base')}, {format_estimate(ft.get('parameters'))} parameters) on held-out seed",
+                     format_estimate(h.get("precision")), format_estimate(h.get("recall")), format_estimate(h.get("f1")),
                      f"{h.get('documents')} documents; {ft.get('steps')} steps, {ft.get('epochs')} epochs, "
                      f"{ft.get('train_seconds')} s"])
     b = bulk.get("quality_vs_gold") or {}
     if b:
-        rows.append(["small annotator, bulk, vs gold", _num(b.get("precision")), _num(b.get("recall")),
-                     _num(b.get("f1")), f"{b.get('documents', '?')} documents not in the seed; {bulk.get('calls')} "
-                     f"calls over {bulk.get('docs')} documents, {_num(bulk.get('docs_per_s'), digits=2)} documents/s"])
+        rows.append(["small annotator, bulk, vs gold", format_estimate(b.get("precision")), format_estimate(b.get("recall")),
+                     format_estimate(b.get("f1")), f"{b.get('documents', '?')} documents not in the seed; {bulk.get('calls')} "
+                     f"calls over {bulk.get('docs')} documents, {format_estimate(bulk.get('docs_per_s'), digits=2)} documents/s"])
     page.p(f"From `{file}`: the corpus run that built the pipeline database (seed annotator + corrector on a sample, "
            "the small annotator fine-tuned on it, bulk annotation of every document).")
     page.table(["annotator", "precision", "recall", "F1", "on"], rows or [["(no annotator figures in this report)", "", "", "", ""]])
     wh = report.get("warehouse_load") or {}
     if wh:
-        page.p(f"Warehouse: {_num(wh.get('facts'))} facts from {_num(wh.get('triplets'))} triplets.")
+        page.p(f"Warehouse: {format_estimate(wh.get('facts'))} facts from {format_estimate(wh.get('triplets'))} triplets.")
     curve = _copy(ft.get("curve_png"), out_dir, "annotator-training-curve.png")
     if curve:
         page.img(curve, "Small annotator: fine-tuning loss")
