@@ -16,6 +16,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 DOCS ?=
 WORKDIR ?= out/demo
 SEEDS ?=
+PIPELINE_SEEDS ?=
 
 .PHONY: demo demo-lmlm demo-diffusion test test-fast bench install install-test clean
 
@@ -37,10 +38,13 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(VENV)/bin/lmlm pipeline --workdir $(WORKDIR) $(if $(DOCS),--docs $(DOCS),)
 
-# the LMLM and its standard baseline on their own corpus run (seed-annotated by the KB aligner, not by the
-# demo's briefly trained small annotator)
+# the LMLM and its standard baseline on their own corpus run (every document annotated from the ground-truth KB
+# by the KB aligner: the oracle database), and an LMLM on the same corpus annotated by the pipeline's own
+# annotators (seed annotator + corrector, small annotator fine-tuned on the seed, bulk annotation); SEEDS=N
+# training seeds (mean ± std), PIPELINE_SEEDS=N of them for the pipeline database's LMLM
 demo-lmlm: $(VENV)/.installed
-	$(VENV)/bin/lmlm lmlm demo --workdir out/demo-lmlm $(if $(SEEDS),--seeds $(SEEDS),)
+	$(VENV)/bin/lmlm lmlm demo --workdir out/demo-lmlm --pipeline-database $(if $(SEEDS),--seeds $(SEEDS),) \
+		$(if $(PIPELINE_SEEDS),--pipeline-seeds $(PIPELINE_SEEDS),)
 
 # the text autoencoder and the latent diffusion model on the synthetic corpus; samples of one class;
 # perplexity under the standard model of `make demo-lmlm` when that has run
