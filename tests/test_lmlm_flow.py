@@ -318,9 +318,9 @@ def test_evaluation_reports_both_variants_side_by_side(flows_run):
     metrics = {r["metric"]: r for r in ev["comparison"]}
     for name in ("normalized perplexity (its database's values)", "normalized perplexity (own lookups)",
                  "FActScore (visible text, all bios)", "FActScore, length penalty (gamma 10)", "cloze exact match",
-                 "cloze precision@1", "edit success", "unlearning", "minimal pairs, all"):
+                 "cloze precision@1", "edit success", "unlearning", "minimal pairs, plain text, all four"):
         assert {"metric", "lmlm", "standard"} <= set(metrics[name]), name
-    assert metrics["minimal pairs, all"]["spread"] == "draws"  # one seed: the spread is over the pairs' draws
+    assert metrics["minimal pairs, plain text, all four"]["spread"] == "draws"  # one seed: the spread is over the pairs' draws
     lm = ev["variants"]["lmlm"]
     assert lm["perplexity"]["docs"] == 3 and lm["perplexity"]["own_lookups"] > 1
     assert lm["bios"]["responses"] == 3 and len(lm["bio_samples"]) == 3 and lm["cloze"]["probes"] == 5
