@@ -20,7 +20,7 @@ from schemas import markup
 from schemas.configs import AnnotatorFinetuneConfig
 from schemas.errors import UserInputError
 from schemas.reports import FinetuneReport
-from tasks.evaluate_annotation import score_triplets, scored_calls
+from tasks.evaluate_annotation import score_levels, score_triplets, scored_calls
 from tasks.shardio import fs_and_path, read_table
 
 # from-scratch shapes of the annotator: small enough to fine-tune and annotate the demo corpus on 2 CPU cores
@@ -112,7 +112,7 @@ def evaluate_on(model, tokenizer, docs: list[tuple[str, markup.Annotated]], opts
         preserved += markup.strip(markup.render(got.annotated)) == gold.text
         predicted += scored_calls(doc_id, got.annotated)
         expected += scored_calls(doc_id, gold)
-    quality = score_triplets(predicted, expected)
+    quality = {**score_triplets(predicted, expected), **score_levels(predicted, expected)}
     quality.update(documents=len(docs), source_preserved_rate=preserved / max(len(docs), 1),
                    calls_malformed=stats.calls_malformed, calls_aborted=stats.calls_aborted,
                    docs_per_s=len(docs) / max(stats.seconds, 1e-9),
@@ -123,7 +123,11 @@ def evaluate_on(model, tokenizer, docs: list[tuple[str, markup.Annotated]], opts
 def finetune_annotator(annotated_shards: list[str], cfg: AnnotatorFinetuneConfig, out_dir: str,
                        log=print) -> FinetuneReport:
     """Fine-tune on the seed shards into ``out_dir/model`` (reused when already trained on the same
-    inputs and config) and score the held-out split."""
+    inputs and config) and score the held-out split; ``cfg.kind`` picks the encoder or the generative model."""
+    if cfg.kind == "encoder":
+        from tasks.finetune_encoder import finetune_encoder_annotator
+
+        return finetune_encoder_annotator(annotated_shards, cfg, out_dir, log)
     import torch
 
     from models.annotator import build_examples, finetune, load_annotator, save_annotator
@@ -176,3 +180,18 @@ def finetune_annotator(annotated_shards: list[str], cfg: AnnotatorFinetuneConfig
     load_annotator(checkpoint)  # what was written loads back (AutoModelForCausalLM + tokenizer)
     return report
 
+
+
+def quality_gate(report: FinetuneReport, min_f1: float | None) -> None:
+    """Stop (one UserInputError line: the figure, the threshold, what to do) when the fine-tuned annotator's
+    held-out (entity, value) F1 is below ``min_f1``, so a broken model never annotates the corpus; None: no gate."""
+    q = report.holdout_quality
+    if min_f1 is None or not q:
+        return
+    got = q.get("entity_value_f1", q.get("f1", 0.0))
+    if got < min_f1:
+        raise UserInputError(
+            f"the small annotator's held-out seed (entity, value) F1 is {got:.3f}, below small_annotator.min_f1 "
+            f"{min_f1:g} ({report.train_docs} seed documents, {report.epochs:g} epochs in {report.train_seconds:.0f} s): "
+            "not annotating the corpus with it; annotate more seed documents (small_annotator.seed_docs) or train "
+            "longer (small_annotator.finetune.time_budget_s, --finetune-budget-s), or lower min_f1")
