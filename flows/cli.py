@@ -297,6 +297,8 @@ def cmd_annotator_finetune(args) -> None:
 
     data = load_config_file(args.config, FinetuneFlowConfig)
     data.update(workdir=args.workdir or data.get("workdir", "out"), seed_shards=args.seed_shards)
+    if args.kind:
+        data.setdefault("finetune", {})["kind"] = args.kind
     if args.base:
         data.setdefault("finetune", {})["base"] = args.base
     if args.budget_s:
@@ -357,7 +359,8 @@ def add_annotator_commands(sub) -> None:
     ft = asub.add_parser("finetune", help="fine-tune on annotated seed shards")
     ft.add_argument("seed_shards", nargs="+", help="annotated seed shard files, folders or globs")
     ft.add_argument("--workdir", default=None, help="the checkpoint goes to <workdir>/annotator/model")
-    ft.add_argument("--base", help="annotator-small (default), annotator-tiny, a models.lmlm shape, or a hub name")
+    ft.add_argument("--kind", choices=["encoder", "generative"], help="the small annotator's model (default encoder)")
+    ft.add_argument("--base", help="generative: annotator-small (default), annotator-tiny, a models.lmlm shape, or a hub name")
     ft.add_argument("--budget-s", type=float, help="stop training after this many seconds")
     ft.add_argument("--config", help="JSON/YAML file of FinetuneFlowConfig fields")
     ft.set_defaults(func=cmd_annotator_finetune)

@@ -30,6 +30,7 @@ from flows.stages import (
 )
 from schemas.configs import CorpusFlowConfig, IngestConfig
 from schemas.reports import CorpusRunReport, RunRecord, SkippedValidation, WarehouseLoad
+from tasks.finetune import quality_gate
 from tasks.load import code_version
 from tasks.profile import merge_profiles
 from tasks.shardio import list_files
@@ -97,6 +98,7 @@ def corpus_processing(config: CorpusFlowConfig = CorpusFlowConfig()) -> dict:
     if small.enabled:
         with _stage(timings, "finetune"):
             report.finetune = finetune_stage([seed.annotated_shard], small.finetune, workdir)
+        quality_gate(report.finetune, small.min_f1)  # a model below the bar stops the run before bulk and warehouse
         bulk_cfg = small.bulk
         if bulk_cfg.corrector is None and config.seed.corrector is not None:
             # the seed's filters (density, entity in value, placement, ...) guard the small annotator's output
