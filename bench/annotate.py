@@ -32,12 +32,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from models.annotator import (  # noqa: E402
+from models.annotator import load_annotator  # noqa: E402
+from models.annotator_decode import (  # noqa: E402
     DecodeOptions,
     DecodeStats,
     annotate_texts,
     generate_unconstrained,
-    load_annotator,
 )
 from schemas import markup  # noqa: E402
 

@@ -105,7 +105,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from models.generate import generate, generate_regenerate_per_lookup
     from models.lmlm import count_parameters
-    from warehouse.lookup import ExactIndex, FuzzyIndex, KeyTrie, LookupDatabase
+    from lookup import ExactIndex, FuzzyIndex, KeyTrie, LookupDatabase
 
     annotated, texts, kb = corpus()
     print(f"corpus: {len(texts)} synthetic documents; training (or loading) the model:", flush=True)

@@ -10,7 +10,7 @@ dependencies (Prefect, DuckDB, Faker):
 BPE tokenizer trained on them, held-out source texts for the annotator, and a copy of the annotator.
 ``run`` needs torch, transformers, tokenizers, pyarrow and pydantic, and measures:
 
-  pretrain   LMLM pretraining through ``models.train.train`` (the flow's loop: packing, loss mask,
+  pretrain   LMLM pretraining through ``models.pretrain.train`` (the flow's loop: packing, loss mask,
              AdamW, cosine schedule, bf16 autocast), gpt2-124m and llama2-176m shapes at 1,024 tokens:
              steady tokens/s (warm-up steps excluded), MFU by the 6N rule against the card's bf16
              dense peak, peak memory; eager and torch.compile.
@@ -91,7 +91,8 @@ def bench_pretrain(data: Path, device, shape: str, batch: int, steps: int, compi
 
     from models.lmlm import build_model, flop_parameters
     from models.tokenizer import load_tokenizer, lookup_token_ids
-    from models.train import PackedBlocks, Runtime, model_flops_utilization, peak_flops, train
+    from models.pretrain import PackedBlocks, model_flops_utilization, peak_flops, train
+    from models.train import DistributedRuntime
     from schemas.configs import PretrainConfig
 
     tok = load_tokenizer(str(data / "tokenizer"))
@@ -115,7 +116,7 @@ def bench_pretrain(data: Path, device, shape: str, batch: int, steps: int, compi
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    result = train(model, tok, blocks, cfg, f"/tmp/gpu-pretrain-{shape}-{compile_}", runtime=Runtime(0, 1, device),
+    result = train(model, tok, blocks, cfg, f"/tmp/gpu-pretrain-{shape}-{compile_}", runtime=DistributedRuntime(0, 1, device),
                    stop_after=steps, log=log)
     (ta, sa), (tb, sb) = next(m for m in marks if m[1] >= warm), marks[-1]
     tokens_per_s = (sb - sa) * batch * 1024 / (tb - ta)

@@ -243,12 +243,12 @@ def score(index, queries) -> tuple[float, float, float]:
 
 def bench_quality(args) -> None:
     from models.embed import embed
-    from warehouse.lookup import Fact, FuzzyIndex, LookupDatabase
+    from lookup import FuzzyIndex, LookupDatabase, StoredFact
 
     t0 = time.perf_counter()
     facts, people, companies, seen = build_kb(args.people, args.companies, args.seed)
     sets = query_sets(facts, people, companies, seen, args.queries, args.seed)
-    db = LookupDatabase(Fact(e, r, v) for e, r, v in facts)
+    db = LookupDatabase(StoredFact(e, r, v) for e, r, v in facts)
     print(f"KB: {len(db)} keys, {len({f[0] for f in facts})} entities, {len({f[1] for f in facts})} relations; "
           f"{args.queries} queries per set (seed {args.seed})")
     indexes = {
@@ -413,8 +413,8 @@ def ms_per_query(search, queries: np.ndarray, passes: int = 3) -> tuple[float, f
 
 def ann_configs(n: int, seed: int):
     """(index label, cache name, build function, [(search parameter label, setter)], queries timed
-    alone) for n vectors; "*" marks the production default (warehouse.lookup's HNSW_*)."""
-    from warehouse.lookup import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
+    alone) for n vectors; "*" marks the production default (lookup.fuzzy's HNSW_*)."""
+    from lookup.fuzzy import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
 
     def ef(*values, default=False):
         return [(f"efSearch={v}" + ("*" if default and v == HNSW_EF_SEARCH else ""),
@@ -434,7 +434,7 @@ def bench_speed(args) -> None:
     import faiss
 
     from models.embed import cpu_has_bf16, embed
-    from warehouse.lookup import VectorIndex
+    from lookup import VectorIndex
 
     n_people = args.keys * 9 // 10 // RELATIONS_PER_PERSON
     n_companies = (args.keys - n_people * RELATIONS_PER_PERSON) // RELATIONS_PER_COMPANY
@@ -501,10 +501,10 @@ def bench_entity_first(args, facts, sets) -> None:
     import faiss
 
     from models.embed import embed
-    from warehouse.lookup import Fact, FuzzyIndex, LookupDatabase, normalize_key
+    from lookup import FuzzyIndex, LookupDatabase, StoredFact, normalize_key
 
     print(f"\nEntity-first lookup (production FuzzyIndex, default settings) at {len(facts)} keys:")
-    db = LookupDatabase(Fact(e, r, v) for e, r, v in facts)
+    db = LookupDatabase(StoredFact(e, r, v) for e, r, v in facts)
     names = sorted({f[0] for f in facts})
     name_vecs = dict(zip(names, cached_vectors(f"entities-{len(names)}-seed{args.seed}", names)))
 

@@ -2,7 +2,7 @@
 
 Writes synthetic TRIPLET_SCHEMA shards, then, best of --repeat rounds, times
   raw:     INSERT INTO t SELECT * FROM read_parquet([...]) into a plain table (no keys, no checks)
-  load:    warehouse.load_triplets into a fresh warehouse (staged upsert by triplet_id, constraints,
+  load:    warehouse.db.load_triplets into a fresh warehouse (staged upsert by triplet_id, constraints,
            relation vocabulary, lineage)
   reload:  load_triplets of the same shards again (the idempotent no-op path)
 each into its own file and ending with a checkpoint, and prints rows/s and the ratios, by wall
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import duckdb  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-import warehouse  # noqa: E402
 from schemas.shards import SHARD_COMPRESSION, TRIPLET_SCHEMA, triplet_id  # noqa: E402
+from warehouse import db  # noqa: E402
 
 # Shaped like annotator output: ~8 calls per document, 40 relations, repeated entities and values.
 SHARD_SQL = """
@@ -84,7 +84,7 @@ def since(start: tuple[float, float]) -> tuple[float, float]:
 def time_raw(path: Path, shards: list[str]) -> tuple[float, float]:
     remove(path)
     con = duckdb.connect()
-    con.execute(f"ATTACH '{path}' AS w (STORAGE_VERSION '{warehouse.db.STORAGE_VERSION}')")
+    con.execute(f"ATTACH '{path}' AS w (STORAGE_VERSION '{db.STORAGE_VERSION}')")
     con.execute("USE w")
     con.execute("CREATE TABLE t AS SELECT * FROM read_parquet($1) LIMIT 0", [shards])
     start = clock()
@@ -97,12 +97,12 @@ def time_raw(path: Path, shards: list[str]) -> tuple[float, float]:
 
 def time_load(path: Path, shards: list[str]) -> tuple[tuple[float, float], tuple[float, float]]:
     remove(path)
-    con = warehouse.connect(path)
+    con = db.connect(path)
     start = clock()
-    first = warehouse.load_triplets(con, shards, "bench-load-1")
+    first = db.load_triplets(con, shards, "bench-load-1")
     load = since(start)
     start = clock()
-    again = warehouse.load_triplets(con, shards, "bench-load-2")
+    again = db.load_triplets(con, shards, "bench-load-2")
     reload = since(start)
     con.close()
     assert first["inserted"] == first["rows"] and again["unchanged"] == again["rows"]

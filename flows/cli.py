@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -13,9 +12,10 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from flows.cli_config import DEFAULT_DB, load_config_file, validated, with_overrides  # noqa: E402
+from flows.cli_config import load_config_file, validated, with_overrides  # noqa: E402
 from flows.diffusion_cli import add_diffusion_commands  # noqa: E402
 from flows.lmlm_cli import add_lmlm_commands  # noqa: E402
+from flows.warehouse_cli import add_warehouse_commands  # noqa: E402
 from schemas.errors import UserInputError as UserError  # noqa: E402
 
 
@@ -29,15 +29,34 @@ def synthetic_config_for_docs(n_docs: int, seed: int = 0):
                                  n_no_fact_docs=max(0, n_docs - people - orgs - cities), seed=seed)
 
 
-def cmd_run(args) -> None:
-    from flows.corpus import corpus_processing
+def corpus_config(args, pipeline: bool = False):
+    """The corpus flow's config from ``--config`` and the flags (``pipeline``: with the small-annotator stages),
+    validated and preflighted: a mistake ends here, before any work or output."""
+    from flows.preflight import check_corpus_run, require
     from schemas.configs import CorpusFlowConfig
 
     data = with_overrides(load_config_file(args.config, CorpusFlowConfig), {
         "workdir": args.workdir or None, "corpus": args.corpus or None,
         "synthetic": synthetic_config_for_docs(args.docs, args.seed).model_dump() if args.docs else None,
         "validation.enabled": False if args.no_validate else None})
-    config = validated(CorpusFlowConfig, data)
+    if pipeline:
+        small = data.get("small_annotator") if isinstance(data.get("small_annotator"), dict) else {}
+        data["small_annotator"] = small
+        small["enabled"] = True
+        if args.finetune_budget_s:
+            finetune = small.setdefault("finetune", {})
+            if isinstance(finetune, dict):
+                finetune.setdefault("time_budget_s", args.finetune_budget_s)
+        if args.seed_docs:
+            small["seed_docs"] = args.seed_docs
+    config = validated(CorpusFlowConfig, data, source=args.config)
+    require(check_corpus_run(config))
+    return config
+
+
+def cmd_run(args, pipeline: bool = False) -> None:
+    config = corpus_config(args, pipeline)
+    from flows.corpus import corpus_processing  # Prefect and the stages load only for a config that passed
     report = corpus_processing(config)
     wh, ing = report["warehouse_load"], report["ingest"]
     print()
@@ -59,7 +78,7 @@ def cmd_run(args) -> None:
 
 
 def cmd_seed(args) -> None:
-    from flows.seed import seed_annotation
+    from flows.preflight import check_seed_flow, require
     from schemas.configs import SeedFlowConfig
 
     data = load_config_file(args.config, SeedFlowConfig)
@@ -78,7 +97,11 @@ def cmd_seed(args) -> None:
     for key, value in (("base_url", args.base_url), ("model", args.model)):
         if value:
             endpoint[key] = value
-    config = validated(SeedFlowConfig, data, "seed config", "give --shards or document_shards in --config")
+    config = validated(SeedFlowConfig, data, "seed config", "give --shards or document_shards in --config",
+                       source=args.config)
+    require(check_seed_flow(config))
+    from flows.seed import seed_annotation
+
     report = seed_annotation(config)
     print(f"seed: {report['docs']} documents, {report['annotated']} annotated, {report['failed']} failed "
           f"(retried on the next run), {report['rejected']} rejected, {report['calls']} calls")
@@ -105,84 +128,6 @@ def cmd_ingest(args) -> None:
         run_id=str(uuid.uuid4()), runner=process_pool(args.workers),
     )
     print(json.dumps(report.model_dump(exclude={"document_shards", "quarantine_shards"}), indent=2))
-
-
-def _print_rows(columns, rows, fmt: str) -> None:
-    if fmt == "json":
-        print(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=2))
-    elif fmt == "csv":
-        w = csv.writer(sys.stdout)
-        w.writerow(columns)
-        w.writerows(rows)
-    else:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(*columns)
-        for r in rows:
-            table.add_row(*("" if v is None else str(v) for v in r))
-        Console().print(table)
-
-
-def _need_db(path: str) -> str:
-    if not os.path.exists(path):
-        raise UserError(f"no warehouse at {path}: run `make demo` or `lmlm run`, or pass --db PATH")
-    return path
-
-
-def cmd_wh_stats(args) -> None:
-    from warehouse import db
-
-    con = db.connect(_need_db(args.db), read_only=True)
-    try:
-        print(json.dumps(db.stats(con), indent=2, default=str))
-    finally:
-        con.close()
-
-
-def cmd_wh_sql(args) -> None:
-    from warehouse import db
-
-    columns, rows = db.run_sql(_need_db(args.db), args.query, args.param or None, write=args.write)
-    _print_rows(columns, rows, args.format)
-
-
-def cmd_wh_export(args) -> None:
-    from warehouse import db
-
-    con = db.connect(_need_db(args.db), read_only=True)
-    try:
-        print(json.dumps(db.export_lookup_db(con, args.json, args.parquet), indent=2, default=str))
-    finally:
-        con.close()
-
-
-def cmd_wh_import(args) -> None:
-    import uuid
-
-    from warehouse import db
-
-    if not os.path.exists(args.file):
-        raise UserError(f"no such file: {args.file}")
-    con = db.connect(args.db)
-    try:
-        print(json.dumps(db.import_reference_db(con, args.file, run_id=str(uuid.uuid4())), indent=2, default=str))
-    finally:
-        con.close()
-
-
-def cmd_wh_edit(args) -> None:
-    from warehouse import db
-
-    if (args.value is None) == (not args.delete):
-        raise UserError("give exactly one of --value V (set the fact) or --delete (remove it)")
-    con = db.connect(_need_db(args.db))
-    try:
-        audit_id = db.edit_fact(con, args.entity, args.relation, None if args.delete else args.value,
-                                reason=args.reason, user=args.user or os.environ.get("USER"))
-    finally:
-        con.close()
-    print(f"edit recorded (audit id {audit_id})")
 
 
 def cmd_serve(args) -> None:
@@ -244,18 +189,6 @@ def cmd_trigger(args) -> None:
         raise UserError(f"flow run {run.id} ended {run.state.name}: {run.state.message or ''}".strip())
 
 
-def cmd_wh_alias(args) -> None:
-    from warehouse import db
-
-    con = db.connect(_need_db(args.db))
-    try:
-        audit_id = db.set_alias(con, args.kind, args.alias, args.canonical, reason=args.reason,
-                                user=args.user or os.environ.get("USER"))
-    finally:
-        con.close()
-    print(f"{args.kind} alias {args.alias!r} -> {args.canonical!r} recorded as reviewed (audit id {audit_id})")
-
-
 def cmd_mark_crashed(args) -> None:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
@@ -275,24 +208,18 @@ def cmd_mark_crashed(args) -> None:
 
 def cmd_pipeline(args) -> None:
     """``lmlm run`` with the small-annotator stages: seed -> fine-tune -> bulk annotation -> warehouse."""
-    from schemas.configs import CorpusFlowConfig
+    cmd_run(args, pipeline=True)
 
-    data = load_config_file(args.config, CorpusFlowConfig)
-    data.setdefault("small_annotator", {})["enabled"] = True
-    if args.finetune_budget_s:
-        data["small_annotator"].setdefault("finetune", {}).setdefault("time_budget_s", args.finetune_budget_s)
-    if args.seed_docs:
-        data["small_annotator"]["seed_docs"] = args.seed_docs
-    config_path = os.path.join(args.workdir or data.get("workdir", "out"), "pipeline-config.json")
-    os.makedirs(os.path.dirname(config_path), exist_ok=True)
-    with open(config_path, "w") as f:
-        json.dump(data, f)
-    args.config = config_path
-    cmd_run(args)
+
+def cmd_check(args) -> None:
+    """``lmlm check``: the preflight of a run's config, alone."""
+    config = corpus_config(args, pipeline=args.pipeline)
+    print(f"ok: {args.config or 'the default config'} ({'pipeline' if args.pipeline else 'run'}): inputs, workdir "
+          f"{config.workdir}, warehouse, annotators and endpoints checked")
 
 
 def cmd_annotator_finetune(args) -> None:
-    from flows.annotator import annotator_finetune
+    from flows.preflight import check_finetune_flow, require
     from schemas.configs import FinetuneFlowConfig
 
     data = load_config_file(args.config, FinetuneFlowConfig)
@@ -303,7 +230,10 @@ def cmd_annotator_finetune(args) -> None:
         data.setdefault("finetune", {})["base"] = args.base
     if args.budget_s:
         data.setdefault("finetune", {})["time_budget_s"] = args.budget_s
-    config = validated(FinetuneFlowConfig, data)
+    config = validated(FinetuneFlowConfig, data, source=args.config)
+    require(check_finetune_flow(config))
+    from flows.annotator import annotator_finetune
+
     report = annotator_finetune(config)
     q = report["holdout_quality"]
     print(f"checkpoint: {report['checkpoint']} ({report['parameters']:,} parameters, version {report['version']})")
@@ -313,7 +243,7 @@ def cmd_annotator_finetune(args) -> None:
 
 
 def cmd_annotator_bulk(args) -> None:
-    from flows.annotator import bulk_annotation
+    from flows.preflight import check_bulk_flow, require
     from schemas.configs import BulkFlowConfig
 
     data = load_config_file(args.config, BulkFlowConfig)
@@ -326,7 +256,10 @@ def cmd_annotator_bulk(args) -> None:
         bulk.setdefault("endpoint", {})["base_url"] = args.base_url
     if args.no_warehouse:
         data["load_warehouse"] = False
-    config = validated(BulkFlowConfig, data)
+    config = validated(BulkFlowConfig, data, source=args.config)
+    require(check_bulk_flow(config))
+    from flows.annotator import bulk_annotation
+
     report = bulk_annotation(config)
     print(f"shards:    {report['shards']} ({report['shards_skipped']} finished earlier, skipped)")
     print(f"documents: {report['docs']}, {report['annotated']} annotated, {report['failed']} failed, "
@@ -383,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", parents=[corpus_run_arguments()], help="run the corpus-processing flow (synthetic corpus unless --corpus is given)")
     r.set_defaults(func=cmd_run)
 
+    ck = sub.add_parser("check", parents=[corpus_run_arguments()],
+                        help="preflight a run's config alone: inputs, workdir, warehouse, annotators, endpoints")
+    ck.add_argument("--pipeline", action="store_true", help="check it as `lmlm pipeline` runs it (small annotator on)")
+    ck.add_argument("--seed-docs", type=int, help=argparse.SUPPRESS)
+    ck.add_argument("--finetune-budget-s", type=float, default=None, help=argparse.SUPPRESS)
+    ck.set_defaults(func=cmd_check)
+
     sd = sub.add_parser("seed", help="seed annotation of existing document shards (sample, annotate, correct, load)")
     sd.add_argument("--shards", nargs="+", help="document shard files/folders/globs (e.g. out/x/shards/documents)")
     sd.add_argument("--workdir", help="output folder (default out)")
@@ -426,40 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--reason", default="its process was killed; marked by lmlm mark-crashed")
     mc.set_defaults(func=cmd_mark_crashed)
 
-    w = sub.add_parser("warehouse", help="inspect and edit the DuckDB warehouse")
-    wsub = w.add_subparsers(dest="wcommand", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--db", default=DEFAULT_DB, help=f"warehouse file (default {DEFAULT_DB}, or $LMLM_WAREHOUSE)")
-    s = wsub.add_parser("stats", parents=[common], help="row counts, relations, runs")
-    s.set_defaults(func=cmd_wh_stats)
-    q = wsub.add_parser("sql", parents=[common], help="run SQL (read-only unless --write); bind values with ? and --param")
-    q.add_argument("query")
-    q.add_argument("--param", action="append", help="a value bound to the next ? placeholder (repeatable)")
-    q.add_argument("--write", action="store_true", help="open the warehouse for writing")
-    q.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    q.set_defaults(func=cmd_wh_sql)
-    e = wsub.add_parser("export-lookup-db", parents=[common], help="lookup database: reference JSON and/or Parquet")
-    e.add_argument("--json", help="path of the reference-format JSON")
-    e.add_argument("--parquet", help="path of the Parquet form")
-    e.set_defaults(func=cmd_wh_export)
-    im = wsub.add_parser("import-reference-db", parents=[common], help="import a reference-format JSON database")
-    im.add_argument("file")
-    im.set_defaults(func=cmd_wh_import)
-    ed = wsub.add_parser("edit", parents=[common], help="set or delete a fact (audit-logged)")
-    ed.add_argument("--entity", required=True)
-    ed.add_argument("--relation", required=True)
-    ed.add_argument("--value")
-    ed.add_argument("--delete", action="store_true")
-    ed.add_argument("--reason", required=True)
-    ed.add_argument("--user")
-    ed.set_defaults(func=cmd_wh_edit)
-    al = wsub.add_parser("alias", parents=[common], help="review an alias mapping (wins over corrector proposals)")
-    al.add_argument("--kind", choices=["relation", "entity"], required=True)
-    al.add_argument("--alias", required=True, help="the name as annotators wrote it")
-    al.add_argument("--canonical", required=True, help="the name it means (the alias itself rejects a proposal)")
-    al.add_argument("--reason", required=True)
-    al.add_argument("--user")
-    al.set_defaults(func=cmd_wh_alias)
+    add_warehouse_commands(sub)
     add_annotator_commands(sub)
     add_lmlm_commands(sub)
     add_diffusion_commands(sub)
@@ -468,10 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from flows.progress import cli_bars
+
     try:
-        args.func(args)
+        with cli_bars():
+            args.func(args)
     except UserError as exc:
-        print(f"lmlm: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:
+            print(f"lmlm: error: {line}", file=sys.stderr)
         return 2
     return 0
 

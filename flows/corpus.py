@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 
 from flows.annotator import bulk_stage, finetune_stage
 from flows.artifacts import bar_chart_png, publish_links, publish_png, publish_table
+from flows.preflight import check_corpus_run, require
 from flows.runners import map_over_shards
 from flows.seed import publish_validation, seed_stage
 from flows.stages import (
@@ -31,10 +32,10 @@ from flows.stages import (
 from schemas.configs import CorpusFlowConfig, IngestConfig
 from schemas.reports import CorpusRunReport, RunRecord, SkippedValidation, WarehouseLoad
 from tasks.finetune import quality_gate
-from tasks.load import code_version
 from tasks.profile import merge_profiles
 from tasks.shardio import list_files
 from warehouse import db
+from warehouse.db import code_version
 
 
 @contextmanager
@@ -47,6 +48,7 @@ def _stage(timings: dict, name: str):
 @flow(name="corpus-processing")
 def corpus_processing(config: CorpusFlowConfig = CorpusFlowConfig()) -> dict:
     """Turn a corpus (or the synthetic default) into validated shards and a loaded DuckDB warehouse."""
+    require(check_corpus_run(config, busy_warehouse=False))  # a run started from the UI fails fast too
     logger = get_run_logger()
     workdir = config.workdir
     Path(workdir).mkdir(parents=True, exist_ok=True)

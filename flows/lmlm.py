@@ -80,7 +80,7 @@ def ground_truth_of(config: LMLMFlowConfig) -> str | None:
 def lmlm_pretraining(config: LMLMFlowConfig = LMLMFlowConfig()) -> dict:
     """Pretrain the LMLM and the standard baseline (same shape, tokenizer and token budget) on the
     annotated shards of a corpus run; publishes both loss curves in one plot."""
-    from models.train import plot_loss_curves
+    from models.pretrain import plot_loss_curves
 
     logger = get_run_logger()
     shards = annotated_shards(config)
@@ -142,7 +142,8 @@ def lmlm_evaluation(config: LMLMFlowConfig = LMLMFlowConfig()) -> dict:
     import torch
 
     from flows.stages import evaluate_variant_task
-    from tasks.evaluate_lmlm import cloze_probes, comparison_rows, load_ground_truth, sample_people
+    from tasks.evaluate_lmlm import cloze_probes, comparison_rows
+    from tasks.ground_truth import load_ground_truth, sample_people
     from tasks.pretrain import holdout_texts, is_holdout
 
     logger = get_run_logger()

@@ -87,8 +87,10 @@ def cmd_lmlm_demo(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    from lookup import open_lookup
+    from models.embed import embed
     from models.generate import cite, generate
-    from tasks.evaluate_lmlm import load_checkpoint, open_lookup
+    from models.lmlm import load_lmlm
 
     prompts = list(args.prompts)
     if args.file:
@@ -103,9 +105,9 @@ def cmd_generate(args) -> None:
         from models.train import latest_checkpoint
 
         checkpoint = latest_checkpoint(checkpoint) or checkpoint  # a training folder: its newest checkpoint
-    model, tokenizer = load_checkpoint(checkpoint)
+    model, tokenizer = load_lmlm(checkpoint)
     source = args.lookup_db or args.db
-    lookup = None if args.no_lookups else open_lookup(source, args.lookup_mode, tokenizer)
+    lookup = None if args.no_lookups else open_lookup(source, args.lookup_mode, tokenizer, embed=embed)
     if args.threads:
         import torch
 

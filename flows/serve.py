@@ -15,16 +15,16 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from schemas.configs import CorpusFlowConfig
+from schemas.configs import Config, CorpusFlowConfig
 from schemas.errors import UserInputError
 
 LLM_LIMIT = "llm-endpoint"  # the default EndpointConfig.global_limit
 log = logging.getLogger("lmlm.serve")
 
 
-class ServeConfig(BaseModel):
+class ServeConfig(Config):
     """What ``lmlm serve`` registers: schedules, default parameters, and shared limits."""
 
     workdir: str = Field("out/serve", description="where served runs write (their configs' workdir default)")
@@ -106,7 +106,7 @@ def build_deployments(cfg: ServeConfig) -> list:
     """One RunnerDeployment per registered flow, named ``<flow name>/<scheduled|on-demand>``."""
     from prefect.deployments.runner import EntrypointType
 
-    from tasks.load import code_version
+    from warehouse.db import code_version
 
     known = {load_flow(r.entrypoint).name for r in REGISTRY}
     unknown = sorted(set(cfg.schedules) - known)

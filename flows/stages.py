@@ -15,6 +15,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.logs import attach_stage_logs
+from flows.progress import attach_run_progress
 from flows.runners import process_pool, run_module
 from schemas.configs import IngestConfig
 from schemas.errors import UserInputError
@@ -33,6 +34,7 @@ from tasks.synthetic import generate_corpus
 from tasks.validate import validate_annotations, validate_documents, validate_warehouse
 
 attach_stage_logs()
+attach_run_progress()
 
 
 def ingest(config: IngestConfig, run_id: str) -> IngestReport:

@@ -12,23 +12,24 @@ Batches are left-padded; each sequence has its own queue of forced tokens, so se
 something up and sequences that generate share each step. Greedy batched output equals greedy
 one-at-a-time output (up to floating-point ties).
 
-With a :class:`warehouse.lookup.KeyTrie` as the index, decoding inside a call is constrained so
-that only keys in the database can be written (prefix-tree constrained decoding).
+With an index that constrains decoding (its ``allowed_next`` is not None, as for :class:`lookup.KeyTrie`),
+decoding inside a call is constrained so that only keys in the database can be written (prefix-tree
+constrained decoding).
 """
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
+from lookup import LookupIndex, LookupResult
+from models.kv_cache import cache_keyword, new_cache
 from models.tokenizer import lookup_token_ids
 from schemas.errors import UserInputError
 from schemas.markup import DB_END, DB_ENTITY, SPECIAL_TOKENS, mention_span, parse_lenient, strip
-from warehouse.lookup import KeyTrie, LookupResult
 
 
 _MALFORMED_CALL = re.compile(re.escape(DB_ENTITY) + ".*?" + re.escape(DB_END), re.DOTALL)
@@ -66,11 +67,11 @@ class GenerationResult:
     n_tokens: int = 0  # new tokens: generated ones and the looked-up values fed in
 
 
-def generate(model, tokenizer, prompts: list[str], lookup=None, *, max_new_tokens: int = 64, show_calls: bool = True,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+def generate(model, tokenizer, prompts: list[str], lookup: LookupIndex | None = None, *, max_new_tokens: int = 64,
+             show_calls: bool = True, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, stop_at_eos: bool = True) -> list[GenerationResult]:
-    """Continue each prompt, answering every call from ``lookup`` (an ExactIndex, FuzzyIndex or
-    KeyTrie; None generates without lookups), keeping the KV cache.
+    """Continue each prompt, answering every call from ``lookup`` (a :class:`lookup.LookupIndex`: exact,
+    fuzzy or the key trie; None generates without lookups), keeping the KV cache.
 
     ``temperature=0`` is greedy; otherwise sampling, optionally restricted to ``top_k`` tokens and
     the ``top_p`` nucleus (``seed`` makes it repeatable). ``max_new_tokens`` counts every new token,
@@ -130,7 +131,8 @@ def _decode(model, tokenizer, prompts, lookup, *, max_new_tokens, show_calls, te
     if max_new_tokens < 1:
         raise UserInputError(f"max_new_tokens {max_new_tokens}: must be at least 1")
     special = lookup_token_ids(tokenizer)
-    trie = lookup if isinstance(lookup, KeyTrie) else None
+    # an index that constrains decoding answers allowed_next; the others answer None
+    constraint = lookup if lookup is not None and lookup.allowed_next([]) is not None else None
     eos = tokenizer.eos_token_id if stop_at_eos else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
@@ -141,7 +143,7 @@ def _decode(model, tokenizer, prompts, lookup, *, max_new_tokens, show_calls, te
         _answer_calls(tokenizer, lookup, special, [(s, s.prompt_call) for s in seqs if s.prompt_call is not None])
     generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
     device = next(model.parameters()).device
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = cache_keyword(model)
 
     with torch.inference_mode():
         while not all(s.finished for s in seqs):
@@ -161,7 +163,7 @@ def _decode(model, tokenizer, prompts, lookup, *, max_new_tokens, show_calls, te
                 ids[row, width - len(s.ids):] = torch.tensor(s.ids)
                 mask[row, width - len(s.ids):] = 1
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            cache = _new_cache(model)
+            cache = new_cache(model.config)
             logits = _forward(model, ids, mask, positions, cache, cache_arg, device)
             next_position = positions[:, -1] + 1
             while True:
@@ -170,7 +172,8 @@ def _decode(model, tokenizer, prompts, lookup, *, max_new_tokens, show_calls, te
                 waiting = [len(s.pending) for s in seqs if not s.finished]
                 chunk = min(waiting) if all(waiting) else 1
                 step = torch.full((len(seqs), chunk), pad, dtype=torch.long)
-                greedy = logits.argmax(-1).tolist() if temperature <= 0 and trie is None else None  # one op for the batch
+                # greedy and unconstrained: one argmax for the whole batch
+                greedy = logits.argmax(-1).tolist() if temperature <= 0 and constraint is None else None
                 called = []
                 for row, s in enumerate(seqs):
                     if s.finished:
@@ -180,7 +183,7 @@ def _decode(model, tokenizer, prompts, lookup, *, max_new_tokens, show_calls, te
                     elif greedy is not None:
                         new = [greedy[row]]
                     else:
-                        new = [_choose(logits[row], s, special, trie, temperature, top_k, top_p, generator)]
+                        new = [_choose(logits[row], s, special, constraint, temperature, top_k, top_p, generator)]
                     starts = [start for tok in new if (start := s.append(tok)) is not None and lookup is not None]
                     if starts:
                         called.append((s, starts[-1]))
@@ -197,15 +200,6 @@ def _decode(model, tokenizer, prompts, lookup, *, max_new_tokens, show_calls, te
     return [_result(tokenizer, s, eos, show_calls) for s in seqs]
 
 
-def _new_cache(model):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older transformers
-        return DynamicCache()
-
-
 def _forward(model, ids, mask, positions, cache, cache_arg, device) -> torch.Tensor:
     """Logits (batch, vocab) at the last input position; the cache grows by the input."""
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
@@ -213,20 +207,20 @@ def _forward(model, ids, mask, positions, cache, cache_arg, device) -> torch.Ten
     return out.logits[:, -1, :].float().cpu()
 
 
-def _choose(logits: torch.Tensor, s: _Sequence, special, trie: KeyTrie | None, temperature, top_k, top_p,
-            generator) -> int:
-    """The next token of one sequence: greedy or sampled, inside a call restricted to the trie's keys."""
-    if trie is not None:
+def _choose(logits: torch.Tensor, s: _Sequence, special, constraint: LookupIndex | None, temperature, top_k,
+            top_p, generator) -> int:
+    """The next token of one sequence: greedy or sampled, inside a call restricted to the constraint's keys."""
+    if constraint is not None:
         logits = logits.clone()
         if s.open_call is not None:
-            allowed = trie.allowed_next(s.ids[s.open_call + 1:])
+            allowed = constraint.allowed_next(s.ids[s.open_call + 1:])
             if allowed:  # a prompt's partial call that no key extends goes unconstrained
                 keep = logits[allowed]
                 logits.fill_(float("-inf"))
                 logits[allowed] = keep
         else:  # outside a call only <|db_entity|> may start one, and only when there are keys
             logits[[special.relationship, special.ret]] = float("-inf")
-            if len(trie) == 0:
+            if not constraint.allowed_next([]):  # no key at all
                 logits[special.entity] = float("-inf")
     if temperature <= 0:
         return int(torch.argmax(logits))
@@ -315,3 +309,19 @@ def cite(result: GenerationResult) -> str:
     for offset, mark in sorted(inserts, reverse=True):
         out = out[:offset] + mark + out[offset:]
     return out + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+def generate_batched(model, tokenizer, prompts: list[str], lookup, max_new_tokens: int, batch_size: int,
+              document_start: bool = False) -> list[GenerationResult]:
+    """Greedy generation in batches of similar prompt length; results in prompt order. With
+    ``document_start`` each prompt follows an end-of-text token, as a document's opening does in
+    pretraining and perplexity scoring; else it is running text, as a packed block can start anywhere."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[GenerationResult | None] = [None] * len(prompts)
+    eos = (tokenizer.eos_token or "") if document_start else ""
+    for k in range(0, len(order), batch_size):
+        chunk = order[k:k + batch_size]
+        for i, r in zip(chunk, generate(model, tokenizer, [eos + prompts[i] for i in chunk], lookup,
+                                        max_new_tokens=max_new_tokens, show_calls=True)):
+            out[i] = r
+    return out

@@ -14,6 +14,7 @@ model is never asked to predict it, nor the ``<|db_end|>`` that the lookup appen
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -206,3 +207,18 @@ def normalized_perplexity(
         trained += int(n)
     model.train(was_training)
     return Perplexity(float(nll_sum), trained, sum(len(s) for s in sources))
+
+
+def load_lmlm(path: str):
+    """(model in eval mode, tokenizer) of a checkpoint folder that tasks.pretrain wrote."""
+    from transformers import AutoModelForCausalLM
+
+    from models.tokenizer import load_tokenizer
+    from models.train import quiet_progress
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserInputError(f"checkpoint {path}: no config.json; pass a checkpoint-<step> folder that "
+                             "`lmlm lmlm pretrain` (or python -m tasks.pretrain) wrote")
+    with quiet_progress():
+        model = AutoModelForCausalLM.from_pretrained(path)
+    return model.eval(), load_tokenizer(path)

@@ -1,25 +1,21 @@
-"""The pretraining loop: packed blocks streamed from shards, AdamW, cosine schedule, checkpoints
-that resume exactly, and ``torchrun`` data parallelism.
+"""The one training-loop core: learning-rate schedule, mixed precision, optimizer, checkpoints that
+resume exactly, and the progress line. Everything that trains goes through it:
 
-Reads like nanoGPT's train.py on purpose: one loop, no framework between the reader and the maths.
+- ``models.pretrain.train``: LMLM pretraining (packed blocks, gradient accumulation, ``torchrun``);
+- ``models.annotator_finetune.finetune``: the annotator's loop over example batches;
+- :func:`fit` (here): one loss per step, for the text autoencoder, the latent denoiser, the latent
+  classifier and the AR baseline (``tasks.diffusion``). It draws the batch of step s from the step number
+  (the caller's ``batch_loss(s)``), so its checkpoints need no data position: a resumed run draws what an
+  uninterrupted one would.
 
-- Data: documents (tokenized, end-of-text after each) are packed into blocks of ``block_length``
-  tokens; consecutive blocks overlap by one token so every token is a target exactly once. The
-  stream's position (epoch, shard, row, the tokens carried over) is part of every checkpoint.
-- Loss: summed cross-entropy over trained targets (the LMLM loss mask) divided by the number of
-  trained targets in the whole optimizer step, across micro-batches and processes, so gradient
-  accumulation and data parallelism give the same update as one big batch.
-- Checkpoint: ``checkpoint-<step>/`` = ``save_pretrained`` safetensors model + tokenizer +
-  ``trainer_state.pt`` (optimizer, scheduler, step, data position and RNG states of every process).
-  Training N steps straight equals training k, stopping, and resuming to N.
-- Data parallel: launched with ``torchrun --nproc_per_node G ...`` (``WORLD_SIZE`` > 1) each process
-  reads every G-th document and gradients are averaged by DDP (nccl on GPUs, gloo on CPUs).
+A trainer state (``trainer_state.pt`` beside the weights) holds what resumes a run exactly besides the
+weights: step, history, optimizer (and scheduler) state, and per process the RNG states (and the data
+position); checkpoint folders are written whole or not at all.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import random
@@ -27,9 +23,7 @@ import re
 import shutil
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -37,142 +31,59 @@ import torch
 import torch.distributed as dist
 from transformers.utils import logging as hf_logging
 
-from models.lmlm import loss_mask, masked_nll
-from models.tokenizer import LookupTokenIds, save_tokenizer
-from schemas.configs import PretrainConfig
-from schemas.errors import UserInputError
-
-logger = logging.getLogger(__name__)
+from models.device import device_of
+from models.tokenizer import save_tokenizer
+from schemas import progress
+from schemas.diffusion_configs import TrainingBudget
 
 TRAINER_STATE = "trainer_state.pt"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-# ----------------------------------------------------------------------------- data
-
-
-class PackedBlocks:
-    """An endless, resumable stream of (input_ids, mask) blocks of ``block_length`` tokens.
-
-    Each epoch visits the shards in a seeded random order and the rows of each shard in a seeded
-    random order; this process takes every ``world_size``-th row from ``rank``. ``read_texts(shard)``
-    returns the shard's training texts (the caller picks the column and drops held-out documents).
-    ``state_dict()`` / ``load_state_dict()`` capture the exact position.
-    """
-
-    def __init__(
-        self,
-        shards: list[str],
-        read_texts: Callable[[str], list[str]],
-        tokenizer,
-        block_length: int,
-        *,
-        special_ids: LookupTokenIds | None,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        tokenize_batch: int = 256,
-    ):
-        if not shards:
-            raise UserInputError("no training shards given; pass annotated shard files")
-        if block_length < 2:
-            raise UserInputError(f"block length {block_length}: must be at least 2 tokens")
-        self.shards, self.read_texts, self.tokenizer = list(shards), read_texts, tokenizer
-        self.block_length, self.special_ids = block_length, special_ids
-        self.seed, self.rank, self.world_size, self.tokenize_batch = seed, rank, world_size, tokenize_batch
-        self.eos = tokenizer.eos_token_id
-        self.epoch, self.shard_pos, self.row_pos = 0, 0, 0
-        self._carry = np.zeros(0, np.int64), np.zeros(0, bool)  # tokens read but not yet consumed
-        self._rows: list[str] | None = None  # this rank's texts of the current shard, in epoch order
-        self._pending: deque[tuple[np.ndarray, np.ndarray]] = deque()  # tokenized rows not yet in the carry
-        self._docs_this_epoch = 0
-
-    def state_dict(self) -> dict:
-        ids, mask = self._carry
-        return {
-            "epoch": self.epoch, "shard_pos": self.shard_pos, "row_pos": self.row_pos,
-            "carry_ids": torch.from_numpy(ids.copy()), "carry_mask": torch.from_numpy(mask.copy()),
-            "docs_this_epoch": self._docs_this_epoch,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.shard_pos, self.row_pos = state["epoch"], state["shard_pos"], state["row_pos"]
-        self._carry = state["carry_ids"].numpy().astype(np.int64), state["carry_mask"].numpy().astype(bool)
-        self._docs_this_epoch = state["docs_this_epoch"]
-        self._rows, self._pending = None, deque()  # re-read and re-tokenized from the saved row on demand
-
-    def _shard_order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
-
-    def _load_rows(self) -> None:
-        shard_index = int(self._shard_order()[self.shard_pos])
-        texts = self.read_texts(self.shards[shard_index])
-        order = np.random.default_rng([self.seed, self.epoch, shard_index]).permutation(len(texts))
-        self._rows = [texts[i] for i in order[self.rank::self.world_size]]
-
-    def _next_document(self) -> tuple[np.ndarray, np.ndarray]:
-        while True:
-            if self._rows is None:
-                self._load_rows()
-            if self.row_pos < len(self._rows):
-                break
-            self.shard_pos, self.row_pos, self._rows, self._pending = self.shard_pos + 1, 0, None, deque()
-            if self.shard_pos == len(self.shards):
-                if self._docs_this_epoch == 0:
-                    raise UserInputError(
-                        f"training shards hold no documents for process {self.rank} of {self.world_size}; "
-                        "check the shards (and holdout_fraction) or use fewer processes"
-                    )
-                self.epoch, self.shard_pos, self._docs_this_epoch = self.epoch + 1, 0, 0
-        if not self._pending:
-            texts = self._rows[self.row_pos:self.row_pos + self.tokenize_batch]
-            for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
-                doc = torch.tensor([*ids, self.eos], dtype=torch.long)
-                self._pending.append((doc.numpy(), loss_mask(doc, self.special_ids).numpy()))
-        self.row_pos += 1
-        self._docs_this_epoch += 1
-        return self._pending.popleft()
-
-    def next_block(self) -> tuple[np.ndarray, np.ndarray]:
-        T = self.block_length
-        ids, mask = self._carry
-        parts_ids, parts_mask, n = [ids], [mask], len(ids)
-        while n < T:
-            d_ids, d_mask = self._next_document()
-            parts_ids.append(d_ids), parts_mask.append(d_mask)
-            n += len(d_ids)
-        ids, mask = np.concatenate(parts_ids), np.concatenate(parts_mask)
-        self._carry = ids[T - 1:], mask[T - 1:]  # the block's last token starts the next block
-        return ids[:T], mask[:T]
-
-    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, mask), both (batch_size, block_length)."""
-        blocks = [self.next_block() for _ in range(batch_size)]
-        return torch.from_numpy(np.stack([b[0] for b in blocks])), torch.from_numpy(np.stack([b[1] for b in blocks]))
-
-
 # ----------------------------------------------------------------------------- runtime
 
 
-class Runtime(NamedTuple):
+class DistributedRuntime(NamedTuple):
+    """This process's place in a data-parallel run (rank 0 of 1 without ``torchrun``)."""
+
     rank: int
     world_size: int
     device: torch.device
 
 
-def setup_distributed() -> Runtime:
+def setup_distributed() -> DistributedRuntime:
     """This process's rank, world size and device; joins the process group when launched by
     ``torchrun`` with WORLD_SIZE > 1 (nccl when CUDA is available, gloo otherwise)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if world_size == 1:
-        return Runtime(0, 1, torch.device("cuda" if cuda else "cpu"))
+        return DistributedRuntime(0, 1, torch.device("cuda" if cuda else "cpu"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return Runtime(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
+    return DistributedRuntime(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
+
+
+# ----------------------------------------------------------------------------- schedule, precision, optimizer, log line
+
+
+def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0,
+          min_lr_ratio: float | None = None, time_spent: float = 0.0) -> float:
+    """The learning rate of ``step`` (0-based): linear warmup to ``lr`` over ``warmup_steps``, then cosine
+    decay to the floor at ``total_steps``. The floor is ``min_lr``, or ``lr * min_lr_ratio`` when that is
+    given (the two are computed as written, so each schedule keeps its exact floats). ``time_spent``: the
+    fraction of a time budget already used; the decay runs at least that far, so a run that a time budget
+    ends early still ends at the floor."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    progress = max(progress, min(1.0, time_spent))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    if min_lr_ratio is not None:
+        return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
+    return min_lr + cosine * (lr - min_lr)
 
 
 def autocast_dtype(bf16: str | bool, device: torch.device) -> torch.dtype | None:
@@ -185,22 +96,28 @@ def autocast_dtype(bf16: str | bool, device: torch.device) -> torch.dtype | None
     return torch.bfloat16 if bf16 else None
 
 
-def cosine_lr(step: int, total_steps: int, cfg: PretrainConfig) -> float:
-    """Linear warmup to ``cfg.lr``, then cosine decay to ``cfg.min_lr`` at ``total_steps``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+def autocast(device: torch.device, amp: torch.dtype | None) -> torch.autocast:
+    """Autocast to ``amp`` on ``device``'s type; does nothing when ``amp`` is None."""
+    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
 
-def make_optimizer(model, cfg: PretrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases, or position scalars)."""
+def adamw(model, *, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, weight decay on matrices only (not on norms, biases, or
+    position scalars)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # the fused kernel is ~5x faster than the per-tensor loop on CPU too
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type in ("cuda", "cpu"))
+    fused = params[0].device.type in ("cuda", "cpu") if params else False
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused)
+
+
+def log_step(log: Callable[[str], None], step: int, total: int, loss: float, *figures: str,
+             label: str | None = None) -> None:
+    """The progress line of every loop: ``[label: ]step <step>/<total> loss <loss> <figures...>``."""
+    line = " ".join([f"step {step}/{total} loss {loss:.4f}", *figures])
+    log(f"{label}: {line}" if label else line)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -223,6 +140,86 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resumable_state(optimizer, *, scheduler=None, data=None, world: int = 1, **fields) -> dict:
+    """What resumes a run exactly besides the weights: ``fields`` (step, history, ...), the optimizer (and
+    scheduler) state, and per process in rank order the data position (of ``data``) and the RNG states.
+    With ``world`` > 1 every process must call it (it gathers)."""
+    state = {**fields, "optimizer": optimizer.state_dict()}
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    if data is not None:
+        state["data"] = _gather(data.state_dict(), world)
+    state["rng"] = _gather(_rng_state(), world)
+    return state
+
+
+def restore(state: dict, optimizer, *, scheduler=None, data=None, rank: int = 0) -> None:
+    """Put the optimizer, scheduler, data position and this process's RNG back as :func:`resumable_state`
+    found them."""
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if data is not None:
+        data.load_state_dict(state["data"][rank])
+    if "rng" in state:  # fit's checkpoints from before it saved RNG states (its runs drew from none)
+        _set_rng_state(state["rng"][rank])
+
+
+def _gather(obj, world: int) -> list:
+    """``obj`` from every process, in rank order (just ``[obj]`` without a process group)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save_trainer_state(folder: str, state: dict) -> None:
+    torch.save(state, os.path.join(folder, TRAINER_STATE))
+
+
+def load_trainer_state(folder: str) -> dict | None:
+    """The trainer state saved in ``folder``; None when it holds none."""
+    path = os.path.join(folder, TRAINER_STATE)
+    if not os.path.isfile(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_folder_atomic(final: str, write: Callable[[str], None]) -> str:
+    """Run ``write(tmp_dir)`` then move the folder to ``final``; readers see the old or the new folder whole."""
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}.tmp")
+    os.makedirs(tmp)
+    try:
+        write(tmp)
+        old = None
+        if os.path.exists(final):
+            old = f"{tmp}.old"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old:
+            shutil.rmtree(old)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return final
+
+
+def save_module(module: torch.nn.Module, path: str) -> None:
+    """The weights of a plain ``nn.Module`` as safetensors (shared tensors handled)."""
+    from safetensors.torch import save_model
+
+    save_model(module, path)
+
+
+def load_module(module: torch.nn.Module, path: str) -> None:
+    from safetensors.torch import load_model
+
+    load_model(module, path, device=str(device_of(module)))
 
 
 @contextlib.contextmanager
@@ -254,231 +251,75 @@ def latest_checkpoint(out_dir: str) -> str | None:
     return found[-1] if found else None
 
 
-def load_trainer_state(checkpoint: str) -> dict:
-    return torch.load(os.path.join(checkpoint, TRAINER_STATE), map_location="cpu", weights_only=True)
-
-
 def checkpoint_path(out_dir: str, step: int) -> str:
     return os.path.join(out_dir, f"checkpoint-{step:07d}")
 
 
 def save_checkpoint(model, tokenizer, state: dict, out_dir: str, keep: int) -> str:
-    """Write ``checkpoint-<step>/`` atomically (a temporary folder renamed into place) and keep the
-    ``keep`` newest; returns its path."""
-    final = checkpoint_path(out_dir, state["step"])
-    tmp = f"{final}.{uuid.uuid4().hex[:8]}.tmp"
-    with quiet_progress():
-        model.save_pretrained(tmp, safe_serialization=True)
-    save_tokenizer(tokenizer, tmp)
-    torch.save(state, os.path.join(tmp, TRAINER_STATE))
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    """Write ``checkpoint-<step>/`` (a Hugging Face model folder + tokenizer + trainer state) atomically
+    and keep the ``keep`` newest; returns its path."""
+
+    def write(tmp: str) -> None:
+        with quiet_progress():
+            model.save_pretrained(tmp, safe_serialization=True)
+        save_tokenizer(tokenizer, tmp)
+        save_trainer_state(tmp, state)
+
+    final = write_folder_atomic(checkpoint_path(out_dir, state["step"]), write)
     for old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old)
     return final
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- one loss per step
 
 
-@dataclass
-class TrainResult:
-    steps: int
-    tokens: int  # training tokens consumed, all processes (steps x tokens per step)
-    tokens_per_s: float  # over this session's optimizer steps, evaluation and checkpoints excluded
-    train_seconds: float  # this session's
-    checkpoint: str  # the newest checkpoint folder
-    world_size: int
-    history: list[dict] = field(default_factory=list)  # {"step","tokens","loss","lr"} and {"step","tokens","holdout_loss"}
-
-
-def train(
-    model,
-    tokenizer,
-    data: PackedBlocks,
-    cfg: PretrainConfig,
-    out_dir: str,
-    *,
-    runtime: Runtime,
-    resume_from: str | None = None,
-    evaluate: Callable[[object, torch.dtype | None], float] | None = None,
-    stop_after: int | None = None,
-    log: Callable[[str], None] = logger.info,
-) -> TrainResult:
-    """Train ``model`` (already on ``runtime.device``, weights from ``resume_from`` when resuming) on
-    ``data`` for ``cfg``'s token budget; checkpoints under ``out_dir``. ``evaluate(model, dtype)``
-    returns a holdout loss; it runs on rank 0 every ``cfg.eval_every`` steps and at the end.
-    ``stop_after`` ends this session (with a checkpoint) after that many steps in all, as a preempted
-    job would; the schedule still aims at the whole budget, and a later call resumes."""
-    if stop_after is not None and stop_after < 1:
-        raise ValueError(f"stop_after must be at least 1 step, got {stop_after}")
-    rank, world, device = runtime
-    B, T, accum = cfg.batch_size, data.block_length, cfg.grad_accum
-    tokens_per_step = world * B * accum * T
-    total_steps = cfg.steps_for(tokens_per_step)
-    amp = autocast_dtype(cfg.bf16, device)
-    optimizer = make_optimizer(model, cfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total_steps, cfg) / cfg.lr)
-    step, history, checkpoint = 0, [], None
-
-    if resume_from is not None:
-        state = load_trainer_state(resume_from)
-        if state["world_size"] != world:
-            raise UserInputError(
-                f"checkpoint {resume_from} was written by {state['world_size']} process(es), this run has {world}; "
-                "resume with the same number of processes or use a new output folder"
-            )
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        data.load_state_dict(state["data"][rank])
-        _set_rng_state(state["rng"][rank])
-        step, history, checkpoint = state["step"], state["history"], resume_from
-        log(f"resumed from {resume_from} at step {step}/{total_steps}")
-    else:
-        torch.manual_seed(cfg.seed + rank)  # per-process RNG streams (dropout); data order is seeded separately
-
-    train_model = model
-    if cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda"):
-        train_model = torch.compile(model)
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
-    start_step, train_seconds = step, 0.0
-    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss tensor): read back only at log points
-
-    def finish_logging() -> None:
-        for s, loss in pending:
-            history.append({"step": s, "tokens": s * tokens_per_step, "loss": float(loss), "lr": cosine_lr(s - 1, total_steps, cfg)})
-        pending.clear()
-
-    def checkpoint_now() -> str:
-        finish_logging()
-        state = {
-            "step": step, "tokens": step * tokens_per_step, "history": history, "world_size": world,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "data": _gather(data.state_dict(), world), "rng": _gather(_rng_state(), world),
-            "config": cfg.model_dump(mode="json"),
-        }
-        if rank == 0:
-            save_checkpoint(model, tokenizer, state, out_dir, cfg.keep_checkpoints)
-        if world > 1:
-            dist.barrier()
-        return checkpoint_path(out_dir, step)
-
-    end_step = total_steps if stop_after is None else min(total_steps, stop_after)
+def fit(model: torch.nn.Module, batch_loss: Callable[[int], torch.Tensor], budget: TrainingBudget, *,
+        save: Callable[[str, dict], None], resume_state: dict | None = None, amp: torch.dtype | None = None,
+        after_step: Callable[[int], None] | None = None, log: Callable[[str], None] = print,
+        label: str = "train") -> dict:
+    """AdamW with warmup + cosine decay to lr/10 for ``budget.steps``; ``batch_loss(step)`` gives the loss of
+    step ``step``. ``save(kind, trainer_state)`` writes a checkpoint ("checkpoint" or "final");
+    ``resume_state``: a trainer state it wrote, to continue from. Returns the final trainer state
+    {"step", "history", "train_seconds", "optimizer", "rng"}."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = adamw(model, lr=budget.lr, weight_decay=budget.weight_decay, betas=(0.9, 0.99))
+    state = {"step": 0, "history": [], "train_seconds": 0.0}
+    if resume_state is not None:
+        restore(resume_state, optimizer)
+        state = {k: resume_state[k] for k in ("step", "history", "train_seconds")}
+        log(f"{label}: resumed at step {state['step']}/{budget.steps}")
     model.train()
-    while step < end_step:
-        t0 = time.perf_counter()
-        micro = [data.next_batch(B) for _ in range(accum)]
-        n_targets = sum(m[:, 1:].sum() for _, m in micro).to(device, torch.float32)
-        if world > 1:
-            dist.all_reduce(n_targets)
-        # DDP averages gradients over processes; scaling by world makes the sum token-weighted overall
-        scale = world / n_targets.clamp(min=1)
-        step_loss = torch.zeros((), device=device)
-        for i, (ids, mask) in enumerate(micro):
-            ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-            sync = world == 1 or i == accum - 1
-            with (contextlib.nullcontext() if sync else train_model.no_sync()):
-                with autocast:
-                    logits = train_model(input_ids=ids).logits
-                nll, _ = masked_nll(logits, ids, mask)
-                (nll * scale).backward()
-            step_loss += nll.detach()
-        if world > 1:
-            dist.all_reduce(step_loss)
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    amp_context = autocast(device_of(model), amp)
+    running, t0 = [], time.perf_counter()
+    while state["step"] < budget.steps:
+        step = state["step"]
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, lr=budget.lr, warmup_steps=budget.warmup_steps, total_steps=budget.steps,
+                            min_lr_ratio=0.1)  # TrainingBudget decays to lr/10
+        with amp_context:
+            loss = batch_loss(step)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, budget.grad_clip)
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        pending.append((step, step_loss / n_targets.clamp(min=1)))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_seconds += time.perf_counter() - t0
-
-        if step % cfg.log_every == 0 or step == end_step:
-            finish_logging()
-            rate = (step - start_step) * tokens_per_step / max(train_seconds, 1e-9)
-            log(f"step {step}/{total_steps} loss {history[-1]['loss']:.4f} lr {history[-1]['lr']:.2e} {rate:,.0f} tok/s")
-        if step % cfg.eval_every == 0 or step == total_steps:
-            if rank == 0 and evaluate is not None:
-                holdout = evaluate(model, amp)
-                history.append({"step": step, "tokens": step * tokens_per_step, "holdout_loss": holdout})
-                log(f"step {step} holdout loss {holdout:.4f}")
-                model.train()
-            if world > 1:
-                dist.barrier()
-        if step % cfg.checkpoint_every == 0 or step == end_step:
-            checkpoint = checkpoint_now()
-
-    finish_logging()
-    session_tokens = (step - start_step) * tokens_per_step
-    return TrainResult(
-        steps=step, tokens=step * tokens_per_step,
-        tokens_per_s=session_tokens / train_seconds if train_seconds else 0.0,
-        train_seconds=train_seconds, checkpoint=checkpoint, world_size=world, history=history,
-    )
-
-
-def _gather(obj, world: int) -> list:
-    """``obj`` from every process, in rank order (just ``[obj]`` without a process group)."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-# ----------------------------------------------------------------------------- figures
-
-
-# bf16 dense peak FLOP/s of common accelerators, for MFU (vendor datasheets, SXM parts)
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The accelerator's bf16 dense peak FLOP/s, or None when unknown (CPUs included)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def model_flops_utilization(n_params: int, tokens_per_s: float, peak: float) -> float:
-    """MFU by the 6·N rule (forward + backward FLOPs per token, attention FLOPs ignored), per device:
-    pass the per-device tokens/s and one device's peak FLOP/s."""
-    return 6.0 * n_params * tokens_per_s / peak
-
-
-def plot_loss_curves(curves: dict[str, list[dict]], path: str, title: str = "pretraining loss") -> str:
-    """A PNG of training loss (lines) and holdout loss (markers) against training tokens, one colour per
-    run in ``curves`` (label -> TrainResult.history); returns ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, (label, history) in enumerate(curves.items()):
-        colour = f"C{i}"
-        train_pts = [(h["tokens"], h["loss"]) for h in history if "loss" in h]
-        eval_pts = [(h["tokens"], h["holdout_loss"]) for h in history if "holdout_loss" in h]
-        if train_pts:
-            ax.plot(*zip(*train_pts), color=colour, lw=1.2, label=f"{label} train")
-        if eval_pts:
-            ax.plot(*zip(*eval_pts), "o--", color=colour, ms=4, lw=0.8, label=f"{label} holdout")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("loss per trained token (nats)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        if after_step is not None:
+            after_step(step)
+        state["step"] = step + 1
+        progress.update(label, state["step"], budget.steps, "steps")
+        running.append(loss.detach())
+        if state["step"] % budget.log_every == 0 or state["step"] == budget.steps:
+            elapsed = time.perf_counter() - t0
+            state["train_seconds"] += elapsed
+            mean = float(torch.stack(running).mean())
+            state["history"].append({"step": state["step"], "loss": mean})
+            log_step(log, state["step"], budget.steps, mean, f"({len(running) / elapsed:.1f} steps/s)", label=label)
+            running, t0 = [], time.perf_counter()
+        if state["step"] % budget.checkpoint_every == 0 and state["step"] < budget.steps:
+            state["train_seconds"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            save("checkpoint", resumable_state(optimizer, **state))
+    state = resumable_state(optimizer, **state)
+    save("final", state)
+    model.eval()
+    return state

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
-class SyntheticCorpusConfig(BaseModel):
+class Config(BaseModel):
+    """Every config model: a field the model does not have is an error (a typo must not pass silently)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticCorpusConfig(Config):
     """The embedded default corpus: fictional biographies with exact ground truth."""
 
     n_people: int = Field(300, ge=1, description="fictional people, each with >= 8 relations")
@@ -24,7 +30,7 @@ class SyntheticCorpusConfig(BaseModel):
     compression: str = Field("gz", description="corpus file compression: none, gz or zst")
 
 
-class IngestConfig(BaseModel):
+class IngestConfig(Config):
     """Corpus files -> zstd Parquet document shards."""
 
     inputs: list[str] = Field(description="files, folders or glob patterns; local or fsspec URLs")
@@ -37,7 +43,7 @@ class IngestConfig(BaseModel):
     batch_bytes: int = Field(16 << 20, ge=1 << 16, description="bytes read per batch (bounds memory)")
 
 
-class TaskRunnerConfig(BaseModel):
+class TaskRunnerConfig(Config):
     """Where a flow's sharded stages run: threads in the flow's process, or a Dask or Ray cluster."""
 
     kind: Literal["threads", "dask", "ray"] = Field("threads", description="threads (default), dask (prefect-dask) or ray (prefect-ray)")
@@ -47,13 +53,13 @@ class TaskRunnerConfig(BaseModel):
     workers: int = Field(2, ge=1, description="threads, or workers of the local cluster started when address is unset")
 
 
-class ValidationConfig(BaseModel):
+class ValidationConfig(Config):
     enabled: bool = True
     max_calls_per_100_words: float = Field(12.0, gt=0, description="the reference's density filter")
     fail_flow: bool = Field(True, description="stop the flow before the warehouse when a suite fails")
 
 
-class EndpointConfig(BaseModel):
+class EndpointConfig(Config):
     """An OpenAI-compatible chat endpoint (OpenAI, a `vllm serve` server, any compatible server)."""
 
     base_url: str = Field("https://api.openai.com/v1", description="e.g. http://127.0.0.1:8000/v1 for vLLM")
@@ -78,7 +84,7 @@ class EndpointConfig(BaseModel):
     )
 
 
-class AnnotatorConfig(BaseModel):
+class AnnotatorConfig(Config):
     """Which annotator annotates documents, and its settings."""
 
     backend: str = Field("kb-align", description="kb-align, openai, gold, or import")
@@ -89,7 +95,7 @@ class AnnotatorConfig(BaseModel):
     cache_dir: str | None = Field(None, description="response cache; default <workdir>/cache")
 
 
-class CorrectorConfig(BaseModel):
+class CorrectorConfig(Config):
     """The correction stage; every step can be switched off and is counted."""
 
     future_references: bool = Field(True, description="move or drop calls whose entity is not yet introduced")
@@ -113,7 +119,7 @@ class CorrectorConfig(BaseModel):
 from pydantic import model_validator  # noqa: E402
 
 
-class PretrainConfig(BaseModel):
+class PretrainConfig(Config):
     """LMLM or standard-baseline pretraining. Both variants of a comparison share this config, so they
     get the same model shape, tokenizer and token budget (training steps x block tokens)."""
 
@@ -160,7 +166,7 @@ class PretrainConfig(BaseModel):
         return -(-self.token_budget // tokens_per_step)
 
 
-class SeedAnnotationConfig(BaseModel):
+class SeedAnnotationConfig(Config):
     """Seed annotation: a stratified sample, the initial annotator, the corrector."""
 
     sample_docs: int | None = Field(None, ge=1, description="documents in the seed sample; all when unset")
@@ -170,7 +176,7 @@ class SeedAnnotationConfig(BaseModel):
     corrector: CorrectorConfig | None = Field(default_factory=CorrectorConfig, description="none skips correction")
 
 
-class SeedFlowConfig(BaseModel):
+class SeedFlowConfig(Config):
     """The seed-annotation flow on document shards that already exist (e.g. from `lmlm ingest`)."""
 
     workdir: str = Field("out", description="seed shards go to <workdir>/seed")
@@ -182,7 +188,7 @@ class SeedFlowConfig(BaseModel):
     warehouse_wait_s: float = Field(600.0, ge=0, description="how long loading waits for another writer of the warehouse")
 
 
-class CorpusFlowConfig(BaseModel):
+class CorpusFlowConfig(Config):
     """The corpus-processing job: corpus -> shards -> annotation -> warehouse -> validation -> report."""
 
     workdir: str = Field("out", description="where corpus, shards, warehouse and report go")
@@ -205,7 +211,7 @@ class CorpusFlowConfig(BaseModel):
 # --- small annotator: fine-tuning and bulk annotation (models/annotator.py, tasks/finetune.py, tasks/bulk.py) ---
 
 
-class EncoderFinetuneConfig(BaseModel):
+class EncoderFinetuneConfig(Config):
     """The encoder annotator (``models/span_annotator.py``): a pretrained sentence encoder fine-tuned to tag value
     spans, point at entities and name relations; extractive, so its output always strips back to the source."""
 
@@ -224,7 +230,7 @@ class EncoderFinetuneConfig(BaseModel):
                             "(reproducible on a machine shared with other jobs)")
 
 
-class AnnotatorFinetuneConfig(BaseModel):
+class AnnotatorFinetuneConfig(Config):
     """Fine-tuning the small annotator on seed shards. ``kind`` picks the model: ``encoder`` (the default: a
     pretrained encoder fine-tuned to annotate extractively, settings under ``encoder``) or ``generative`` (a causal
     LM that copies the source with calls inserted, loss on the target only: ``base`` is a shape trained from
@@ -255,7 +261,7 @@ class AnnotatorFinetuneConfig(BaseModel):
     threads: int | None = Field(None, ge=1, description="torch CPU threads; unset: torch's default")
 
 
-class BulkAnnotationConfig(BaseModel):
+class BulkAnnotationConfig(Config):
     """Annotating every document shard with the fine-tuned annotator, one output pair per input shard.
 
     Backends: ``transformers`` (in-process, constrained chunked decoding; the embedded default),
@@ -291,7 +297,7 @@ class BulkAnnotationConfig(BaseModel):
     corrector: CorrectorConfig | None = Field(None, description="correction after annotation; none keeps the annotator's calls")
 
 
-class SmallAnnotatorStagesConfig(BaseModel):
+class SmallAnnotatorStagesConfig(Config):
     """The corpus flow's fine-tune -> bulk-annotation stages (after seed annotation and correction)."""
 
     enabled: bool = Field(False, description="chain fine-tuning and bulk annotation into the corpus flow")
@@ -304,7 +310,7 @@ class SmallAnnotatorStagesConfig(BaseModel):
     bulk: BulkAnnotationConfig = Field(default_factory=BulkAnnotationConfig)
 
 
-class FinetuneFlowConfig(BaseModel):
+class FinetuneFlowConfig(Config):
     """The annotator fine-tune flow on seed shards that already exist (e.g. from `lmlm seed`)."""
 
     workdir: str = Field("out", description="the checkpoint goes to <workdir>/annotator/model")
@@ -312,7 +318,7 @@ class FinetuneFlowConfig(BaseModel):
     finetune: AnnotatorFinetuneConfig = Field(default_factory=AnnotatorFinetuneConfig)
 
 
-class BulkFlowConfig(BaseModel):
+class BulkFlowConfig(Config):
     """The bulk-annotation flow over document shards that already exist."""
 
     workdir: str = Field("out", description="outputs go to <workdir>/bulk/{annotated,triplets}")

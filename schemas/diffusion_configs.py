@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, NonNegativeFloat, model_validator
+from pydantic import Field, NonNegativeFloat, model_validator
 
-from schemas.configs import SyntheticCorpusConfig
+from schemas.configs import Config, SyntheticCorpusConfig
 
 # Hugging Face names of the paper's backbones (encoder and decoder both frozen); loaded from the hub.
 HUB_BACKBONES = {"bart-base": "facebook/bart-base", "flan-t5-base": "google/flan-t5-base"}
 
 
-class TrainingBudget(BaseModel):
+class TrainingBudget(Config):
     """Optimizer settings shared by every model of these flows."""
 
     steps: int = Field(2000, ge=1, description="optimizer steps")
@@ -29,7 +29,7 @@ class TrainingBudget(BaseModel):
     log_every: int = Field(100, ge=1)
 
 
-class AutoencoderConfig(BaseModel):
+class AutoencoderConfig(Config):
     """Frozen encoder -> Perceiver resampler -> latents -> reconstruction network -> decoder."""
 
     backbone: str = Field(
@@ -67,7 +67,7 @@ class AutoencoderConfig(BaseModel):
         return HUB_BACKBONES.get(self.backbone, self.backbone)
 
 
-class DiffusionConfig(BaseModel):
+class DiffusionConfig(Config):
     """The latent denoiser: pre-LN transformer with dense skips, v-prediction, cosine schedule (sigmoid-λ form)."""
 
     width: int = Field(128, ge=16)
@@ -94,14 +94,14 @@ class DiffusionConfig(BaseModel):
         return self
 
 
-class SamplingConfig(BaseModel):
+class SamplingConfig(Config):
     sampler: Literal["ddpm", "ddim"] = Field("ddim", description="ddpm (ancestral, reference 250 steps) or ddim (deterministic, faster)")
     steps: int = Field(50, ge=1, description="denoising steps")
     guidance_scale: float = Field(2.0, ge=0, description="classifier-free guidance w: 0 unconditional, 1 conditional, >1 guided")
     batch_size: int = Field(256, ge=1)
 
 
-class DiffusionEvaluationConfig(BaseModel):
+class DiffusionEvaluationConfig(Config):
     samples_per_class: int = Field(40, ge=1, description="samples drawn per class for every generator compared")
     extra_guidance_scales: list[NonNegativeFloat] = Field(
         [3.0], description="further classifier-free guidance weights evaluated besides sampling.guidance_scale (each a "
@@ -118,7 +118,7 @@ class DiffusionEvaluationConfig(BaseModel):
     mauve_seed: int = Field(25)
 
 
-class LatentDiffusionFlowConfig(BaseModel):
+class LatentDiffusionFlowConfig(Config):
     """The whole LD4LG job: text from shards -> autoencoder -> latent diffusion -> samples -> evaluation."""
 
     workdir: str = Field("out/diffusion", description="checkpoints, samples and report go here")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from schemas.configs import EndpointConfig, PretrainConfig
+from schemas.configs import Config, EndpointConfig, PretrainConfig
 
 Variant = Literal["lmlm", "standard"]
 
@@ -21,7 +21,7 @@ DEMO_PRETRAIN = dict(model="tiny", context_length=256, batch_size=8, token_budge
                      checkpoint_every=200, log_every=50)
 
 
-class LMLMEvaluationConfig(BaseModel):
+class LMLMEvaluationConfig(Config):
     """What ``lmlm_evaluation`` measures, and on how much. Metrics that need the synthetic ground truth
     (bios, cloze probes, edits) are skipped when there is none."""
 
@@ -55,7 +55,7 @@ class LMLMEvaluationConfig(BaseModel):
     seed: int = Field(0, description="which people, probes and facts are sampled")
 
 
-class LMLMFlowConfig(BaseModel):
+class LMLMFlowConfig(Config):
     """Pretrain the LMLM and its standard baseline on the same annotated shards, and evaluate both."""
 
     workdir: str = Field("out/demo", description="a workdir `lmlm run` wrote (report.json, shards, warehouse)")

@@ -12,7 +12,7 @@ import posixpath
 
 import pyarrow as pa
 
-from schemas import markup
+from schemas import markup, progress
 from schemas.documents import Annotation, Annotator, Document
 from schemas.reports import ShardAnnotationReport
 from schemas.shards import ANNOTATED_SCHEMA, FAILURE_SCHEMA, TRIPLET_SCHEMA, triplet_id
@@ -137,6 +137,7 @@ def annotate_shard(annotator: Annotator, doc_shard: str, out_dir: str, run_id: s
             report.repaired += repaired
             pairs.append((doc, ann))
             confidences[doc.doc_id] = annotation.confidences
+        progress.update(f"annotate {name}", min(start + batch_docs, len(docs)), len(docs), "docs")
 
     rejected = []
     if corrector is not None and pairs:

@@ -3,7 +3,7 @@
 Backends (``BulkAnnotationConfig.backend``):
 
 - ``transformers``: :class:`TransformersAnnotator`, in-process constrained chunked decoding
-  (``models.annotator.annotate_texts``); the output cannot alter the source.
+  (``models.annotator_decode.annotate_texts``); the output cannot alter the source.
 - ``vllm``: a ``vllm serve`` server speaking the OpenAI protocol, through the same client as the
   initial annotator (:class:`tasks.annotate_openai.OpenAIAnnotator`, inline output). The checkpoint's
   chat template renders only the document, so the few-shot prompt is ignored by the model; the
@@ -47,7 +47,8 @@ class TransformersAnnotator:
     def __init__(self, checkpoint: str, cfg: BulkAnnotationConfig):
         import torch
 
-        from models.annotator import DecodeOptions, DecodeStats, load_annotator
+        from models.annotator import load_annotator
+        from models.annotator_decode import DecodeOptions, DecodeStats
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -61,7 +62,7 @@ class TransformersAnnotator:
         self.stats = DecodeStats()
 
     def annotate(self, docs: list[Document]) -> list[Annotation]:
-        from models.annotator import annotate_texts
+        from models.annotator_decode import annotate_texts
         from schemas import markup
 
         out = []

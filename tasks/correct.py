@@ -125,8 +125,9 @@ class CorrectionResult:
 # ---- names ------------------------------------------------------------------------------------
 
 
-def normalise_name(name: str) -> str:
-    """Case, spacing and punctuation folded away: "Date-of_Birth " -> "date of birth"."""
+def spelling_key(name: str) -> str:
+    """The form the corrector groups names by: case, spacing and punctuation folded away ("Date-of_Birth " ->
+    "date of birth"); looser than the lookup key (lookup.normalize_key), which keeps inner punctuation."""
     return " ".join(re.sub(r"[^\w]+|_", " ", name.replace("\\'", "'").casefold()).split())
 
 
@@ -151,7 +152,7 @@ _RELATION_CONTRAST_WORDS = {
 
 def _relation_words(name: str) -> set[str]:
     words = set()
-    for w in normalise_name(name).split():
+    for w in spelling_key(name).split():
         words.add(w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w)  # plural
     return words
 
@@ -198,7 +199,7 @@ def relation_mapping(relations: Counter, similarity: float, embed=None,
     groups: dict[str, Counter] = defaultdict(Counter)
     for rel, n in relations.items():
         if rel not in overrides:
-            key = normalise_name(rel)
+            key = spelling_key(rel)
             groups[RELATION_SYNONYMS.get(key, key)][rel] += n
     names = {key: (key if key in RELATION_SYNONYMS.values() else _display(sp)) for key, sp in groups.items()}
     order = sorted(groups, key=lambda k: (-sum(groups[k].values()), names[k]))
@@ -256,8 +257,8 @@ def short_form_of(short: str, long: str, common_words: set[str] | frozenset = fr
     a qualifier or a possessive ("Agrarian Reform Law (Egypt)", "MCA, Inc.", "Kurt Warner's Arena
     Football") are never long forms."""
     s_words, l_words = short.replace("_", " ").split(), long.replace("_", " ").split()
-    s_keys, l_keys = [normalise_name(w) for w in s_words], [normalise_name(w) for w in l_words]
-    if not s_keys or len(s_keys) >= len(l_keys) or len(normalise_name(short)) < 3 or re.search(r"[(),:]|['’]s\b", long):
+    s_keys, l_keys = [spelling_key(w) for w in s_words], [spelling_key(w) for w in l_words]
+    if not s_keys or len(s_keys) >= len(l_keys) or len(spelling_key(short)) < 3 or re.search(r"[(),:]|['’]s\b", long):
         return False
     if not _is_subsequence(s_keys, l_keys):
         return False
@@ -281,14 +282,14 @@ def entity_mapping(docs: list[tuple[str, Counter]], overrides: dict[str, str] | 
     for _, names in docs:
         for ent, n in names.items():
             if ent not in overrides:
-                spellings[normalise_name(ent)][ent] += n
+                spellings[spelling_key(ent)][ent] += n
     display = {key: _display(sp) for key, sp in spellings.items()}
     common_words = {w for text, _ in docs for w in _LOWER_WORD_RE.findall(text)}
     longer_in: dict[str, Counter] = defaultdict(Counter)
     docs_with: Counter = Counter()
     conflicted: set[str] = set()
     for text, names in docs:
-        by_key = {normalise_name(e): e for e in names if e not in overrides}
+        by_key = {spelling_key(e): e for e in names if e not in overrides}
         for short, short_name in by_key.items():
             docs_with[short] += 1
             longer = {k for k, name in by_key.items() if k != short and short_form_of(short_name, name, common_words)

@@ -18,12 +18,9 @@ BLEU, MAUVE, diversity, memorisation, perplexity, class accuracy, the baselines)
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,11 +37,18 @@ from models.autoencoder import (
 )
 from models.diffusion import EMA, Denoiser, LatentDiffusion
 from models.device import device_of, resolve_device
-from schemas.diffusion_configs import AutoencoderConfig, DiffusionConfig, SamplingConfig, TrainingBudget
+from models.train import (
+    fit,
+    load_module,
+    load_trainer_state,
+    save_module,
+    save_trainer_state,
+    write_folder_atomic,
+)
+from schemas.diffusion_configs import AutoencoderConfig, DiffusionConfig, SamplingConfig
 from schemas.errors import UserInputError
 from tasks.shardio import read_table
 
-TRAINER_STATE = "trainer_state.pt"
 SENTENCE_BOUNDARY = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
 
 
@@ -133,110 +137,13 @@ def class_ids(labels: list[str | None], classes: list[str]) -> torch.Tensor:
     return torch.tensor([index.get(label, len(classes)) for label in labels], dtype=torch.long)
 
 
-# ----------------------------------------------------------------------------- training loop
-
-
-def _lr_at(step: int, budget: TrainingBudget) -> float:
-    if step < budget.warmup_steps:
-        return budget.lr * (step + 1) / budget.warmup_steps
-    progress = min(1.0, (step - budget.warmup_steps) / max(1, budget.steps - budget.warmup_steps))
-    return budget.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+# ----------------------------------------------------------------------------- training data order
 
 
 def step_generators(seed: int, step: int, device: torch.device | str = "cpu") -> tuple[np.random.Generator, torch.Generator]:
     """The batch and noise generators of one training step (so resuming redraws them exactly); the noise
     generator lives on ``device`` (the same seed draws other numbers on a GPU than on the CPU)."""
     return np.random.default_rng([seed, step]), torch.Generator(device).manual_seed(seed * 1_000_003 + step)
-
-
-def write_folder_atomic(final: str, write: Callable[[str], None]) -> str:
-    """Run ``write(tmp_dir)`` then move the folder to ``final``; readers see the old or the new folder whole."""
-    parent = os.path.dirname(os.path.abspath(final))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}.tmp")
-    os.makedirs(tmp)
-    try:
-        write(tmp)
-        old = None
-        if os.path.exists(final):
-            old = f"{tmp}.old"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old:
-            shutil.rmtree(old)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-    return final
-
-
-def fit(model: torch.nn.Module, batch_loss: Callable[[int], torch.Tensor], budget: TrainingBudget, *,
-        save: Callable[[str, dict], None], resume_state: dict | None = None, amp: torch.dtype | None = None,
-        after_step: Callable[[int], None] | None = None, log: Callable[[str], None] = print,
-        label: str = "train") -> dict:
-    """AdamW with warmup + cosine decay for ``budget.steps``; ``batch_loss(step)`` gives the loss of step
-    ``step``. ``save(kind, trainer_state)`` writes a checkpoint ("checkpoint" or "final"). Returns the
-    trainer state {"step", "history", "train_seconds", "optimizer"}."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": budget.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=budget.lr, betas=(0.9, 0.99), fused=True)
-    state = {"step": 0, "history": [], "train_seconds": 0.0}
-    if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        state = {k: resume_state[k] for k in ("step", "history", "train_seconds")}
-        log(f"{label}: resumed at step {state['step']}/{budget.steps}")
-    model.train()
-    autocast = torch.autocast(device_of(model).type, dtype=amp or torch.float32, enabled=amp is not None)
-    running, t0 = [], time.perf_counter()
-    while state["step"] < budget.steps:
-        step = state["step"]
-        for g in optimizer.param_groups:
-            g["lr"] = _lr_at(step, budget)
-        with autocast:
-            loss = batch_loss(step)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, budget.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if after_step is not None:
-            after_step(step)
-        state["step"] = step + 1
-        running.append(loss.detach())
-        if state["step"] % budget.log_every == 0 or state["step"] == budget.steps:
-            elapsed = time.perf_counter() - t0
-            state["train_seconds"] += elapsed
-            mean = float(torch.stack(running).mean())
-            state["history"].append({"step": state["step"], "loss": mean})
-            log(f"{label}: step {state['step']}/{budget.steps} loss {mean:.4f} ({len(running) / elapsed:.1f} steps/s)")
-            running, t0 = [], time.perf_counter()
-        if state["step"] % budget.checkpoint_every == 0 and state["step"] < budget.steps:
-            state["train_seconds"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            save("checkpoint", {**state, "optimizer": optimizer.state_dict()})
-    state["optimizer"] = optimizer.state_dict()
-    save("final", state)
-    model.eval()
-    return state
-
-
-def read_trainer_state(folder: str) -> dict | None:
-    path = os.path.join(folder, TRAINER_STATE)
-    if not os.path.isfile(path):
-        return None
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def _save_module(module: torch.nn.Module, path: str) -> None:
-    from safetensors.torch import save_model
-
-    save_model(module, path)
-
-
-def _load_module(module: torch.nn.Module, path: str) -> None:
-    from safetensors.torch import load_model
-
-    load_model(module, path, device=str(next(module.parameters()).device))
 
 
 # ----------------------------------------------------------------------------- autoencoder
@@ -337,7 +244,7 @@ def train_autoencoder(train: TextSplit, cfg: AutoencoderConfig, out_dir: str, *,
     the CPU: each batch is moved to the device).
     Returns the autoencoder and {"steps", "train_seconds", "history", "parameters", "reused"}.
     """
-    state = read_trainer_state(out_dir)
+    state = load_trainer_state(out_dir)
     if state is not None and state.get("config") != cfg.model_dump(mode="json"):
         raise UserInputError(f"{out_dir} holds an autoencoder trained with another config; use a new workdir or delete it")
     encoder = encoder or build_encoder(cfg)
@@ -358,7 +265,7 @@ def train_autoencoder(train: TextSplit, cfg: AutoencoderConfig, out_dir: str, *,
     ae.model = model
     n_params = sum(p.numel() for p in model.parameters())
     if state is not None:
-        _load_module(model, os.path.join(out_dir, "model.safetensors"))
+        load_module(model, os.path.join(out_dir, "model.safetensors"))
         if state["step"] >= cfg.train.steps:
             log(f"autoencoder: reusing finished checkpoint {out_dir}")
             return ae, {"steps": state["step"], "train_seconds": state["train_seconds"], "history": state["history"],
@@ -387,15 +294,14 @@ def train_autoencoder(train: TextSplit, cfg: AutoencoderConfig, out_dir: str, *,
 
     def save(kind: str, trainer_state: dict) -> None:
         def write(tmp: str) -> None:
-            _save_module(model, os.path.join(tmp, "model.safetensors"))
+            save_module(model, os.path.join(tmp, "model.safetensors"))
             if hub is None:
                 tokenizer.save(os.path.join(tmp, "tokenizer"))
             meta = {"autoencoder": cfg.model_dump(mode="json"), "max_tokens": max_tokens, "max_length": ae.max_length,
                     "d_encoder": encoder.dim, "step": trainer_state["step"]}
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(meta, f, indent=2)
-            torch.save({**trainer_state, "config": cfg.model_dump(mode="json"), "max_length": ae.max_length},
-                       os.path.join(tmp, TRAINER_STATE))
+            save_trainer_state(tmp, {**trainer_state, "config": cfg.model_dump(mode="json"), "max_length": ae.max_length})
         write_folder_atomic(out_dir, write)
 
     log(f"autoencoder: {n_params:,} trainable parameters, {len(train.texts)} texts, decoder length {ae.max_length}")
@@ -419,7 +325,7 @@ def load_autoencoder(folder: str, device: str | torch.device = "auto") -> Autoen
                                hub.dim if hub else None).to(device)
     if hub is not None:
         hub.to(device)
-    _load_module(model, os.path.join(folder, "model.safetensors"))
+    load_module(model, os.path.join(folder, "model.safetensors"))
     model.eval()
     return Autoencoder(model, cfg, tokenizer, meta["max_tokens"], meta["max_length"], hub, hub)
 
@@ -472,7 +378,7 @@ def train_diffusion(latents: torch.Tensor, labels: list[str | None], cfg: Diffus
 
     Classes are the distinct non-missing ``labels``; texts without one train the "no class" branch only.
     """
-    state = read_trainer_state(out_dir)
+    state = load_trainer_state(out_dir)
     classes = sorted({label for label in labels if label is not None})
     if state is not None and (state.get("config") != cfg.model_dump(mode="json") or state.get("classes") != classes):
         raise UserInputError(f"{out_dir} holds a diffusion model trained with another config or classes; "
@@ -483,8 +389,8 @@ def train_diffusion(latents: torch.Tensor, labels: list[str | None], cfg: Diffus
     ema = EMA(model, cfg.ema_decay)
     n_params = sum(p.numel() for p in model.parameters())
     if state is not None:
-        _load_module(model, os.path.join(out_dir, "model.safetensors"))
-        _load_module(ema.model, os.path.join(out_dir, "ema.safetensors"))
+        load_module(model, os.path.join(out_dir, "model.safetensors"))
+        load_module(ema.model, os.path.join(out_dir, "ema.safetensors"))
         if state["step"] >= cfg.train.steps:
             log(f"diffusion: reusing finished checkpoint {out_dir}")
             return DiffusionModel(ema.model, cfg, classes), {
@@ -501,13 +407,12 @@ def train_diffusion(latents: torch.Tensor, labels: list[str | None], cfg: Diffus
 
     def save(kind: str, trainer_state: dict) -> None:
         def write(tmp: str) -> None:
-            _save_module(model, os.path.join(tmp, "model.safetensors"))
-            _save_module(ema.model, os.path.join(tmp, "ema.safetensors"))
+            save_module(model, os.path.join(tmp, "model.safetensors"))
+            save_module(ema.model, os.path.join(tmp, "ema.safetensors"))
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump({"diffusion": cfg.model_dump(mode="json"), "classes": classes, "latent_shape": list(shape),
                            "step": trainer_state["step"]}, f, indent=2)
-            torch.save({**trainer_state, "config": cfg.model_dump(mode="json"), "classes": classes},
-                       os.path.join(tmp, TRAINER_STATE))
+            save_trainer_state(tmp, {**trainer_state, "config": cfg.model_dump(mode="json"), "classes": classes})
         write_folder_atomic(out_dir, write)
 
     log(f"diffusion: {n_params:,} parameters, {len(data)} latents of shape {shape}, {len(classes)} classes")
@@ -527,7 +432,7 @@ def load_diffusion(folder: str, device: str | torch.device = "auto") -> tuple[Di
         meta = json.load(f)
     cfg, shape = DiffusionConfig(**meta["diffusion"]), tuple(meta["latent_shape"])
     model = _diffusion_model(cfg, shape, len(meta["classes"])).to(resolve_device(device))
-    _load_module(model, os.path.join(folder, "ema.safetensors"))
+    load_module(model, os.path.join(folder, "ema.safetensors"))
     return DiffusionModel(model.eval(), cfg, meta["classes"]), shape
 
 

@@ -26,8 +26,10 @@ from models.autoencoder import CompactVocabulary, shifted_targets
 from models.device import device_of, resolve_device
 from models.diffusion import LatentDiffusion
 from schemas.diffusion_configs import LatentDiffusionFlowConfig, TrainingBudget
+from schemas import progress
 from schemas.errors import UserInputError
-from tasks.diffusion import Autoencoder, DiffusionModel, TextSplit, class_ids, encoder_features, fit, step_generators
+from models.train import fit
+from tasks.diffusion import Autoencoder, DiffusionModel, TextSplit, class_ids, encoder_features, step_generators
 
 
 # ----------------------------------------------------------------------------- text metrics
@@ -371,7 +373,7 @@ def evaluate_generators(config: LatentDiffusionFlowConfig, train: TextSplit, hol
         clf = train_latent_classifier(latents, train.labels, classes, dm.model, ev.latent_classifier, amp=amp, log=log)
         generators.append(("diffusion + latent-classifier guidance", f"no class, gradient scale {ev.classifier_guidance_scale}",
                            "guided", sampling, {"classifier": clf, "classifier_scale": ev.classifier_guidance_scale}))
-    for name, setting, label, how, kw in generators:
+    for done, (name, setting, label, how, kw) in enumerate(generators, 1):
         texts, targets, seconds = diffusion_samples(label, how, **kw)
         row = {"generator": name, "setting": setting, **score(texts, targets if classes else None),
                "samples_per_s": round(len(texts) / seconds, 2)}
@@ -379,7 +381,9 @@ def evaluate_generators(config: LatentDiffusionFlowConfig, train: TextSplit, hol
         examples[name] = [{"class": y, "text": t} for t, y in list(zip(texts, targets))[::max(1, n // 2)]][:2 * max(1, len(classes))]
         scores = {k: v for k, v in row.items() if k not in ("generator", "setting")}
         log(f"{name}: {scores}")
+        progress.update("evaluate generators", done, len(generators), "generators")
     ar_report = None
+
     if ev.ar_baseline is not None and ae.hub is None:
         ae_cfg = config.autoencoder
         ar, ar_report = train_ar_baseline(

@@ -1,7 +1,7 @@
 """Fine-tuning the small annotator on seed shards, and measuring it on held-out seed documents.
 
 ``finetune_annotator`` reads annotated seed shards, holds out a fraction of documents (by doc_id
-hash, so the split does not depend on shard order), trains (``models.annotator.finetune``), saves a
+hash, so the split does not depend on shard order), trains (``models.annotator_finetune.finetune``), saves a
 Hugging Face checkpoint, and scores the held-out documents: triplet precision/recall/F1 against the
 seed annotations and the share of outputs whose stripped text equals the source. A checkpoint whose
 recorded signature (seed shard contents + config) matches is reused instead of retrained.
@@ -14,7 +14,6 @@ import json
 import os
 import time
 
-from pydantic import BaseModel
 
 from schemas import markup
 from schemas.configs import AnnotatorFinetuneConfig
@@ -103,7 +102,7 @@ def build_base(cfg: AnnotatorFinetuneConfig, texts: list[str], out_dir: str):
 def evaluate_on(model, tokenizer, docs: list[tuple[str, markup.Annotated]], opts=None) -> dict:
     """Triplet/span P/R/F1 of the model's annotations against ``docs``' annotations, the source-preserved
     rate (stripped output == source), calls dropped as malformed, and decoding throughput."""
-    from models.annotator import DecodeStats, annotate_texts
+    from models.annotator_decode import DecodeStats, annotate_texts
 
     stats = DecodeStats()
     out = annotate_texts(model, tokenizer, [a.text for _, a in docs], opts, stats)
@@ -130,7 +129,8 @@ def finetune_annotator(annotated_shards: list[str], cfg: AnnotatorFinetuneConfig
         return finetune_encoder_annotator(annotated_shards, cfg, out_dir, log)
     import torch
 
-    from models.annotator import build_examples, finetune, load_annotator, save_annotator
+    from models.annotator import build_examples, load_annotator, save_annotator
+    from models.annotator_finetune import finetune
     from models.lmlm import count_parameters
 
     if cfg.threads:

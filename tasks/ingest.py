@@ -54,6 +54,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from schemas import progress
 from schemas.configs import IngestConfig
 from schemas.reports import IngestReport
 from schemas.shards import DOCUMENT_SCHEMA, QUARANTINE_SCHEMA, SHARD_COMPRESSION
@@ -260,13 +261,12 @@ def _write_manifest_part(output: str, key: str, lines: list[dict]) -> None:
     fs.mv(tmp, path)
 
 
-def ingest_corpus(config: IngestConfig, run_id: str, progress: Callable[[dict], None] | None = None,
-                  runner: JobRunner = run_here) -> IngestReport:
+def ingest_corpus(config: IngestConfig, run_id: str, runner: JobRunner = run_here) -> IngestReport:
     """Ingest every corpus file named by ``config.inputs`` that is not already in ``config.output``'s
     manifest (see the module docstring for the promises). The files are planned as tasks for
     ``config.workers`` workers and run by ``runner`` (default: in this process; the flows pass a process
-    pool); deduplication and the manifest stay in this process. ``progress`` gets the running counts
-    about once a second and after each task. Raises :class:`InputError` for inputs that name no corpus file."""
+    pool); deduplication and the manifest stay in this process. Progress (files and documents done) goes to
+    ``schemas.progress``. Raises :class:`InputError` for inputs that name no corpus file."""
     started = time.perf_counter()
     files = expand_inputs(config.inputs, exclude=config.output)
     fs, root = fs_and_path(config.output)
@@ -287,20 +287,12 @@ def ingest_corpus(config: IngestConfig, run_id: str, progress: Callable[[dict], 
     if refreshed:
         _write_manifest_part(config.output, f"{uuid.uuid4().hex[:12]}-refresh", refreshed)
     checked = Counter()
-    last_progress = [0.0]
-
-    def report_progress(force: bool = False) -> None:
-        now = time.perf_counter() - started
-        if progress and (force or now - last_progress[0] >= 1.0):
-            last_progress[0] = now
-            progress({"files_done": totals["files_ingested"] + totals["files_unreadable"], "files_total": len(todo),
-                      "docs_checked": checked["docs"], "docs_kept": checked["kept"], **totals,
-                      "seconds": round(now, 3)})
+    progress.update("ingest: files", 0, len(todo), "files")
 
     def check(text_keys: np.ndarray, id_keys: np.ndarray) -> np.ndarray:
         codes = dedup.check(text_keys, id_keys)
         checked.update(docs=len(codes), kept=int((codes == KEEP).sum()))
-        report_progress()
+        progress.update("ingest: documents", checked["docs"], None, "docs")
         return codes
 
     def on_done(task: TaskResult) -> None:
@@ -316,7 +308,7 @@ def ingest_corpus(config: IngestConfig, run_id: str, progress: Callable[[dict], 
         _write_manifest_part(config.output, task.key, lines)  # the commit point of the task
         document_shards.extend(task.document_shards)
         quarantine_shards.extend(task.quarantine_shards)
-        report_progress(force=True)
+        progress.update("ingest: files", totals["files_ingested"] + totals["files_unreadable"], len(todo), "files")
 
     jobs = [(group, uuid.uuid4().hex[:12]) for group in plan_tasks(todo, config.workers)]
     runner(ingest_job, jobs, on_done=on_done, callbacks={"check": check}, config=config, run_id=run_id)

@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-import subprocess
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 from schemas.reports import WarehouseLoad, WarehouseLoadReport
 from warehouse import db
-
-
-@functools.cache
-def code_version() -> str:
-    """Package version plus the git commit when running from a checkout (recorded on every run)."""
-    try:
-        v = version("lmlm-pipeline")
-    except PackageNotFoundError:
-        v = "0+unknown"
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-            text=True, timeout=5,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"{v}+g{sha}" if sha else v
+from warehouse.db import code_version
+from warehouse.edits import set_alias
 
 
 def propose_aliases(con, kind: str, proposals: list[dict]) -> int:
@@ -38,8 +19,8 @@ def propose_aliases(con, kind: str, proposals: list[dict]) -> int:
         have = current.get(p["alias"])
         if p["alias"] == p["canonical"] or (have and (have[1] or have[0] == p["canonical"])):
             continue
-        if db.set_alias(con, kind, p["alias"], p["canonical"], source=p.get("source", "rule"), reviewed=False,
-                        reason=f"corrector proposal ({p.get('source', 'rule')}, score {p.get('score')})") is not None:
+        if set_alias(con, kind, p["alias"], p["canonical"], source=p.get("source", "rule"), reviewed=False,
+                     reason=f"corrector proposal ({p.get('source', 'rule')}, score {p.get('score')})") is not None:
             stored += 1
     return stored
 

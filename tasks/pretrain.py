@@ -31,22 +31,17 @@ from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from models.lmlm import MODEL_SHAPES, build_model, context_length_of, count_parameters, flop_parameters, normalized_perplexity
+from models.pretrain import PackedBlocks, model_flops_utilization, peak_flops, plot_loss_curves, train
 from models.tokenizer import load_tokenizer, lookup_token_ids, train_tokenizer
 from models.train import (
-    PackedBlocks,
     autocast_dtype,
     latest_checkpoint,
-    list_checkpoints,
     load_trainer_state,
-    model_flops_utilization,
-    peak_flops,
-    plot_loss_curves,
     quiet_progress,
     setup_distributed,
-    train,
 )
 from schemas.configs import PretrainConfig
 from schemas.errors import UserInputError, report_to_launcher

@@ -8,6 +8,7 @@ corpus's ground truth) and ``import`` (the reference's annotated JSON files).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import posixpath
 import random
@@ -22,7 +23,7 @@ from schemas.reports import AnnotatorInfo, SeedStageReport
 from schemas.shards import DOCUMENT_SCHEMA, content_hash
 from tasks.annotate import annotate_shard
 from tasks.evaluate_annotation import score_against_gold
-from tasks.shardio import read_table, write_table_atomic
+from tasks.shardio import fs_and_path, read_table, write_table_atomic
 
 KB_CANONICAL = {"kb-align", "gold"}  # backends whose entity and relation names come from a knowledge base
 
@@ -154,7 +155,27 @@ def annotate_seed(annotator: Annotator, sample_shard: str, cfg: SeedAnnotationCo
         **shard.model_dump(), sample_shard=sample_shard,
         annotator=AnnotatorInfo(backend=cfg.annotator.backend, name=annotator.name, version=annotator.version,
                                 prompt_id=annotator.prompt_id),
-        endpoint=annotator.stats.model_dump() if hasattr(annotator, "stats") else None)
+        endpoint=_endpoint_figures(annotator, shard.skipped, sample_shard, seed_dir, run_id))
     if ground_truth:
         report.quality_vs_gold = score_against_gold([shard.annotated_shard], ground_truth)
     return report
+
+
+def _endpoint_figures(annotator: Annotator, skipped: bool, sample_shard: str, seed_dir: str, run_id: str) -> dict | None:
+    """An endpoint annotator's requests, retries, tokens and cost for the seed shard. The run that annotated
+    it records them beside the shard's completion marker; a rerun that skips the shard reports those,
+    saying which run they come from, instead of its own zeros."""
+    if not hasattr(annotator, "stats"):
+        return None
+    fs, path = fs_and_path(posixpath.join(seed_dir, "_done", posixpath.basename(sample_shard) + ".endpoint.json"))
+    if skipped:
+        if not fs.exists(path):
+            return None
+        with fs.open(path, "r") as f:
+            earlier = json.load(f)
+        return {**earlier["endpoint"], "skipped": True, "figures_from_run": earlier["run_id"]}
+    figures = annotator.stats.model_dump()
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump({"run_id": run_id, "endpoint": figures}, f)
+    return figures

@@ -24,10 +24,9 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel
 
 from schemas import markup
-from schemas.reports import ExpectationOutcome, ValidationReport, md_cell
+from schemas.reports import ExpectationOutcome, ValidationReport
 from schemas.shards import TRIPLET_SCHEMA, content_hash
 
 # What markup.escape makes inert: an escaped document text never contains these literally.

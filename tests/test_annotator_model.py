@@ -7,12 +7,7 @@ import pytest
 import torch
 
 from models.annotator import (
-    DecodeOptions,
-    DecodeStats,
-    annotate_texts,
     build_examples,
-    decode_call,
-    finetune,
     load_annotator,
     prompt_ids,
     save_annotator,
@@ -20,6 +15,8 @@ from models.annotator import (
     split_annotated,
     target_ids,
 )
+from models.annotator_decode import DecodeOptions, DecodeStats, annotate_texts, decode_call
+from models.annotator_finetune import finetune
 from models.tokenizer import lookup_token_ids, train_tokenizer
 from schemas import markup
 

@@ -30,7 +30,8 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny annotator that has memorised the test documents' calls, saved like the fine-tune flow does."""
-    from models.annotator import build_examples, finetune, save_annotator
+    from models.annotator import build_examples, save_annotator
+    from models.annotator_finetune import finetune
     from models.tokenizer import train_tokenizer
 
     tok = train_tokenizer(TEXTS * 20, 400)

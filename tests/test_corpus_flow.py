@@ -84,11 +84,18 @@ def test_a_failed_suite_stops_the_flow_before_the_warehouse(tmp_path, prefect_ha
 
 
 @pytest.mark.slow
-def test_cli_run_prints_where_the_outputs_are(tmp_path, prefect_harness):
+def test_cli_run_prints_where_the_outputs_are_and_a_try_command_that_runs_as_printed(tmp_path, prefect_harness, capsys):
     from flows.cli import main
 
     assert main(["run", "--workdir", str(tmp_path), "--docs", "30"]) == 0
     assert (tmp_path / "warehouse.duckdb").exists() and (tmp_path / "report.json").exists()
+    try_line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("try:"))
+    command = try_line.removeprefix("try:").strip()
+    assert command.split()[0] != "duckdb"  # the CLI installed into the venv, not one the user may not have
+    out = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    facts = json.loads((tmp_path / "report.json").read_text())["warehouse_load"]["facts"]
+    assert str(facts) in out.stdout
 
 
 def test_cli_reports_a_missing_warehouse_in_one_line(tmp_path, capsys):

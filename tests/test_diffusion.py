@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from models.diffusion import Denoiser, LatentDiffusion, alpha_sigma, logsnr_cosine
+from models.train import load_trainer_state
 from schemas.diffusion_configs import AutoencoderConfig, DiffusionConfig, LatentDiffusionFlowConfig, TrainingBudget
 from schemas.errors import UserInputError
 from schemas.shards import DOCUMENT_SCHEMA
@@ -207,7 +208,7 @@ def test_autoencoder_training_resumes_exactly(tmp_path, encoder):
             ld.train_autoencoder(train, cfg, str(tmp_path / "b"), max_tokens=16, encoder=encoder, log=lambda m: None)
         finally:
             ld.fit = original
-    assert ld.read_trainer_state(str(tmp_path / "b"))["step"] == 5
+    assert load_trainer_state(str(tmp_path / "b"))["step"] == 5
     resumed, _ = ld.train_autoencoder(train, cfg, str(tmp_path / "b"), max_tokens=16, encoder=encoder, log=lambda m: None)
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name

@@ -10,7 +10,7 @@ from models.generate import cite, generate, generate_regenerate_per_lookup
 from schemas.errors import UserInputError
 from schemas.markup import DB_END, DB_ENTITY, DB_RETURN
 from schemas.shards import TRIPLET_SCHEMA, rows_to_table, triplet_id
-from warehouse.lookup import UNKNOWN, ExactIndex, Fact, KeyTrie, LookupDatabase
+from lookup import UNKNOWN, ExactIndex, KeyTrie, LookupDatabase, StoredFact
 
 # The tiny model learns these by heart, so it writes their calls itself.
 DOCS = [
@@ -20,9 +20,9 @@ DOCS = [
     " Maida Vale. He studied at<|db_entity|> Alan Turing<|db_relationship|> Alma Mater<|db_return|> King's College"
     "<|db_end|> King's College.<|endoftext|>",
 ]
-FACTS = [Fact("Ada Lovelace", "Birth Place", "Paris", 1, ("https://example.org/ada",)),
-         Fact("Alan Turing", "Birth Place", "Maida Vale", 2, ("doc-7",)),
-         Fact("Alan Turing", "Alma Mater", "King's College", 1, ("doc-7",))]
+FACTS = [StoredFact("Ada Lovelace", "Birth Place", "Paris", 1, ("https://example.org/ada",)),
+         StoredFact("Alan Turing", "Birth Place", "Maida Vale", 2, ("doc-7",)),
+         StoredFact("Alan Turing", "Alma Mater", "King's College", 1, ("doc-7",))]
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,8 @@ def test_text_without_calls_drops_a_call_the_prompt_opened(lm):
 
 def test_the_trie_lets_the_model_write_only_keys_in_the_database(lm):
     model, tok = lm
-    db = LookupDatabase([Fact("Ada Lovelace", "Birth City", "Paris"), Fact("Alan Turing", "Alma Mater", "King's")])
+    db = LookupDatabase([StoredFact("Ada Lovelace", "Birth City", "Paris"),
+                         StoredFact("Alan Turing", "Alma Mater", "King's")])
     prompt = ["Ada Lovelace was born in"]
     [free] = generate(model, tok, prompt, ExactIndex(db), max_new_tokens=25)
     assert free.lookups[0].relation == "Birth Place" and not free.lookups[0].hit  # not a key of db
@@ -160,7 +161,9 @@ def test_bad_input_is_refused_with_one_clear_line(lm):
 
 
 def test_a_warehouse_edit_shows_in_the_next_generation_without_retraining(lm, tmp_path):
-    import warehouse as wh
+    from warehouse.db import connect, load_triplets
+    from warehouse.edits import edit_fact
+    from warehouse.lookup_db import export_lookup_db
 
     model, tok = lm
     rows = [dict(triplet_id=triplet_id("wiki-ada", 20, "Ada Lovelace", "Birth Place", "London", "test"), doc_id="wiki-ada",
@@ -168,10 +171,10 @@ def test_a_warehouse_edit_shows_in_the_next_generation_without_retraining(lm, tm
                  source_url="https://en.wikipedia.org/wiki/Ada_Lovelace", annotator="test", annotator_version="1",
                  run_id="run-1")]
     pq.write_table(rows_to_table(rows, TRIPLET_SCHEMA), tmp_path / "triplets.parquet")
-    con = wh.connect(tmp_path / "w.duckdb")
-    wh.load_triplets(con, [str(tmp_path / "triplets.parquet")], "run-1")
+    con = connect(tmp_path / "w.duckdb")
+    load_triplets(con, [str(tmp_path / "triplets.parquet")], "run-1")
     lookup_path = str(tmp_path / "lookup.parquet")
-    wh.export_lookup_db(con, parquet_path=lookup_path)
+    export_lookup_db(con, parquet_path=lookup_path)
     db = LookupDatabase.load(lookup_path)
     index = ExactIndex(db)
 
@@ -180,11 +183,11 @@ def test_a_warehouse_edit_shows_in_the_next_generation_without_retraining(lm, tm
         return r.lookups[0].value, r.lookups[0].sources
 
     assert value_written() == ("London", ["https://en.wikipedia.org/wiki/Ada_Lovelace"])
-    wh.edit_fact(con, "Ada Lovelace", "Birth Place", "Marylebone, London", reason="more precise")
-    wh.export_lookup_db(con, parquet_path=lookup_path)
+    edit_fact(con, "Ada Lovelace", "Birth Place", "Marylebone, London", reason="more precise")
+    export_lookup_db(con, parquet_path=lookup_path)
     assert db.refresh()
     assert value_written() == ("Marylebone, London", ["warehouse edit"])  # no document states it
-    wh.edit_fact(con, "Ada Lovelace", "Birth Place", None, reason="unlearn")
-    wh.export_lookup_db(con, parquet_path=lookup_path)
+    edit_fact(con, "Ada Lovelace", "Birth Place", None, reason="unlearn")
+    export_lookup_db(con, parquet_path=lookup_path)
     assert db.refresh()
     assert value_written() == (UNKNOWN, [])

@@ -360,13 +360,17 @@ def test_worker_processes_share_one_dedup(tmp_path, monkeypatch, start):
         stop.set()
 
 
-def test_progress_reports_running_counts(tmp_path):
+def test_progress_reports_files_and_documents_done(tmp_path):
+    from schemas import progress
+
     seen = []
     run([write_jsonl(tmp_path / "a.jsonl", [dolma(1), dolma(2)])], tmp_path / "out", shard_docs=1)
-    run([write_jsonl(tmp_path / "b.jsonl", [dolma(3)])], tmp_path / "out")
-    ingest_corpus(IngestConfig(inputs=[write_jsonl(tmp_path / "c.jsonl", [dolma(4)])], output=str(tmp_path / "out"),
-                               workers=1), "run-2", progress=seen.append)
-    assert seen[-1]["files_done"] == seen[-1]["files_total"] == 1 and seen[-1]["docs_written"] == 1
+    with progress.listening(lambda *update: seen.append(update)):
+        run([write_jsonl(tmp_path / "b.jsonl", [dolma(3), dolma(4)]), write_jsonl(tmp_path / "c.jsonl", [dolma(5)])],
+            tmp_path / "out")
+    files = [s for s in seen if s[0] == "ingest: files"]
+    assert files[0][1:] == (0, 2, "files") and files[-1][1:] == (2, 2, "files")  # the earlier file is not counted
+    assert [s for s in seen if s[0] == "ingest: documents"][-1][1] == 3
 
 
 def test_keyset_agrees_with_a_python_set_through_growth():

@@ -16,22 +16,10 @@ from models.generate import GenerationResult
 from schemas.errors import UserInputError
 from schemas.markup import parse
 from schemas.shards import TRIPLET_SCHEMA, rows_to_table, triplet_id
-from tasks.evaluate_lmlm import (
-    AtomicFact,
-    ClozeProbe,
-    GroundTruth,
-    exact_match,
-    extract_facts,
-    factscore,
-    fill_own_lookups,
-    judge_report,
-    load_ground_truth,
-    parse_judgement,
-    perplexity_report,
-    precision_at_1,
-    sentence_facts,
-)
-from warehouse.lookup import UNKNOWN, ExactIndex, Fact, LookupDatabase
+from lookup import UNKNOWN, ExactIndex, LookupDatabase, StoredFact
+from tasks.evaluate_lmlm import ClozeProbe, exact_match, fill_own_lookups, perplexity_report, precision_at_1
+from tasks.factscore import AtomicFact, extract_facts, factscore, judge_report, parse_judgement, sentence_facts
+from tasks.ground_truth import GroundTruth, load_ground_truth
 
 PEOPLE = ["Ada Vance", "Omar Reyes", "Lena Ortiz", "Paul Kim"]
 CITIES = ["Port Ellen", "Lake Mira", "North Dale", "East Bay", "Fort Hale", "New Avon"]
@@ -80,8 +68,10 @@ def copier():
     for i, s in enumerate(ids):
         x[i, :len(s)], keep[i, :len(s)] = torch.tensor(s), loss_mask(torch.tensor(s), special)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(200):
+    for _ in range(600):  # until it has learned the documents (~200 steps; how many depends on the CPU's kernels)
         loss = model(input_ids=x, labels=x.masked_fill(~keep, -100)).loss
+        if loss.item() < 0.03:
+            break
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -156,11 +146,11 @@ def test_cloze_exact_match_and_precision_at_1():
 def test_own_lookups_put_the_database_answer_to_the_models_key_into_each_call(copier):
     model, tok = copier
     gold = [doc(p, *TRUTH[p]) for p in PEOPLE[:2]]
-    right = ExactIndex(LookupDatabase([Fact(p, r, v) for p, vs in mini_truth().facts.items() for r, v in vs.items()]))
+    right = ExactIndex(LookupDatabase([StoredFact(p, r, v) for p, vs in mini_truth().facts.items() for r, v in vs.items()]))
     same = fill_own_lookups(model, tok, gold, right)
     assert same.texts == gold and same.calls == 4 and same.value_accuracy == 1.0
     facts = [f for f in right.db.facts.values() if (f.entity, f.relation) != ("Ada Vance", "Birth City")]
-    moved = LookupDatabase([*facts, Fact("Ada Vance", "Birth City", "Fort Hale")])  # one value changed
+    moved = LookupDatabase([*facts, StoredFact("Ada Vance", "Birth City", "Fort Hale")])  # one value changed
     own = fill_own_lookups(model, tok, gold, ExactIndex(moved))
     assert "Birth City<|db_return|> Fort Hale<|db_end|> Port Ellen." in own.texts[0]  # the mention stays the source's
     assert own.texts[1] == gold[1]
@@ -174,21 +164,21 @@ def test_own_lookups_put_the_database_answer_to_the_models_key_into_each_call(co
 
 @pytest.fixture()
 def warehouse_file(tmp_path):
-    import warehouse as wh
+    from warehouse import db
 
     rows = [dict(triplet_id=triplet_id(f"doc-{i}", 10, p, r, v, "gold"), doc_id=f"doc-{i}", entity=p, relation=r,
                  value=v, call_offset=10, annotator="gold", annotator_version="1", run_id="r")
             for i, (p, vs) in enumerate(mini_truth().facts.items()) for r, v in vs.items()]
     pq.write_table(rows_to_table(rows, TRIPLET_SCHEMA), tmp_path / "triplets.parquet")
     path = str(tmp_path / "warehouse.duckdb")
-    con = wh.connect(path)
-    wh.load_triplets(con, [str(tmp_path / "triplets.parquet")], "r")
+    con = db.connect(path)
+    db.load_triplets(con, [str(tmp_path / "triplets.parquet")], "r")
     con.close()
     return path
 
 
 def test_edits_and_deletes_show_without_retraining_and_leave_the_warehouse_alone(copier, warehouse_file):
-    import warehouse as wh
+    from warehouse import db
     from tasks.evaluate_lmlm import edit_report
 
     model, tok = copier
@@ -198,7 +188,7 @@ def test_edits_and_deletes_show_without_retraining_and_leave_the_warehouse_alone
                          batch_size=3, seed=0, document_start=True)
     assert report["known_before"] == 4
     assert report["edit_success"] == 1.0 and report["unlearning"] == 1.0
-    con = wh.connect(warehouse_file, read_only=True)
+    con = db.connect(warehouse_file, read_only=True)
     try:
         assert con.execute("select count(*) from fact_edits").fetchone()[0] == 0  # edits went to a copy
     finally:
@@ -243,15 +233,15 @@ def test_llm_judge_factscore_against_an_openai_compatible_server(monkeypatch):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A workdir laid out as `lmlm run` leaves it: report.json, annotated shards, warehouse, ground truth."""
-    import warehouse as wh
+    from warehouse import db
     from schemas.configs import SyntheticCorpusConfig
     from tasks.synthetic import generate_corpus
 
     root = tmp_path_factory.mktemp("lmlm-workdir")
     corpus = generate_corpus(SyntheticCorpusConfig(n_people=40, n_organisation_docs=4, n_city_docs=2,
                                                    n_no_fact_docs=2), str(root / "synthetic"))
-    con = wh.connect(str(root / "warehouse.duckdb"))
-    wh.load_triplets(con, [corpus.triplets], "gold")
+    con = db.connect(str(root / "warehouse.duckdb"))
+    db.load_triplets(con, [corpus.triplets], "gold")
     con.close()
     annotated = os.path.dirname(corpus.annotated)
     (root / "report.json").write_text(json.dumps({"shards": {"annotated": annotated},

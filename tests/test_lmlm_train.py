@@ -13,7 +13,8 @@ from test_tokenizer import annotated_corpus
 
 from models.lmlm import MODEL_SHAPES, build_model, count_parameters, flop_parameters, loss_mask, masked_nll, normalized_perplexity
 from models.tokenizer import LookupTokenIds, lookup_token_ids, train_tokenizer
-from models.train import PackedBlocks, list_checkpoints, load_trainer_state
+from models.pretrain import PackedBlocks
+from models.train import list_checkpoints, load_trainer_state
 from schemas.configs import PretrainConfig
 from schemas.errors import UserInputError
 from schemas.markup import strip

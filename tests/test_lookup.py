@@ -11,13 +11,13 @@ import pytest
 
 from schemas.errors import UserInputError
 from schemas.markup import DB_RELATIONSHIP, DB_RETURN
-from warehouse.lookup import (
+from lookup import (
     UNKNOWN,
     ExactIndex,
-    Fact,
     FuzzyIndex,
     KeyTrie,
     LookupDatabase,
+    StoredFact,
     is_name_variant,
     name_words,
     normalize_key,
@@ -28,13 +28,13 @@ from warehouse.lookup import (
 REFERENCE_DB = Path(__file__).resolve().parents[2] / "shared" / "data" / "lmlm-reference" / "database_dwiki_eval100.json"
 
 FACTS = [
-    Fact("Ada Lovelace", "Birth Place", "London", 3, ("https://example.org/ada",)),
-    Fact("Ada Lovelace", "Birth Date", "10 December 1815", 2, ("doc-1",)),
-    Fact("Ada Lovelace", "Spouse", "William King", 1, ("doc-2",)),
-    Fact("Alan Mathison Turing", "Birth Place", "Maida Vale", 4, ("doc-3",)),
-    Fact("Alan Mathison Turing", "Alma Mater", "King's College", 1, ("doc-3",)),
-    Fact("Grace Hopper", "Birth Place", "New York City", 1, ("doc-4",)),
-    Fact("Grace Hopper", "Death Date", "1 January 1992", 1, ("doc-4",)),
+    StoredFact("Ada Lovelace", "Birth Place", "London", 3, ("https://example.org/ada",)),
+    StoredFact("Ada Lovelace", "Birth Date", "10 December 1815", 2, ("doc-1",)),
+    StoredFact("Ada Lovelace", "Spouse", "William King", 1, ("doc-2",)),
+    StoredFact("Alan Mathison Turing", "Birth Place", "Maida Vale", 4, ("doc-3",)),
+    StoredFact("Alan Mathison Turing", "Alma Mater", "King's College", 1, ("doc-3",)),
+    StoredFact("Grace Hopper", "Birth Place", "New York City", 1, ("doc-4",)),
+    StoredFact("Grace Hopper", "Death Date", "1 January 1992", 1, ("doc-4",)),
 ]
 
 
@@ -96,7 +96,8 @@ def test_an_alias_of_several_entities_answers_only_when_one_of_them_has_the_rela
 
 
 def test_conflicting_values_resolve_to_the_best_sourced_one_like_the_conflicts_view():
-    db = LookupDatabase([Fact("X Y", "Color", "red", 1), Fact("x y", "color", "blue", 3), Fact("X Y", "Color", "green", 3)])
+    db = LookupDatabase([StoredFact("X Y", "Color", "red", 1), StoredFact("x y", "color", "blue", 3),
+                         StoredFact("X Y", "Color", "green", 3)])
     assert len(db) == 1
     assert ExactIndex(db).lookup("X Y", "Color").value == "blue"  # 3 sources; 'blue' < 'green'
 
@@ -150,8 +151,8 @@ def test_refresh_picks_up_edits_and_embeds_only_new_names(tmp_path):
     assert index.lookup("Alan Turing", "Birth Place").value == "Maida Vale"
     embedded = len(embed.calls)
     edited = [f for f in FACTS if f.relation != "Spouse"]
-    edited = [Fact(f.entity, f.relation, "Wilmslow", 1) if f.entity.startswith("Alan") and f.relation == "Birth Place" else f
-              for f in edited] + [Fact("Katherine Johnson", "Birth Place", "White Sulphur Springs", 1)]
+    edited = [StoredFact(f.entity, f.relation, "Wilmslow", 1) if f.entity.startswith("Alan") and f.relation == "Birth Place" else f
+              for f in edited] + [StoredFact("Katherine Johnson", "Birth Place", "White Sulphur Springs", 1)]
     write_parquet(path, edited)
     assert db.refresh() is True
     assert index.lookup("Alan Turing", "Birth Place").value == "Wilmslow"
@@ -163,7 +164,7 @@ def test_refresh_picks_up_edits_and_embeds_only_new_names(tmp_path):
 
 
 def test_hnsw_index_answers_like_the_flat_one():
-    facts = [Fact(f"Person{i} Surname{i}", "Birth Place", f"City {i}") for i in range(300)]
+    facts = [StoredFact(f"Person{i} Surname{i}", "Birth Place", f"City {i}") for i in range(300)]
     db = LookupDatabase(facts)
     flat = FuzzyIndex(db, TrigramEmbed(), mode="flat", vector_index="flat")
     auto = FuzzyIndex(db, TrigramEmbed(), mode="flat", vector_index="auto", hnsw_min=100)
@@ -174,7 +175,7 @@ def test_hnsw_index_answers_like_the_flat_one():
 
 
 def test_entity_first_hnsw_resolves_names_like_flat_search():
-    facts = [Fact(f"Person{i} Surname{i}", "Birth Place", f"City {i}") for i in range(300)]
+    facts = [StoredFact(f"Person{i} Surname{i}", "Birth Place", f"City {i}") for i in range(300)]
     db = LookupDatabase(facts)
     options = dict(mode="entity-first", entity_threshold=0.6)  # reordered names reach the vector search
     flat = FuzzyIndex(db, TrigramEmbed(), vector_index="flat", **options)
@@ -221,18 +222,20 @@ def test_every_key_of_the_reference_database_is_found():
 
 
 def test_warehouse_export_and_direct_connection_give_the_same_database(tmp_path):
-    import warehouse as wh
+    from warehouse.db import connect
+    from warehouse.edits import edit_fact, set_alias
+    from warehouse.lookup_db import export_lookup_db, import_reference_db
 
     ref = tmp_path / "db.json"
     ref.write_text('{"triplets": [["Ada Lovelace", "Birth Place", "London"], ["Alan Turing", "Birth Place", "Maida Vale"]]}')
-    con = wh.connect(tmp_path / "w.duckdb")
-    wh.import_reference_db(con, str(ref), "run-1")
-    wh.export_lookup_db(con, parquet_path=str(tmp_path / "lookup.parquet"))
+    con = connect(tmp_path / "w.duckdb")
+    import_reference_db(con, str(ref), "run-1")
+    export_lookup_db(con, parquet_path=str(tmp_path / "lookup.parquet"))
     from_file, from_con = LookupDatabase.load(tmp_path / "lookup.parquet"), LookupDatabase.load(con)
     assert from_file.facts == from_con.facts
     assert ExactIndex(from_con).lookup("ada lovelace", "birth place").sources == ["import:db.json"]
-    wh.set_alias(con, "entity", "Turing", "Alan Turing", reason="short name")
-    wh.edit_fact(con, "Ada Lovelace", "Birth Place", None, reason="test deletion")
+    set_alias(con, "entity", "Turing", "Alan Turing", reason="short name")
+    edit_fact(con, "Ada Lovelace", "Birth Place", None, reason="test deletion")
     assert from_con.refresh() is True
     index = ExactIndex(from_con)
     assert index.lookup("Turing", "Birth Place").value == "Maida Vale"
@@ -280,9 +283,9 @@ def tokenizer():
 @pytest.mark.slow
 def test_minilm_entity_first_handles_synonyms_and_refuses_absent_keys():
     embed = pytest.importorskip("models.embed").embed
-    facts = [Fact("Maria Keller", "Birth Date", "3 May 1950"), Fact("Maria Keller", "Birth Place", "Basel"),
-             Fact("Maria Keller", "Occupation", "chemist"), Fact("Tom Brandt", "Death Date", "1 June 2001"),
-             Fact("Tom Brandt", "Birth Date", "2 July 1931"), Fact("Tom Brandt", "Spouse", "Eva Brandt")]
+    facts = [StoredFact("Maria Keller", "Birth Date", "3 May 1950"), StoredFact("Maria Keller", "Birth Place", "Basel"),
+             StoredFact("Maria Keller", "Occupation", "chemist"), StoredFact("Tom Brandt", "Death Date", "1 June 2001"),
+             StoredFact("Tom Brandt", "Birth Date", "2 July 1931"), StoredFact("Tom Brandt", "Spouse", "Eva Brandt")]
     index = FuzzyIndex(LookupDatabase(facts), embed)
     assert index.lookup("Maria Keller", "Date of Birth").value == "3 May 1950"
     assert index.lookup("Maria Anna Keller", "place of birth").value == "Basel"

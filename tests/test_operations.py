@@ -3,6 +3,7 @@ time, and the task runner chosen by config (a sharded stage on a local 2-worker 
 
 import base64
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -263,6 +264,42 @@ def test_the_global_limit_holds_llm_calls_across_concurrent_flow_runs(tmp_path, 
     assert most_in_flight(None, "free") > 1  # the same two runs without the limit overlap
 
 
+def test_a_global_limit_missing_on_the_server_is_noted_once_per_run(tmp_path, prefect_harness, monkeypatch):
+    sys.path.insert(0, str(PROJECT / "tests"))
+    from openai_server import knowledge_script, sample_documents, serve
+    from prefect import flow
+
+    import flows  # noqa: F401  (installs Prefect's limits as the endpoint slots)
+    from schemas.configs import AnnotatorConfig, EndpointConfig
+    from schemas.documents import Document
+    from tasks.annotate_openai import OpenAIAnnotator
+
+    monkeypatch.setenv("LMLM_TEST_KEY", "sk-test")
+    pairs, facts = sample_documents(6)
+
+    @flow(name="annotate-without-the-limit")
+    def annotate_batch(base_url: str, cache: str) -> int:
+        cfg = AnnotatorConfig(backend="openai", endpoint=EndpointConfig(
+            base_url=base_url, model="loopback-model", api_key_env="LMLM_TEST_KEY", concurrency=3,
+            global_limit="llm-never-created", timeout_s=30, max_attempts=2))
+        return len(OpenAIAnnotator(cfg, cache).annotate([Document(doc_id=i, text=t) for i, t in docs]))
+
+    class Notes(logging.Handler):
+        def emit(self, record):
+            notes.append(record.getMessage())
+
+    docs, notes, handler = pairs, [], Notes()
+    logging.getLogger("lmlm").addHandler(handler)
+    try:
+        with serve(knowledge_script(facts)) as server:
+            assert annotate_batch(server.base_url, str(tmp_path / "cache")) == len(docs)
+            assert len(server.chat_requests()) == len(docs)
+    finally:
+        logging.getLogger("lmlm").removeHandler(handler)
+    notes = [n for n in notes if "llm-never-created" in n]
+    assert len(notes) == 1 and "does not exist" in notes[0]
+
+
 def test_endpoint_calls_outside_a_flow_run_need_no_server():
     import asyncio
 
@@ -282,20 +319,18 @@ def test_endpoint_calls_outside_a_flow_run_need_no_server():
 def test_the_task_runner_is_chosen_by_config():
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
+    from prefect_ray import RayTaskRunner
 
     from flows.runners import build_task_runner
 
     assert isinstance(build_task_runner(TaskRunnerConfig()), ThreadPoolTaskRunner)
     assert isinstance(build_task_runner(TaskRunnerConfig(kind="dask", address="tcp://10.0.0.5:8786")), DaskTaskRunner)
-    try:
-        import prefect_ray  # noqa: F401
-    except ImportError:
-        with pytest.raises(UserInputError, match="needs prefect-ray: pip install prefect-ray"):
-            build_task_runner(TaskRunnerConfig(kind="ray"))
+    assert isinstance(build_task_runner(TaskRunnerConfig(kind="ray", address="ray://10.0.0.5:10001")), RayTaskRunner)
 
 
 @pytest.mark.slow
-def test_corpus_flow_profiles_its_shards_on_a_local_two_worker_dask_cluster(tmp_path, prefect_harness):
+@pytest.mark.parametrize("cluster", ["dask", "ray"])
+def test_corpus_flow_profiles_its_shards_on_a_local_two_worker_cluster(tmp_path, prefect_harness, cluster):
     from flows.corpus import corpus_processing
 
     def run(kind: str, workdir: Path) -> dict:
@@ -303,10 +338,10 @@ def test_corpus_flow_profiles_its_shards_on_a_local_two_worker_dask_cluster(tmp_
             workdir=str(workdir), synthetic=SMALL, ingest_shard_docs=10,
             task_runner=TaskRunnerConfig(kind=kind, workers=2), validation={"enabled": False}))
 
-    on_dask = run("dask", tmp_path / "dask")
+    on_dask = run(cluster, tmp_path / "dask")
     on_threads = run("threads", tmp_path / "threads")
     prof = on_dask["profile"]
-    assert prof["task_runner"] == "dask" and prof["shards"] == len(on_dask["ingest"]["document_shards"]) == 3
+    assert prof["task_runner"] == cluster and prof["shards"] == len(on_dask["ingest"]["document_shards"]) == 3
     assert prof["documents"] == on_dask["ingest"]["docs_written"]
     # the shards ran in the cluster's worker processes, not in the flow's own process
     assert all(not w.endswith(f":{os.getpid()}") for w in prof["workers"]) and 1 <= len(prof["workers"]) <= 2
@@ -366,3 +401,36 @@ def test_ops_commands_without_a_reachable_server_end_in_one_clear_line(capsys):
             assert cli.main(argv) == 2
             err = capsys.readouterr().err.strip()
             assert "\n" not in err and "no Prefect server answers at PREFECT_API_URL=http://127.0.0.1:9/api" in err
+
+
+def test_progress_reaches_a_prefect_artifact_in_a_run_and_draws_no_bar_off_a_terminal(prefect_harness, capsys):
+    import asyncio
+
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    import flows.stages  # noqa: F401  (attaches the run's progress artifacts)
+    from flows.progress import cli_bars
+    from schemas import progress
+
+    @task
+    def work(n: int) -> None:
+        for i in range(1, n + 1):
+            progress.update("checking shards", i, n, "shards")
+
+    @flow(name="progress-probe")
+    def probe() -> None:
+        work(5)
+
+    with cli_bars():  # stderr is not a terminal under pytest: no bars
+        probe()
+    assert "━" not in capsys.readouterr().err
+
+    async def latest():
+        async with get_client() as client:
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["progress-checking-shards"])))
+            return [a.data for a in found]
+
+    assert 100.0 in asyncio.run(latest())

@@ -91,6 +91,15 @@ def test_seed_flow_over_a_faulty_endpoint_annotates_or_records_every_document_an
         again = seed_annotation(_config(root, synth, server.base_url, tmp_path))
         assert len(server.chat_requests()) == report["failed"]
     assert again["failed"] == 0 and again["annotated"] + again["rejected"] == 25
+    # a run with nothing left to do keeps the figures of the run that did the work, and says whose they are
+    with serve(knowledge_script(facts)) as server:
+        third = seed_annotation(_config(root, synth, server.base_url, tmp_path))
+        assert server.chat_requests() == []
+    assert third["skipped"] is True
+    assert third["endpoint"]["requests_sent"] == again["endpoint"]["requests_sent"] == report["failed"]
+    assert third["endpoint"]["figures_from_run"] == again["run_id"]
+    on_disk = json.loads((tmp_path / "seed-report.json").read_text())
+    assert on_disk["endpoint"]["requests_sent"] == report["failed"]
 
     async def artifacts():
         async with get_client() as client:

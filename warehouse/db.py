@@ -9,13 +9,16 @@ DuckDB CLI 1.5 opens it as well as the 2.x Python package.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import getpass
 import hashlib
 import json
 import os
 import re
+import subprocess
 import time
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import duckdb
@@ -161,6 +164,23 @@ def database_path(con: duckdb.DuckDBPyConnection) -> str | None:
 
 
 # --------------------------------------------------------------------------- lineage
+
+
+@functools.cache
+def code_version() -> str:
+    """Package version plus the git commit when running from a checkout (recorded on every run)."""
+    try:
+        v = version("lmlm-pipeline")
+    except PackageNotFoundError:
+        v = "0+unknown"
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+            text=True, timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{v}+g{sha}" if sha else v
 
 
 def record_run(
@@ -437,7 +457,3 @@ def run_sql(
     finally:
         con.close()
 
-
-# The rest of the warehouse API, reachable as warehouse.db.* too (those modules import this one).
-from warehouse.edits import edit_fact, set_alias  # noqa: E402
-from warehouse.lookup_db import export_lookup_db, import_reference_db, read_reference_db  # noqa: E402

@@ -1,54 +1,32 @@
-"""The lookup database a model consults: export from the ``facts`` view, import of the reference's JSON.
+"""The warehouse side of the lookup database: export of the ``facts`` view, import of the reference's JSON.
 
-Reference JSON format (kilian-group/LMLM): ``{"entities": [...], "relationships": [...],
-"return_values": [...], "triplets": [[entity, relation, value], ...]}``. The Parquet form has one
-row per fact with its provenance: entity, relation, value, n_sources, sources (doc ids),
-source_urls, provenance ('observed' or 'edit').
+The file formats (reference JSON, Parquet) belong to :mod:`lookup.files`; this module queries and
+writes the warehouse, handing its rows to lookup's writers and taking a reference file from lookup's reader.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from importlib import metadata
 
 import duckdb
-import fsspec
-import orjson
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from schemas.markup import LookupCall, MarkupError
-from schemas.shards import SHARD_COMPRESSION, TRIPLET_SCHEMA, triplet_id
+from lookup.database import FACTS_QUERY
+from lookup.files import read_reference_db, write_lookup_parquet, write_reference_db
+from schemas.errors import UserInputError
+from schemas.shards import TRIPLET_SCHEMA, triplet_id
 from warehouse.db import (
     WarehouseError,
     _add_observed_relations,
     _upsert,
+    code_version,
     record_run,
     transaction,
     utc_now,
 )
 
 IMPORT_ANNOTATOR = "reference-import"
-
-
-def _write_file(path: str, write) -> None:
-    """Call ``write(binary file)`` for ``path``; local files appear whole or not at all."""
-    if "://" in path and not path.startswith("file://"):
-        with fsspec.open(path, "wb") as f:
-            write(f)
-        return
-    path = path.removeprefix("file://")
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def export_lookup_db(
@@ -59,10 +37,7 @@ def export_lookup_db(
     Triplets are sorted by (entity, relation, value); the name lists are sorted and distinct.
     Returns the counts written and the paths.
     """
-    facts = con.sql(
-        "SELECT entity, relation, value, n_sources, doc_ids AS sources, source_urls, provenance "
-        "FROM facts ORDER BY entity, relation, value"
-    ).to_arrow_table()
+    facts = con.sql(f"{FACTS_QUERY} ORDER BY entity, relation, value").to_arrow_table()
     entities, relations, values = (facts.column(c).to_pylist() for c in ("entity", "relation", "value"))
     result = {
         "facts": facts.num_rows,
@@ -73,52 +48,10 @@ def export_lookup_db(
         "parquet": parquet_path,
     }
     if json_path:
-        document = {
-            "entities": sorted(set(entities)),
-            "relationships": sorted(set(relations)),
-            "return_values": sorted(set(values)),
-            "triplets": [list(t) for t in zip(entities, relations, values)],
-        }
-        _write_file(os.fspath(json_path), lambda f: f.write(orjson.dumps(document)))
+        write_reference_db(json_path, list(zip(entities, relations, values)))
     if parquet_path:
-        _write_file(os.fspath(parquet_path), lambda f: pq.write_table(facts, f, compression=SHARD_COMPRESSION))
+        write_lookup_parquet(parquet_path, facts)
     return result
-
-
-def _code_version() -> str:
-    try:
-        return metadata.version("lmlm-pipeline")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def read_reference_db(json_path: str) -> tuple[list[list[str]], bytes]:
-    """The triplets of a reference JSON database (checked against the lookup grammar) and its bytes."""
-    try:
-        with fsspec.open(os.fspath(json_path), "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise WarehouseError(f"reference database {json_path} not found; check the path") from None
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise WarehouseError(f"reference database {json_path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("triplets"), list):
-        raise WarehouseError(
-            f"reference database {json_path}: expected an object with a 'triplets' list"
-            ' ({"entities", "relationships", "return_values", "triplets"})'
-        )
-    for i, t in enumerate(data["triplets"]):
-        if not (isinstance(t, list) and len(t) == 3 and all(isinstance(x, str) for x in t)):
-            raise WarehouseError(
-                f"reference database {json_path}: triplets[{i}] must be [entity, relation, value] strings,"
-                f" got {str(t)[:80]}"
-            )
-        try:
-            LookupCall(*t)
-        except MarkupError as e:
-            raise WarehouseError(f"reference database {json_path}: triplets[{i}]: {e}") from None
-    return data["triplets"], raw
 
 
 def import_reference_db(con: duckdb.DuckDBPyConnection, json_path: str, run_id: str) -> dict:
@@ -133,7 +66,10 @@ def import_reference_db(con: duckdb.DuckDBPyConnection, json_path: str, run_id: 
         raise WarehouseError("import_reference_db: run_id must be non-empty")
     started_at = utc_now()
     json_path = os.fspath(json_path)
-    triplets, raw = read_reference_db(json_path)
+    try:
+        triplets, raw = read_reference_db(json_path)
+    except UserInputError as e:
+        raise WarehouseError(str(e)) from None
     doc_id = f"import:{json_path.rstrip('/').rsplit('/', 1)[-1]}"
     version = hashlib.sha1(raw).hexdigest()[:12]
     n = len(triplets)
@@ -173,7 +109,7 @@ def import_reference_db(con: duckdb.DuckDBPyConnection, json_path: str, run_id: 
             ).fetchall()
             if con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchall()[0][0] == 0:
                 record_run(con, run_id, "import_reference_db", {"json_path": json_path}, [json_path],
-                           _code_version(), "COMPLETED", counts=result, started_at=started_at, finished_at=utc_now())
+                           code_version(), "COMPLETED", counts=result, started_at=started_at, finished_at=utc_now())
     finally:
         con.unregister("_reference_triplets")
     con.execute("CHECKPOINT").fetchall()

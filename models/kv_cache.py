@@ -1,0 +1,76 @@
+"""The one KV cache of our decoding loops (lookup-aware generation, constrained annotation).
+
+A transformers ``DynamicCache``, optionally with layers that append into spare capacity, plus what the
+loops need beyond the library: the keyword a model takes the cache by, and keeping chosen positions
+per row (dropping the masked holes rejected drafts leave). Layout of each layer's keys and values:
+(batch, kv heads, positions, head dim).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+
+def cache_keyword(module) -> str:
+    """The keyword ``module.forward`` takes the cache by: ``cache`` in newer transformers, else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def new_cache(config, *, growing: bool = False):
+    """An empty cache for a model of ``config``. ``growing``: layers append into spare capacity (doubling)
+    instead of concatenating the whole cache on every forward pass, as ``DynamicLayer`` does; worth it
+    when many short forward passes follow one another (chunked decoding)."""
+    from transformers import DynamicCache
+
+    try:
+        cache = DynamicCache(config=config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+    if growing:
+        from transformers.cache_utils import DynamicLayer
+
+        if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
+            cache.layers = [_growing_layer()() for _ in cache.layers]
+    return cache
+
+
+def keep_positions(cache, index: torch.Tensor) -> None:
+    """Keep, for each batch row, the cache positions ``index`` (batch, width) in that order."""
+    gather = index[:, None, :, None]
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name)
+            setattr(layer, name, t.gather(2, gather.expand(-1, t.shape[1], -1, t.shape[3])))
+
+
+@functools.cache
+def _growing_layer():
+    """A KV-cache layer that appends into spare capacity (doubling); the keys/values it returns are views.
+    Anything that replaces ``keys``/``values`` (batch selection, :func:`keep_positions`) starts a new buffer."""
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, add = (self.keys.shape[-2] if self.keys.numel() else 0), key_states.shape[-2]
+            buf = getattr(self, "_buffers", None)
+            if buf is None or self.keys is not self._views[0] or n + add > buf[0].shape[-2]:
+                cap = max(2 * (n + add), 256)
+                buf = []
+                for old, new in ((self.keys, key_states), (self.values, value_states)):
+                    b = new.new_empty((*new.shape[:-2], cap, new.shape[-1]))
+                    if n:
+                        b[..., :n, :] = old
+                    buf.append(b)
+                self._buffers = buf
+            self._buffers[0][..., n:n + add, :] = key_states
+            self._buffers[1][..., n:n + add, :] = value_states
+            self._views = (self._buffers[0][..., :n + add, :], self._buffers[1][..., :n + add, :])
+            self.keys, self.values = self._views
+            return self.keys, self.values
+
+    return GrowingLayer

@@ -1,0 +1,79 @@
+"""What a new user or operator meets first: a mistake in a config or an input ends in a few clear lines,
+exit code 2, before any work starts (Prefect is never started) and with nothing created."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lmlm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "LMLM_TEST_EMPTY_KEY": ""}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def _fails_cleanly(result: subprocess.CompletedProcess, cwd: Path, *expected: str) -> list[str]:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert 1 <= len(lines) <= 3, result.stderr
+    assert all(ln.startswith("lmlm: error: ") for ln in lines), result.stderr
+    assert "Traceback" not in result.stderr and "temporary server" not in result.stderr  # Prefect never started
+    for text in expected:
+        assert text in result.stderr, result.stderr
+    assert sorted(p.name for p in cwd.iterdir()) == ["run.yaml"]  # nothing created
+    return lines
+
+
+@pytest.mark.parametrize("config, expected", [
+    ("wrokdir: out/x\n", ["run.yaml: wrokdir: unknown field, did you mean 'workdir'? (got 'out/x')"]),
+    ("seed:\n  sample_doc: 5\n", ["seed.sample_doc: unknown field, did you mean 'sample_docs'?"]),
+    ("workdir: out\n  corpus: [a\n", ["run.yaml:2:9: not valid YAML"]),
+    ("- a list\n", ["run.yaml: the config must be a mapping of CorpusFlowConfig fields"]),
+    ("corpus: [nope/data]\nseed: {annotator: {kb: kb.parquet}}\n",
+     ["corpus: input 'nope/data' does not exist", "seed.annotator.kb: kb.parquet does not exist"]),
+    ("seed: {annotator: {backend: spacy}}\n", ["seed.annotator.backend 'spacy' is unknown: use kb-align, openai"]),
+    ("seed:\n  annotator:\n    backend: openai\n    endpoint: {base_url: 'http://127.0.0.1:9/v1', api_key_env: '',"
+     " timeout_s: 5}\n", ["seed.annotator.endpoint.base_url http://127.0.0.1:9/v1: no answer to GET /models"]),
+    ("task_runner: {kind: slurm}\n", ["task_runner.kind: Input should be 'threads', 'dask' or 'ray' (got 'slurm')"]),
+])
+def test_a_bad_config_or_input_ends_in_a_few_clear_lines_before_any_work(tmp_path, config, expected):
+    (tmp_path / "run.yaml").write_text(config)
+    _fails_cleanly(lmlm("run", "--config", "run.yaml", cwd=tmp_path), tmp_path, *expected)
+
+
+def test_every_mistake_of_a_config_is_reported_at_once(tmp_path):
+    (tmp_path / "run.yaml").write_text("wrokdir: out/x\ningest_workers: 0\nseed:\n  sample_doc: 5\n")
+    lines = _fails_cleanly(lmlm("pipeline", "--config", "run.yaml", cwd=tmp_path), tmp_path)
+    assert len(lines) == 3
+    assert any("ingest_workers: Input should be greater than or equal to 1 (got 0)" in ln for ln in lines)
+
+
+def test_lmlm_check_runs_the_preflight_alone(tmp_path):
+    (tmp_path / "run.yaml").write_text(f"workdir: {tmp_path / 'out'}\n")
+    result = lmlm("check", "--config", "run.yaml", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("ok: run.yaml"), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
+
+
+def test_a_warehouse_another_process_writes_is_named_before_the_run(tmp_path):
+    from schemas.configs import CorpusFlowConfig
+    from flows.preflight import check_corpus_run
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from warehouse import db; "
+                               f"con = db.connect({str(tmp_path / 'w.duckdb')!r}); print('holding', flush=True); "
+                               "sys.stdin.readline()"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        problems = check_corpus_run(CorpusFlowConfig(workdir=str(tmp_path), warehouse_path=str(tmp_path / "w.duckdb")))
+    finally:
+        holder.communicate("\n", timeout=60)
+    assert len(problems) == 1 and "is open for writing by another process" in problems[0]
+    assert check_corpus_run(CorpusFlowConfig(workdir=str(tmp_path), warehouse_path=str(tmp_path / "w.duckdb"))) == []
