@@ -50,7 +50,8 @@ def bench_encoder(args) -> None:
     """Throughput of an encoder annotator checkpoint (see module docstring)."""
     import copy
 
-    from models.span_annotator import AnnotateOptions, AnnotateStats, annotate_texts, load_span_annotator
+    from models.span_annotator import load_span_annotator
+    from models.span_annotator_decode import AnnotateOptions, AnnotateStats, annotate_texts
 
     model, tok, names, meta = load_span_annotator(args.checkpoint, args.device)
     params = sum(p.numel() for p in model.parameters())

@@ -107,12 +107,14 @@ def print_scores(title: str, q: dict) -> None:
 
 
 def main() -> None:
-    from models.span_annotator import AnnotateOptions, AnnotateStats, annotate_texts, load_span_annotator
+    from models.span_annotator import load_span_annotator
+    from models.span_annotator_decode import AnnotateOptions, AnnotateStats, annotate_texts
     from schemas import markup
     from schemas.configs import AnnotatorFinetuneConfig, EncoderFinetuneConfig
     from schemas.shards import ANNOTATED_SCHEMA
     from tasks.annotate_kb import ImportedAnnotations
-    from tasks.finetune import finetune_annotator, is_holdout
+    from tasks.finetune import finetune_annotator
+    from tasks.finetune_seed import is_holdout
     from tasks.shardio import write_table_atomic
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -21,7 +21,8 @@ class EncoderAnnotator:
     def __init__(self, checkpoint: str, cfg: BulkAnnotationConfig):
         import torch
 
-        from models.span_annotator import AnnotateOptions, AnnotateStats, load_span_annotator
+        from models.span_annotator import load_span_annotator
+        from models.span_annotator_decode import AnnotateOptions, AnnotateStats
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -31,7 +32,7 @@ class EncoderAnnotator:
         self.stats = AnnotateStats()
 
     def annotate(self, docs: list[Document]) -> list[Annotation]:
-        from models.span_annotator import annotate_texts
+        from models.span_annotator_decode import annotate_texts
 
         got = annotate_texts(self.model, self.tokenizer, self.names, [d.text for d in docs], self.options, self.stats)
         return [Annotation(doc_id=d.doc_id, annotated_text=markup.render(a)) for d, a in zip(docs, got)]

@@ -9,18 +9,16 @@ recorded signature (seed shard contents + config) matches is reused instead of r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
-
 
 from schemas import markup
 from schemas.configs import AnnotatorFinetuneConfig
 from schemas.errors import UserInputError
 from schemas.reports import FinetuneReport
 from tasks.evaluate_annotation import score_levels, score_triplets, scored_calls
-from tasks.shardio import fs_and_path, read_table
+from tasks.finetune_seed import is_holdout, read_seed, seed_signature
 
 # from-scratch shapes of the annotator: small enough to fine-tune and annotate the demo corpus on 2 CPU cores
 ANNOTATOR_SHAPES = {
@@ -28,34 +26,6 @@ ANNOTATOR_SHAPES = {
     "annotator-tiny": (64, 2, 2, 176),
     "annotator-small": (128, 4, 4, 344),
 }
-
-
-def read_seed(annotated_shards: list[str]) -> list[tuple[str, markup.Annotated]]:
-    """(doc_id, annotated) of every document in the annotated seed shards."""
-    docs = []
-    for shard in annotated_shards:
-        for r in read_table(shard, ["doc_id", "annotated_text"]).to_pylist():
-            docs.append((r["doc_id"], markup.parse(r["annotated_text"])))
-    if not docs:
-        raise UserInputError(f"fine-tuning: the seed shards {annotated_shards} hold no annotated documents; "
-                             "run seed annotation first")
-    return docs
-
-
-def is_holdout(doc_id: str, fraction: float, seed: int) -> bool:
-    """Whether a document is held out: a stable hash of (seed, doc_id), independent of order."""
-    h = hashlib.sha1(f"{seed}:{doc_id}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2**64 < fraction
-
-
-def _signature(annotated_shards: list[str], cfg: AnnotatorFinetuneConfig) -> str:
-    digest = hashlib.sha1(cfg.model_dump_json(exclude={"threads", "time_budget_s"}).encode())
-    for shard in sorted(annotated_shards):
-        fs, path = fs_and_path(shard)
-        with fs.open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def build_base(cfg: AnnotatorFinetuneConfig, texts: list[str], out_dir: str):
@@ -136,7 +106,7 @@ def finetune_annotator(annotated_shards: list[str], cfg: AnnotatorFinetuneConfig
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     checkpoint = os.path.join(out_dir, "model")
-    signature = _signature(annotated_shards, cfg)
+    signature = seed_signature(annotated_shards, cfg)
     version = f"{cfg.base}+{signature[:12]}"
     docs = read_seed(annotated_shards)
     holdout = [d for d in docs if is_holdout(d[0], cfg.holdout_fraction, cfg.seed)]
@@ -179,7 +149,6 @@ def finetune_annotator(annotated_shards: list[str], cfg: AnnotatorFinetuneConfig
                                                   "report": report.model_dump()})
     load_annotator(checkpoint)  # what was written loads back (AutoModelForCausalLM + tokenizer)
     return report
-
 
 
 def quality_gate(report: FinetuneReport, min_f1: float | None) -> None:

@@ -19,13 +19,13 @@ from schemas.configs import AnnotatorFinetuneConfig
 from schemas.errors import UserInputError
 from schemas.reports import FinetuneReport
 from tasks.evaluate_annotation import score_levels, score_triplets, scored_calls
-from tasks.finetune import _signature, is_holdout, read_seed
+from tasks.finetune_seed import is_holdout, read_seed, seed_signature
 
 
 def evaluate_encoder(model, tokenizer, names, docs: list[tuple[str, markup.Annotated]], opts=None) -> dict:
     """Held-out quality of the encoder annotator against ``docs``' annotations (see module docstring),
     with its annotation throughput."""
-    from models.span_annotator import AnnotateStats, annotate_texts
+    from models.span_annotator_decode import AnnotateStats, annotate_texts
 
     stats = AnnotateStats()
     out = annotate_texts(model, tokenizer, names, [a.text for _, a in docs], opts, stats)
@@ -47,20 +47,20 @@ def finetune_encoder_annotator(annotated_shards: list[str], cfg: AnnotatorFinetu
 
     from models.span_annotator import (
         SpanAnnotatorConfig,
-        build_examples,
         build_span_annotator,
         count_parameters,
         load_span_annotator,
         save_span_annotator,
-        train_span_annotator,
         write_meta,
     )
+    from models.span_annotator_finetune import train_span_annotator
+    from models.span_examples import build_examples
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     enc = cfg.encoder
     checkpoint = os.path.join(out_dir, "model")
-    signature = _signature(annotated_shards, cfg)
+    signature = seed_signature(annotated_shards, cfg)
     base = enc.base or "all-MiniLM-L6-v2"
     version = f"encoder:{os.path.basename(base.rstrip('/'))}+{signature[:12]}"
     meta_path = os.path.join(checkpoint, "annotator.json")

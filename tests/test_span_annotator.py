@@ -7,20 +7,15 @@ import pytest
 import torch
 
 from models.span_annotator import (
-    AnnotateStats,
     SpanAnnotatorConfig,
-    annotate_texts,
-    build_examples,
     build_span_annotator,
-    call_targets,
     detokenize,
-    encode_texts,
     load_span_annotator,
     save_span_annotator,
-    snap_to_words,
-    train_span_annotator,
-    windows_of,
 )
+from models.span_annotator_decode import AnnotateStats, annotate_texts
+from models.span_annotator_finetune import train_span_annotator
+from models.span_examples import build_examples, call_targets, encode_texts, snap_to_words, windows_of
 from schemas import markup
 from test_annotator_model import FACTS, TEXTS, annotated
 
