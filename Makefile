@@ -34,7 +34,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/lmlm pipeline --workdir $(WORKDIR) $(if $(DOCS),--docs $(DOCS),)
+	$(VENV)/bin/lmlm pipeline --workdir $(WORKDIR) --below-min-f1 seed-only $(if $(DOCS),--docs $(DOCS),)
 
 # the LMLM and its standard baseline on their own corpus run (seed-annotated by the KB aligner, not by the
 # demo's briefly trained small annotator)

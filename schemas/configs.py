@@ -304,8 +304,11 @@ class SmallAnnotatorStagesConfig(Config):
     seed_docs: int = Field(160, ge=1, description="seed sample size when seed.sample_docs is unset (the rest is annotated in bulk)")
     min_f1: float | None = Field(
         0.25, ge=0, le=1, description="quality gate: below this held-out seed (entity, value) F1 the corpus is not annotated "
-                                      "with the fine-tuned model and the run stops (the paper's 8B student reaches ~0.40 "
-                                      "against its teacher on real text); none: no gate")
+                                      "with the fine-tuned model and nothing of it reaches the warehouse (the paper's 8B "
+                                      "student reaches ~0.40 against its teacher on real text); none: no gate")
+    below_min_f1: Literal["stop", "seed_only"] = Field(
+        "stop", description="below min_f1: stop (the run fails with one line) or seed_only (the run goes on without "
+                            "bulk annotation and loads the seed's annotations only; the report and the CLI say so)")
     finetune: AnnotatorFinetuneConfig = Field(default_factory=AnnotatorFinetuneConfig)
     bulk: BulkAnnotationConfig = Field(default_factory=BulkAnnotationConfig)
 

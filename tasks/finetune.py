@@ -16,7 +16,7 @@ import time
 from schemas import markup
 from schemas.configs import AnnotatorFinetuneConfig
 from schemas.errors import UserInputError
-from schemas.reports import FinetuneReport
+from schemas.reports import FinetuneReport, QualityGateReport
 from tasks.evaluate_annotation import score_levels, score_triplets, scored_calls
 from tasks.finetune_seed import is_holdout, read_seed, seed_signature
 
@@ -151,16 +151,26 @@ def finetune_annotator(annotated_shards: list[str], cfg: AnnotatorFinetuneConfig
     return report
 
 
-def quality_gate(report: FinetuneReport, min_f1: float | None) -> None:
-    """Stop (one UserInputError line: the figure, the threshold, what to do) when the fine-tuned annotator's
-    held-out (entity, value) F1 is below ``min_f1``, so a broken model never annotates the corpus; None: no gate."""
-    q = report.holdout_quality
-    if min_f1 is None or not q:
-        return
-    got = q.get("entity_value_f1", q.get("f1", 0.0))
-    if got < min_f1:
-        raise UserInputError(
-            f"the small annotator's held-out seed (entity, value) F1 is {got:.3f}, below small_annotator.min_f1 "
-            f"{min_f1:g} ({report.train_docs} seed documents, {report.epochs:g} epochs in {report.train_seconds:.0f} s): "
-            "not annotating the corpus with it; annotate more seed documents (small_annotator.seed_docs) or train "
-            "longer (small_annotator.finetune.time_budget_s, --finetune-budget-s), or lower min_f1")
+def quality_gate(report: FinetuneReport, min_f1: float | None, below: str = "stop") -> QualityGateReport:
+    """Whether the fine-tuned annotator may annotate the corpus: its held-out seed (entity, value) F1 (exact
+    triplet F1 for a report without it) against ``min_f1`` (None: no gate). ``below`` ("stop" or "seed_only") is
+    what the run does with a model under the bar; the decision line names the figure, the threshold and the fix."""
+    q = report.holdout_quality or {}
+    figure = q.get("entity_value_f1", q.get("f1"))
+    measure = "held-out seed (entity, value) F1" if "entity_value_f1" in q else "held-out seed triplet F1"
+    if min_f1 is None or figure is None:
+        why = "no gate (small_annotator.min_f1 unset)" if min_f1 is None else "no held-out seed documents to measure"
+        return QualityGateReport(measure=measure, figure=figure, threshold=min_f1, passed=True,
+                                 action="bulk annotation", decision=f"quality gate: {why}; annotating the corpus")
+    if figure >= min_f1:
+        return QualityGateReport(measure=measure, figure=figure, threshold=min_f1, passed=True, action="bulk annotation",
+                                 decision=f"quality gate passed: {measure} {figure:.3f} >= small_annotator.min_f1 "
+                                          f"{min_f1:g}; annotating the corpus")
+    then = ("stopping before bulk annotation, the warehouse untouched" if below == "stop" else
+            "the corpus is not annotated with it, the warehouse gets the seed's annotations only")
+    return QualityGateReport(
+        measure=measure, figure=figure, threshold=min_f1, passed=False, action="stop" if below == "stop" else "seed only",
+        decision=f"the small annotator's {measure} is {figure:.3f}, below small_annotator.min_f1 {min_f1:g} "
+                 f"({report.train_docs} seed documents, {report.epochs:g} epochs in {report.train_seconds:.0f} s): "
+                 f"{then}; annotate more seed documents (small_annotator.seed_docs) or train longer "
+                 "(small_annotator.finetune.time_budget_s, --finetune-budget-s), or lower min_f1")
