@@ -36,7 +36,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/lmlm pipeline --workdir $(WORKDIR) $(if $(DOCS),--docs $(DOCS),)
+	$(VENV)/bin/lmlm pipeline --workdir $(WORKDIR) --below-min-f1 seed-only $(if $(DOCS),--docs $(DOCS),)
 
 # the LMLM and its standard baseline on their own corpus run (every document annotated from the ground-truth KB
 # by the KB aligner: the oracle database), and an LMLM on the same corpus annotated by the pipeline's own

@@ -38,13 +38,13 @@ def finetune_stage(seed_shards: list[str], cfg: AnnotatorFinetuneConfig, workdir
               "held-out seed": [(h["step"], h["holdout_loss"]) for h in report.history if "holdout_loss" in h]}
     if series["train"]:
         report.curve_png = os.path.join(out_dir, "training_curve.png")
-        publish_png(line_chart_png(series, f"annotator fine-tuning ({cfg.base}, {report.parameters:,} parameters)",
+        publish_png(line_chart_png(series, f"annotator fine-tuning ({report.base}, {report.parameters:,} parameters)",
                                    "optimizer step", "loss per target token"),
                     key="annotator-training-curve", description="Annotator fine-tuning loss",
                     save_to=report.curve_png)
     q = report.holdout_quality
     lines = [f"# Annotator fine-tuning `{report.version}`", "",
-             f"- base {cfg.base}, {report.parameters:,} parameters; {report.train_docs} training documents, "
+             f"- base {report.base}, {report.parameters:,} parameters; {report.train_docs} training documents, "
              f"{report.holdout_docs} held out; {report.steps} steps ({report.epochs} epochs) in "
              f"{report.train_seconds} s{' (reused checkpoint)' if report.reused else ''}",
              f"- checkpoint `{report.checkpoint}`"]

@@ -49,6 +49,8 @@ def corpus_config(args, pipeline: bool = False):
                 finetune.setdefault("time_budget_s", args.finetune_budget_s)
         if args.seed_docs:
             small["seed_docs"] = args.seed_docs
+        if getattr(args, "below_min_f1", None):
+            small["below_min_f1"] = args.below_min_f1.replace("-", "_")
     config = validated(CorpusFlowConfig, data, source=args.config)
     require(check_corpus_run(config))
     return config
@@ -56,20 +58,29 @@ def corpus_config(args, pipeline: bool = False):
 
 def cmd_run(args, pipeline: bool = False) -> None:
     config = corpus_config(args, pipeline)
-    from flows.corpus import corpus_processing  # Prefect and the stages load only for a config that passed
-    report = corpus_processing(config)
+    from flows.corpus import BELOW_QUALITY_GATE, corpus_processing  # Prefect loads only for a config that passed
+    state = corpus_processing(config, return_state=True)
+    if state.is_failed() and state.name == BELOW_QUALITY_GATE:
+        raise UserError(state.message)
+    report = state.result()
     wh, ing = report["warehouse_load"], report["ingest"]
     print()
     print(f"documents: {ing['docs_written']} written, {ing['duplicates']} duplicates, {ing['quarantined']} quarantined")
     print(f"shards:    {report['shards']['documents']}")
     print(f"           {report['shards']['annotated']}")
     if report.get("finetune"):
-        ft, bulk = report["finetune"], report["bulk_annotation"]
-        q, g = ft.get("holdout_quality") or {}, bulk.get("quality_vs_gold") or {}
+        ft, bulk = report["finetune"], report.get("bulk_annotation")
+        q = ft.get("holdout_quality") or {}
+        levels = (f" ((entity, value) {q['entity_value_f1']:.3f}, values {q['value_f1']:.3f})"
+                  if "entity_value_f1" in q else "")
         print(f"annotator: {ft['checkpoint']} ({ft['parameters']:,} parameters, {ft['train_seconds']:.0f} s), held-out "
-              f"seed F1 {q.get('f1', float('nan')):.3f}")
-        print(f"bulk:      {bulk['docs']} documents, {bulk['calls']} calls, {bulk['docs_per_s'] or 0:.2f} documents/s"
-              + (f", F1 vs gold {g['f1']:.3f} on {g['documents']} unseen documents" if g.get("documents") else ""))
+              f"seed F1 {q.get('f1', float('nan')):.3f}{levels}")
+        if report.get("quality_gate"):
+            print(f"gate:      {report['quality_gate']['decision']}")
+        if bulk:
+            g = bulk.get("quality_vs_gold") or {}
+            print(f"bulk:      {bulk['docs']} documents, {bulk['calls']} calls, {bulk['docs_per_s'] or 0:.2f} documents/s"
+                  + (f", F1 vs gold {g['f1']:.3f} on {g['documents']} unseen documents" if g.get("documents") else ""))
     print(f"warehouse: {report['warehouse']} ({wh['facts']} facts, {wh['triplets']} triplets)")
     print(f"report:    {os.path.join(report['workdir'], 'report.json')}")
     cli = os.path.join(os.path.dirname(sys.executable), "duckdb")
@@ -237,6 +248,8 @@ def cmd_annotator_finetune(args) -> None:
 
     data = load_config_file(args.config, FinetuneFlowConfig)
     data.update(workdir=args.workdir or data.get("workdir", "out"), seed_shards=args.seed_shards)
+    if args.kind:
+        data.setdefault("finetune", {})["kind"] = args.kind
     if args.base:
         data.setdefault("finetune", {})["base"] = args.base
     if args.budget_s:
@@ -296,6 +309,9 @@ def add_annotator_commands(sub) -> None:
     pl.add_argument("--seed-docs", type=int, help="documents annotated by the seed annotator to train on (default 160)")
     pl.add_argument("--finetune-budget-s", type=float, default=240.0,
                     help="stop fine-tuning after this many seconds (default 240, the demo's share; 0: train all epochs)")
+    pl.add_argument("--below-min-f1", choices=["stop", "seed-only"],
+                    help="an annotator below small_annotator.min_f1: stop the run (default) or go on without bulk "
+                         "annotation, loading the seed's annotations only (make demo)")
     pl.set_defaults(func=cmd_pipeline)
 
     an = sub.add_parser("annotator", help="fine-tune the small annotator; annotate shards in bulk with it")
@@ -303,7 +319,8 @@ def add_annotator_commands(sub) -> None:
     ft = asub.add_parser("finetune", help="fine-tune on annotated seed shards")
     ft.add_argument("seed_shards", nargs="+", help="annotated seed shard files, folders or globs")
     ft.add_argument("--workdir", default=None, help="the checkpoint goes to <workdir>/annotator/model")
-    ft.add_argument("--base", help="annotator-small (default), annotator-tiny, a models.lmlm shape, or a hub name")
+    ft.add_argument("--kind", choices=["encoder", "generative"], help="the small annotator's model (default encoder)")
+    ft.add_argument("--base", help="generative: annotator-small (default), annotator-tiny, a models.lmlm shape, or a hub name")
     ft.add_argument("--budget-s", type=float, help="stop training after this many seconds")
     ft.add_argument("--config", help="JSON/YAML file of FinetuneFlowConfig fields")
     ft.set_defaults(func=cmd_annotator_finetune)
@@ -331,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--pipeline", action="store_true", help="check it as `lmlm pipeline` runs it (small annotator on)")
     ck.add_argument("--seed-docs", type=int, help=argparse.SUPPRESS)
     ck.add_argument("--finetune-budget-s", type=float, default=None, help=argparse.SUPPRESS)
+    ck.add_argument("--below-min-f1", choices=["stop", "seed-only"], help=argparse.SUPPRESS)
     ck.set_defaults(func=cmd_check)
 
     sd = sub.add_parser("seed", help="seed annotation of existing document shards (sample, annotate, correct, load)")

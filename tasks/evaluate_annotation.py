@@ -60,3 +60,21 @@ def score_against_gold(annotated_shards: list[str], ground_truth_dir: str, exclu
             expected += scored_calls(r["doc_id"], markup.parse(gold[r["doc_id"]]))
     return {**score_triplets(predicted, expected), "documents": n,
             "source_preserved_rate": preserved / n if n else None}
+
+
+def normalize_field(s: str) -> str:
+    """A call field as the real-text figures compare it: lower case, whitespace runs as one space."""
+    return " ".join(s.lower().split())
+
+
+def score_levels(predicted: list[Scored], gold: list[Scored]) -> dict:
+    """P/R/F1 of (entity, relation, value) triplets, (entity, value) pairs and values, fields case- and
+    whitespace-normalized, compared as multisets per document (``triplet_f1``, ``entity_value_f1``, ``value_f1``...)."""
+    out = {}
+    for level, fields in (("triplet", (1, 2, 3)), ("entity_value", (1, 3)), ("value", (3,))):
+        def key(t: Scored) -> tuple:
+            return (t[0], *(normalize_field(t[k]) for k in fields))
+
+        p, r, f = _prf(Counter(map(key, predicted)), Counter(map(key, gold)))
+        out.update({f"{level}_precision": p, f"{level}_recall": r, f"{level}_f1": f})
+    return out

@@ -9,18 +9,16 @@ recorded signature (seed shard contents + config) matches is reused instead of r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 
-
 from schemas import markup
 from schemas.configs import AnnotatorFinetuneConfig
 from schemas.errors import UserInputError
-from schemas.reports import FinetuneReport
-from tasks.evaluate_annotation import score_triplets, scored_calls
-from tasks.shardio import fs_and_path, read_table
+from schemas.reports import FinetuneReport, QualityGateReport
+from tasks.evaluate_annotation import score_levels, score_triplets, scored_calls
+from tasks.finetune_seed import is_holdout, read_seed, seed_signature
 
 # from-scratch shapes of the annotator: small enough to fine-tune and annotate the demo corpus on 2 CPU cores
 ANNOTATOR_SHAPES = {
@@ -28,34 +26,6 @@ ANNOTATOR_SHAPES = {
     "annotator-tiny": (64, 2, 2, 176),
     "annotator-small": (128, 4, 4, 344),
 }
-
-
-def read_seed(annotated_shards: list[str]) -> list[tuple[str, markup.Annotated]]:
-    """(doc_id, annotated) of every document in the annotated seed shards."""
-    docs = []
-    for shard in annotated_shards:
-        for r in read_table(shard, ["doc_id", "annotated_text"]).to_pylist():
-            docs.append((r["doc_id"], markup.parse(r["annotated_text"])))
-    if not docs:
-        raise UserInputError(f"fine-tuning: the seed shards {annotated_shards} hold no annotated documents; "
-                             "run seed annotation first")
-    return docs
-
-
-def is_holdout(doc_id: str, fraction: float, seed: int) -> bool:
-    """Whether a document is held out: a stable hash of (seed, doc_id), independent of order."""
-    h = hashlib.sha1(f"{seed}:{doc_id}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2**64 < fraction
-
-
-def _signature(annotated_shards: list[str], cfg: AnnotatorFinetuneConfig) -> str:
-    digest = hashlib.sha1(cfg.model_dump_json(exclude={"threads", "time_budget_s"}).encode())
-    for shard in sorted(annotated_shards):
-        fs, path = fs_and_path(shard)
-        with fs.open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def build_base(cfg: AnnotatorFinetuneConfig, texts: list[str], out_dir: str):
@@ -111,7 +81,7 @@ def evaluate_on(model, tokenizer, docs: list[tuple[str, markup.Annotated]], opts
         preserved += markup.strip(markup.render(got.annotated)) == gold.text
         predicted += scored_calls(doc_id, got.annotated)
         expected += scored_calls(doc_id, gold)
-    quality = score_triplets(predicted, expected)
+    quality = {**score_triplets(predicted, expected), **score_levels(predicted, expected)}
     quality.update(documents=len(docs), source_preserved_rate=preserved / max(len(docs), 1),
                    calls_malformed=stats.calls_malformed, calls_aborted=stats.calls_aborted,
                    docs_per_s=len(docs) / max(stats.seconds, 1e-9),
@@ -122,7 +92,11 @@ def evaluate_on(model, tokenizer, docs: list[tuple[str, markup.Annotated]], opts
 def finetune_annotator(annotated_shards: list[str], cfg: AnnotatorFinetuneConfig, out_dir: str,
                        log=print) -> FinetuneReport:
     """Fine-tune on the seed shards into ``out_dir/model`` (reused when already trained on the same
-    inputs and config) and score the held-out split."""
+    inputs and config) and score the held-out split; ``cfg.kind`` picks the encoder or the generative model."""
+    if cfg.kind == "encoder":
+        from tasks.finetune_encoder import finetune_encoder_annotator
+
+        return finetune_encoder_annotator(annotated_shards, cfg, out_dir, log)
     import torch
 
     from models.annotator import build_examples, load_annotator, save_annotator
@@ -132,7 +106,7 @@ def finetune_annotator(annotated_shards: list[str], cfg: AnnotatorFinetuneConfig
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     checkpoint = os.path.join(out_dir, "model")
-    signature = _signature(annotated_shards, cfg)
+    signature = seed_signature(annotated_shards, cfg)
     version = f"{cfg.base}+{signature[:12]}"
     docs = read_seed(annotated_shards)
     holdout = [d for d in docs if is_holdout(d[0], cfg.holdout_fraction, cfg.seed)]
@@ -176,3 +150,27 @@ def finetune_annotator(annotated_shards: list[str], cfg: AnnotatorFinetuneConfig
     load_annotator(checkpoint)  # what was written loads back (AutoModelForCausalLM + tokenizer)
     return report
 
+
+def quality_gate(report: FinetuneReport, min_f1: float | None, below: str = "stop") -> QualityGateReport:
+    """Whether the fine-tuned annotator may annotate the corpus: its held-out seed (entity, value) F1 (exact
+    triplet F1 for a report without it) against ``min_f1`` (None: no gate). ``below`` ("stop" or "seed_only") is
+    what the run does with a model under the bar; the decision line names the figure, the threshold and the fix."""
+    q = report.holdout_quality or {}
+    figure = q.get("entity_value_f1", q.get("f1"))
+    measure = "held-out seed (entity, value) F1" if "entity_value_f1" in q else "held-out seed triplet F1"
+    if min_f1 is None or figure is None:
+        why = "no gate (small_annotator.min_f1 unset)" if min_f1 is None else "no held-out seed documents to measure"
+        return QualityGateReport(measure=measure, figure=figure, threshold=min_f1, passed=True,
+                                 action="bulk annotation", decision=f"quality gate: {why}; annotating the corpus")
+    if figure >= min_f1:
+        return QualityGateReport(measure=measure, figure=figure, threshold=min_f1, passed=True, action="bulk annotation",
+                                 decision=f"quality gate passed: {measure} {figure:.3f} >= small_annotator.min_f1 "
+                                          f"{min_f1:g}; annotating the corpus")
+    then = ("stopping before bulk annotation, the warehouse untouched" if below == "stop" else
+            "the corpus is not annotated with it, the warehouse gets the seed's annotations only")
+    return QualityGateReport(
+        measure=measure, figure=figure, threshold=min_f1, passed=False, action="stop" if below == "stop" else "seed only",
+        decision=f"the small annotator's {measure} is {figure:.3f}, below small_annotator.min_f1 {min_f1:g} "
+                 f"({report.train_docs} seed documents, {report.epochs:g} epochs in {report.train_seconds:.0f} s): "
+                 f"{then}; annotate more seed documents (small_annotator.seed_docs) or train longer "
+                 "(small_annotator.finetune.time_budget_s, --finetune-budget-s), or lower min_f1")

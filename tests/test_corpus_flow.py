@@ -114,7 +114,9 @@ def test_pipeline_chains_seed_finetune_bulk_and_warehouse(tmp_path, prefect_harn
     from warehouse import db
 
     config = {"synthetic": SMALL.model_dump(),
-              "small_annotator": {"seed_docs": 20, "finetune": {"base": "annotator-tiny", "vocab_size": 400, "epochs": 2},
+              "small_annotator": {"seed_docs": 20, "min_f1": None,
+                                  "finetune": {"kind": "generative", "base": "annotator-tiny", "vocab_size": 400,
+                                               "epochs": 2},
                                   "bulk": {"threads": 1, "max_call_tokens": 12, "max_calls_per_100_words": 5}}}
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert main(["pipeline", "--workdir", str(tmp_path / "w"), "--config", str(tmp_path / "config.json"),
@@ -133,3 +135,77 @@ def test_pipeline_chains_seed_finetune_bulk_and_warehouse(tmp_path, prefect_harn
     assert by.get("lmlm-annotator") == n_docs and sum(by.values()) == n_docs + 20
     out = capsys.readouterr().out
     assert "held-out seed F1" in out and f"bulk:      {n_docs} documents" in out
+
+
+def test_pipeline_stops_before_bulk_annotation_when_the_annotator_is_below_the_gate(tmp_path, prefect_harness, capsys):
+    """Too little seed data and training: the run stops after fine-tuning with one error line (no traceback) naming
+    the held-out F1, the threshold and what to do; nothing is annotated in bulk, no warehouse is written, and
+    report.json records the gate's decision."""
+    from flows.cli import main
+
+    config = {"synthetic": SMALL.model_dump(),
+              "small_annotator": {"seed_docs": 8, "min_f1": 0.5,
+                                  "finetune": {"holdout_fraction": 0.5, "threads": 1,
+                                               "encoder": {"epochs": 0.2, "batch_tokens": 512}}}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["pipeline", "--workdir", str(tmp_path / "w"), "--config", str(tmp_path / "config.json"),
+                 "--finetune-budget-s", "5"]) == 2
+    err = capsys.readouterr().err  # the flow run's log lines stream there too
+    errors = [line for line in err.splitlines() if line.startswith("lmlm: error: ")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0] and "Traceback" not in err
+    line = errors[0]
+    assert "held-out seed (entity, value) F1 is 0." in line and "below small_annotator.min_f1 0.5" in line
+    assert "stopping before bulk annotation" in line and "more seed documents" in line and "train longer" in line
+    assert not (tmp_path / "w" / "bulk").exists()
+    assert not (tmp_path / "w" / "warehouse.duckdb").exists()
+    assert (tmp_path / "w" / "annotator" / "model" / "annotator.json").exists()  # the model is kept for inspection
+    gate = json.loads((tmp_path / "w" / "report.json").read_text())["quality_gate"]
+    assert gate["passed"] is False and gate["action"] == "stop" and gate["threshold"] == 0.5
+
+
+def test_pipeline_below_the_gate_with_seed_only_loads_the_seed_and_says_so(tmp_path, prefect_harness, capsys):
+    """``--below-min-f1 seed-only`` (what ``make demo`` runs): a model below the bar annotates nothing, the run
+    still ends, the warehouse holds the seed annotator's output only, and the CLI and report.json say why."""
+    from flows.cli import main
+    from warehouse import db
+
+    config = {"synthetic": SMALL.model_dump(),
+              "small_annotator": {"seed_docs": 8, "min_f1": 1.0,
+                                  "finetune": {"holdout_fraction": 0.5, "threads": 1,
+                                               "encoder": {"epochs": 0.2, "batch_tokens": 512}}}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["pipeline", "--workdir", str(tmp_path / "w"), "--config", str(tmp_path / "config.json"),
+                 "--finetune-budget-s", "5", "--below-min-f1", "seed-only"]) == 0
+    out = capsys.readouterr().out
+    gate_lines = [line for line in out.splitlines() if line.startswith("gate:")]
+    assert len(gate_lines) == 1 and "below small_annotator.min_f1 1" in gate_lines[0]
+    assert "the warehouse gets the seed's annotations only" in gate_lines[0]
+    assert "bulk:" not in out
+    report = json.loads((tmp_path / "w" / "report.json").read_text())
+    assert report["quality_gate"]["passed"] is False and report["quality_gate"]["action"] == "seed only"
+    assert "bulk_annotation" not in report and not (tmp_path / "w" / "bulk").exists()
+    con = db.connect(report["warehouse"], read_only=True)
+    annotators = {a for (a,) in con.execute("select distinct annotator from annotations").fetchall()}
+    assert annotators == {report["seed_annotation"]["annotator"]["name"]}
+
+
+@pytest.mark.slow
+def test_pipeline_with_the_encoder_annotator_annotates_unseen_documents_well(tmp_path, prefect_harness, capsys):
+    """The default small annotator (the encoder) learns the synthetic seed in a short budget: high held-out and
+    unseen-document F1, every output source-preserving, the warehouse loaded with its annotations."""
+    from flows.cli import main
+    from warehouse import db
+
+    config = {"synthetic": SMALL.model_dump(), "small_annotator": {"seed_docs": 30, "bulk": {"threads": 2}}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["pipeline", "--workdir", str(tmp_path / "w"), "--config", str(tmp_path / "config.json"),
+                 "--finetune-budget-s", "90"]) == 0
+    report = json.loads((tmp_path / "w" / "report.json").read_text())
+    ft, bulk = report["finetune"], report["bulk_annotation"]
+    assert ft["base"] == "all-MiniLM-L6-v2" and ft["holdout_quality"]["f1"] >= 0.8
+    n_docs = report["ingest"]["docs_written"]
+    q = bulk["quality_vs_gold"]
+    assert q["documents"] == n_docs - 30 and q["source_preserved_rate"] == 1.0 and q["f1"] >= 0.8
+    con = db.connect(report["warehouse"], read_only=True)
+    by = dict(con.execute("select annotator, count(*) from annotations group by annotator").fetchall())
+    assert by.get("lmlm-encoder-annotator") == n_docs

@@ -77,3 +77,14 @@ def test_a_warehouse_another_process_writes_is_named_before_the_run(tmp_path):
         holder.communicate("\n", timeout=60)
     assert len(problems) == 1 and "is open for writing by another process" in problems[0]
     assert check_corpus_run(CorpusFlowConfig(workdir=str(tmp_path), warehouse_path=str(tmp_path / "w.duckdb"))) == []
+
+
+def test_an_encoder_annotator_that_cannot_run_is_named_before_the_pipeline_starts(tmp_path):
+    """The encoder kind (the default small annotator) runs in process: a missing encoder folder and a serving
+    backend for it are reported at once, before any work."""
+    (tmp_path / "run.yaml").write_text("small_annotator:\n  finetune: {encoder: {base: ./no-such-encoder}}\n"
+                                       "  bulk: {backend: vllm, endpoint: {base_url: 'http://127.0.0.1:9/v1'}}\n")
+    lines = _fails_cleanly(lmlm("pipeline", "--config", "run.yaml", cwd=tmp_path), tmp_path,
+                           "small_annotator.finetune.encoder.base ./no-such-encoder: no such folder",
+                           "small_annotator.bulk.backend 'vllm': the encoder annotator")
+    assert any("set bulk.backend transformers, or finetune.kind generative" in ln for ln in lines)

@@ -1,0 +1,186 @@
+"""Annotating with the encoder annotator (``models/span_annotator.py``): documents read in length-sorted batches of
+windows under ``torch.inference_mode``, value spans from the BIO tags (snapped to whole words), one entity span
+per value from the pointer, relation names decoded greedily; calls placed before their value's mention, so the
+output strips back to the source by construction.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from models.span_annotator import TAG_B, TAG_I, TAG_O, RelationNames, SpanAnnotator, detokenize
+from models.span_examples import Encoded, Window, call_offset, encode_texts, snap_to_words, windows_of
+from schemas import markup
+
+# ----------------------------------------------------------------------------- annotating
+
+
+@dataclass
+class AnnotateOptions:
+    batch_tokens: int = 8192  # padded tokens per encoder batch (windows are length-sorted)
+    bf16: bool | None = None  # bfloat16 weights; None: on CUDA and on CPUs with native bf16
+    value_bias: float = 0.0  # added to the log-probability of a value starting (B): > 0 finds more values
+
+
+@dataclass
+class AnnotateStats:
+    documents: int = 0
+    windows: int = 0
+    source_tokens: int = 0  # word pieces of the documents (the encoder sees more where windows overlap)
+    calls: int = 0
+    seconds: float = 0.0
+
+
+def line_ids(w: Window, enc: Encoded, text: str) -> list[int]:
+    """Per window position, which line of the text it is on (special tokens get a line of their own): a value or
+    an entity never spans a line break."""
+    out, line, prev = [], 0, None
+    for p in w.pos:
+        if p < 0 or prev is None or prev < 0 or p != prev + 1 or "\n" in text[enc.offsets[prev][1]:enc.offsets[p][0]]:
+            line += 1
+        out.append(line)
+        prev = p
+    return out
+
+
+def _value_spans(tag_logp: torch.Tensor, w: Window, lines: list[int]) -> list[tuple[int, int]]:
+    """[first, last] window positions of the value spans (B I*, or an I that follows no span; within one line)
+    that start in the window's core."""
+    labels = tag_logp.argmax(-1).tolist()  # (T,)
+    spans, k, n = [], w.body, len(w.ids) - 1
+    while k < n:
+        if labels[k] == TAG_O:
+            k += 1
+            continue
+        j = k
+        while j + 1 < n and labels[j + 1] == TAG_I and lines[j + 1] == lines[k]:
+            j += 1
+        if w.core[0] <= w.pos[k] < w.core[1]:
+            spans.append((k, j))
+        k = j + 1
+    return spans
+
+
+@torch.inference_mode()
+def _greedy_relations(model: SpanAnnotator, h, mask, ids, win, bos) -> list[list[int]]:
+    """Word pieces of each call's relation name, greedy, batched over calls (C small: recomputed each step)."""
+    C, V = len(win), model.word_embeddings.shape[0]
+    out = torch.zeros((C, 0), dtype=torch.long, device=h.device)
+    done = torch.zeros(C, dtype=torch.bool, device=h.device)
+    sep, kvs = model.sep_id, model.memory(h)
+    for step in range(model.cfg.max_relation_tokens + 1):
+        states = model.decode_relation(kvs, mask, win, bos, out)[:, -1:]
+        vocab, copy, log_g, log_ng = model.relation_scores(states, h, ids, win)
+        p = torch.zeros((C, V), device=h.device)
+        p.index_add_(1, model.relation_vocab, (vocab[:, 0] + log_g[:, 0]).exp())
+        p.scatter_add_(1, ids[win], (copy[:, 0] + log_ng[:, 0]).exp())
+        if step == 0:
+            p[:, sep] = 0  # a name has at least one word piece
+        if step == model.cfg.max_relation_tokens:
+            p[:, sep] = 2  # the longest name ends here
+        p[:, 0] = 0
+        p[:, model.cls_id] = 0
+        nxt = p.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, sep), nxt)
+        out = torch.cat([out, nxt[:, None]], dim=1)
+        done |= nxt == sep
+        if bool(done.all()):
+            break
+    return [[t for t in row if t != sep] for row in out.tolist()]
+
+
+def _best_entities(start: torch.Tensor, end: torch.Tensor, lines: torch.Tensor,
+                   max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the span first <= last < first + max_len on one line maximising start[first] + end[last]
+    (start, end, lines: (C, T))."""
+    best = torch.full((start.shape[0],), -1e9, device=start.device)
+    first = torch.zeros(start.shape[0], dtype=torch.long, device=start.device)
+    length = torch.zeros_like(first)
+    for n in range(min(max_len, start.shape[1])):  # spans of n + 1 tokens
+        one_line = lines[:, :lines.shape[1] - n] == lines[:, n:]
+        score, at = (start[:, :start.shape[1] - n] + end[:, n:]).masked_fill(~one_line, -1e9).max(-1)
+        better = score > best
+        best, first, length = torch.where(better, score, best), torch.where(better, at, first), \
+            torch.where(better, torch.full_like(length, n), length)
+    return first, first + length
+
+
+@torch.inference_mode()
+def annotate_texts(model: SpanAnnotator, tokenizer, names: RelationNames, texts: list[str],
+                   opts: AnnotateOptions | None = None, stats: AnnotateStats | None = None) -> list[markup.Annotated]:
+    """Annotate source texts: ``strip(render(result)) == text`` for every text, by construction.
+
+    The model is cast in place to the inference dtype (bfloat16 where it pays, see :class:`AnnotateOptions`):
+    save it before annotating if it is still to be trained or saved in float32."""
+    opts = opts or AnnotateOptions()
+    stats = stats if stats is not None else AnnotateStats()
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    bf16 = opts.bf16
+    if bf16 is None:
+        from models.embed import cpu_has_bf16
+
+        bf16 = device.type == "cuda" or cpu_has_bf16()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    if next(model.parameters()).dtype != dtype:
+        model.to(dtype)
+    encs = encode_texts(tokenizer, texts)
+    windows = [w for d, e in enumerate(encs) for w in windows_of(d, e.ids, model.cfg, tokenizer.cls_token_id,
+                                                                 tokenizer.sep_token_id)]
+    order = sorted(windows, key=lambda w: len(w.ids))
+    found: list[dict[tuple[int, int], markup.LookupCall]] = [{} for _ in texts]  # (value start, end) -> call
+    k = 0
+    while k < len(order):
+        batch = [order[k]]
+        while k + len(batch) < len(order) and (len(batch) + 1) * len(order[k + len(batch)].ids) <= opts.batch_tokens:
+            batch.append(order[k + len(batch)])
+        k += len(batch)
+        T = len(batch[-1].ids)
+        ids = torch.zeros((len(batch), T), dtype=torch.long)
+        for r, w in enumerate(batch):
+            ids[r, :len(w.ids)] = torch.tensor(w.ids)
+        ids = ids.to(device)
+        mask = ids != 0
+        h = model.encode(ids, mask)
+        logp = model.tag(h).float().log_softmax(-1).cpu()
+        logp[..., TAG_B] += opts.value_bias
+        lines = [line_ids(w, encs[w.doc], texts[w.doc]) + [-1] * (T - len(w.ids)) for w in batch]
+        spans = [(r, a, b) for r, w in enumerate(batch) for a, b in _value_spans(logp[r], w, lines[r])]
+        if not spans:
+            continue
+        win = torch.tensor([s[0] for s in spans], device=device)
+        first = torch.tensor([s[1] for s in spans], device=device)
+        last = torch.tensor([s[2] for s in spans], device=device)
+        q = model.value_queries(h, win, first, last)
+        e_first, e_last = _best_entities(*model.entity_logits(h, ids, win, q), torch.tensor(lines, device=device)[win],
+                                         model.cfg.max_entity_tokens)
+        ents = list(zip(e_first.tolist(), e_last.tolist()))
+        bos = q + model.entity_vectors(h, win, e_first, e_last)
+        relations = _greedy_relations(model, h, mask, ids, win, bos)
+        for (r, a, b), (ea, eb), rel in zip(spans, ents, relations):
+            w = batch[r]
+            enc, text = encs[w.doc], texts[w.doc]
+            vs, ve = snap_to_words(text, enc.offsets[w.pos[a]][0], enc.offsets[w.pos[b]][1])
+            es, ee = snap_to_words(text, enc.offsets[w.pos[ea]][0], enc.offsets[w.pos[eb]][1]) \
+                if w.pos[ea] >= 0 and w.pos[eb] >= 0 else (0, 0)
+            relation = names.spell(detokenize(tokenizer, rel), text) if rel else ""
+            try:
+                call = markup.LookupCall(text[es:ee], relation, text[vs:ve])
+            except markup.MarkupError:
+                continue  # an empty or whitespace-padded field, or literal markup in the source
+            if not any(vs < b2 and a2 < ve for a2, b2 in found[w.doc]):  # windows may overlap: first span wins
+                found[w.doc][(vs, ve)] = call
+    out = []
+    for text, calls in zip(texts, found):
+        placed = sorted((markup.PlacedCall(call_offset(text, vs), c) for (vs, _), c in calls.items()),
+                        key=lambda pc: pc.offset)
+        out.append(markup.Annotated(text, tuple(placed)))
+        stats.calls += len(placed)
+    stats.documents += len(texts)
+    stats.windows += len(windows)
+    stats.source_tokens += sum(len(e.ids) for e in encs)
+    stats.seconds += time.perf_counter() - t0
+    return out

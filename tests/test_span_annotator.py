@@ -1,0 +1,128 @@
+"""The encoder annotator: windows that cover long documents, whole-word spans, training that learns the seed's
+calls, output that strips back to the source, checkpoints that load back, and bulk annotation through the shard
+machinery."""
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from models.span_annotator import (
+    SpanAnnotatorConfig,
+    build_span_annotator,
+    detokenize,
+    load_span_annotator,
+    save_span_annotator,
+)
+from models.span_annotator_decode import AnnotateStats, annotate_texts
+from models.span_annotator_finetune import train_span_annotator
+from models.span_examples import build_examples, call_targets, encode_texts, snap_to_words, windows_of
+from schemas import markup
+from test_annotator_model import FACTS, TEXTS, annotated
+
+torch.set_num_threads(1)
+DOCS = [annotated(t, f) for t, f in zip(TEXTS, FACTS)]
+
+
+def triplets(docs):
+    return sorted((k, pc.call.entity, pc.call.relation, pc.call.value) for k, d in enumerate(docs) for pc in d.calls)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """MiniLM fine-tuned until it has memorised the test documents' calls."""
+    torch.manual_seed(0)
+    model, tok, names = build_span_annotator(None, [pc.call.relation for d in DOCS for pc in d.calls])
+    train_span_annotator(model, build_examples(tok, DOCS, model.cfg), epochs=60, batch_tokens=512, lr=3e-4,
+                         head_lr=3e-3, warmup_steps=5, bf16=False, log=lambda m: None)
+    return model, tok, names
+
+
+def test_windows_cover_a_long_document_once_and_repeat_its_head():
+    cfg = SpanAnnotatorConfig(window=40, head_tokens=6, overlap=8)
+    ids = list(range(1000, 1150))
+    wins = windows_of(0, ids, cfg, cls=101, sep=102)
+    assert len(wins) > 3 and all(len(w.ids) <= cfg.window for w in wins)
+    assert [w.core for w in wins][0][0] == 0 and wins[-1].core[1] == len(ids)
+    assert all(a.core[1] == b.core[0] for a, b in zip(wins, wins[1:]))  # cores partition the document
+    for w in wins:
+        shown = {p for p in w.pos if p >= 0}
+        assert set(range(*w.core)) <= shown  # a window shows every token it is responsible for
+        assert all(w.ids[k] == ids[p] for k, p in enumerate(w.pos) if p >= 0)
+        assert w is wins[0] or set(range(6)) <= shown  # later windows start with the document's head
+    assert windows_of(0, ids[:30], cfg, 101, 102)[0].ids == [101, *ids[:30], 102]
+
+
+def test_spans_snap_to_whole_words():
+    text = "Bertie Mee was appointed in 1966."
+    assert snap_to_words(text, 9, 10) == (7, 10)  # "ee" -> "Mee"
+    assert snap_to_words(text, 2, 9) == (0, 10)
+    assert text[slice(*snap_to_words(text, 27, 29))] == "1966"
+    assert snap_to_words(text, 6, 8) == (7, 10)  # leading space trimmed
+
+
+def test_training_targets_locate_values_and_entities_in_the_text():
+    model, tok, _ = build_span_annotator(None, ["Birth City"])
+    enc = encode_texts(tok, [DOCS[0].text])[0]
+    targets = call_targets(DOCS[0], enc)
+    assert len(targets) == len(DOCS[0].calls)
+    first = targets[0]
+    a, b = first.value
+    assert DOCS[0].text[enc.offsets[a][0]:enc.offsets[b][1]] == "Tampere"
+    assert first.entity and DOCS[0].text[enc.offsets[first.entity[0][0]][0]:enc.offsets[first.entity[0][1]][1]] == "Ada Varga"
+    assert detokenize(tok, tok("Annie (2014) co-founder", add_special_tokens=False)["input_ids"]) == "annie (2014) co-founder"
+
+
+def test_fine_tuned_model_writes_the_seed_calls_and_preserves_the_source(trained):
+    model, tok, names = trained
+    stats = AnnotateStats()
+    out = annotate_texts(model, tok, names, [d.text for d in DOCS], stats=stats)
+    assert [markup.strip(markup.render(a)) for a in out] == [d.text for d in DOCS]
+    assert [a.text for a in out] == TEXTS
+    # relation names (the seed's spelling) and values; entities where the seed's entity is in the text (an
+    # extractive model points at a mention: "Matsue café" is never written as such)
+    assert [(k, r, v) for k, _, r, v in triplets(out)] == [(k, r, v) for k, _, r, v in triplets(DOCS)]
+    pointable = {k for k, d in enumerate(DOCS) if all(pc.call.entity in d.text for pc in d.calls)}
+    assert [t for t in triplets(out) if t[0] in pointable] == [t for t in triplets(DOCS) if t[0] in pointable]
+    assert stats.documents == len(DOCS) and stats.calls == len(triplets(DOCS))
+
+
+def test_long_documents_are_annotated_in_windows_and_merged(trained):
+    model, tok, names = trained
+    long_text = " ".join(TEXTS[:3] * 6)  # ~250 word pieces: several 64-token windows
+    model.cfg.window, model.cfg.head_tokens, model.cfg.overlap = 64, 8, 16
+    try:
+        got = annotate_texts(model, tok, names, [long_text])[0]
+    finally:
+        model.cfg.window, model.cfg.head_tokens, model.cfg.overlap = SpanAnnotatorConfig().window, 32, 64
+    assert markup.strip(markup.render(got)) == long_text
+    offsets = [pc.offset for pc in got.calls]
+    assert len(offsets) == len(set(offsets))  # overlapping windows do not repeat a call
+    assert max(offsets) > len(long_text) * 3 // 4  # the last window's values are found too
+
+
+def test_checkpoint_loads_back_and_annotates_the_same(trained, tmp_path):
+    model, tok, names = trained
+    path = save_span_annotator(model.float(), tok, names, str(tmp_path / "model"), {"version": "test-v1"})
+    before = annotate_texts(model, tok, names, [d.text for d in DOCS])
+    model2, tok2, names2, meta = load_span_annotator(path, "cpu")
+    assert meta["version"] == "test-v1"
+    assert annotate_texts(model2, tok2, names2, [d.text for d in DOCS]) == before
+
+
+def test_bulk_annotation_uses_an_encoder_checkpoint_per_shard(trained, tmp_path):
+    from schemas.configs import BulkAnnotationConfig
+    from tasks.bulk import bulk_annotate_shard
+    from test_bulk import write_doc_shards
+
+    model, tok, names = trained
+    checkpoint = save_span_annotator(model.float(), tok, names, str(tmp_path / "model"), {"version": "enc-test-v1"})
+    shard = write_doc_shards(tmp_path, 1)[0]
+    cfg = BulkAnnotationConfig(device="cpu", threads=1)
+    first = bulk_annotate_shard(shard, cfg, checkpoint, str(tmp_path / "bulk"), "run-1", str(tmp_path / "cache"))
+    assert not first.skipped and first.annotated == first.docs == 3 and first.calls > 0
+    rows = pq.read_table(first.annotated_shard).to_pylist()
+    assert all(markup.strip(r["annotated_text"]) == r["text"] for r in rows)
+    assert {(r["annotator"], r["annotator_version"]) for r in rows} == {("lmlm-encoder-annotator", "enc-test-v1")}
+    assert pq.read_table(first.triplet_shard).num_rows == first.calls
+    again = bulk_annotate_shard(shard, cfg, checkpoint, str(tmp_path / "bulk"), "run-2", str(tmp_path / "cache"))
+    assert again.skipped
