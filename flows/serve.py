@@ -90,6 +90,8 @@ REGISTRY: list[Registration] = [
     Registration("flows.annotator:bulk_annotation", _bulk_parameters, one_at_a_time=True,
                  description="annotate every document shard with the fine-tuned annotator, load the warehouse"),
     *(Registration(f"flows.lmlm:{name}", lambda c: {"config": {"workdir": (c.corpus or CorpusFlowConfig(workdir=c.workdir)).workdir}}, one_at_a_time=True) for name in ("lmlm_pretraining", "lmlm_evaluation")),
+    *(Registration(f"flows.guided:{name}", lambda c: {"config": {"workdir": os.path.join(c.workdir, "guided")}}, one_at_a_time=True)
+      for name in ("guided_training", "guided_evaluation", "guided_demo")),
 ]
 
 
