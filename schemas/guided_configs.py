@@ -95,7 +95,7 @@ class PlanPriorConfig(Config):
     logsnr_shift: float = Field(0.0, description="added to the cosine schedule's log-SNR")
     ema_decay: float = Field(0.999, ge=0, lt=1)
     train: TrainingBudget = Field(default_factory=lambda: TrainingBudget(
-        steps=2500, batch_size=256, lr=1e-3, warmup_steps=100, weight_decay=1e-4, checkpoint_every=500, log_every=250))
+        steps=2000, batch_size=256, lr=1e-3, warmup_steps=100, weight_decay=1e-4, checkpoint_every=500, log_every=250))
     seed: int = Field(0)
 
 
