@@ -144,6 +144,8 @@ def evaluate_guided(config: GuidedFlowConfig, shards: list[str], *, device: str 
     decode = lambda ids: [g.tokenizer.decode(t, skip_special_tokens=True) for t in ids]  # noqa: E731
     for attribute in config.attributes:
         name = attribute.name
+        if ev.attributes is not None and name not in ev.attributes:
+            continue
         classifier = g.attributes.get(name)
         targets = attribute.targets or (classifier.classes if classifier else [])
         lexicon = LexiconSentiment() if set(targets) <= SENTIMENT_VALUES else None
