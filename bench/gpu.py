@@ -235,13 +235,13 @@ def bench_guided_finetune(device, shape: str, batch: int, iters: int, soft_token
     import torch
 
     from models.lmlm import build_model
-    from models.plan_lm import PlanPromptGenerator, mean_nll, noise_levels, noise_plan, training_batch
+    from models.plan_lm import PlanPromptGenerator, mean_nll, noise_levels, noise_plan, token_rms, training_batch
     from models.train import adamw
 
     torch.manual_seed(0)
     vocab = 50_257 if shape.startswith("gpt2") else 4_096
     lm = build_model(shape, vocab, context_length=128, eos_token_id=0).to(device)
-    gen = PlanPromptGenerator(384, soft_tokens, 256, 2, 4, lm.config.hidden_size).to(device)
+    gen = PlanPromptGenerator(384, soft_tokens, 256, 2, 4, lm.config.hidden_size, token_rms(lm)).to(device)
     model = torch.nn.ModuleDict({"lm": lm, "gen": gen})
     opt = adamw(model, lr=1e-4, weight_decay=0.01, betas=(0.9, 0.99))
     prefixes = torch.randint(1, vocab, (batch, 48)).tolist()

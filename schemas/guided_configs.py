@@ -74,9 +74,12 @@ class PlanLMConfig(Config):
                                      "input (reference); false: always the clean plan (alpha^2 = 1)")
     noise_shift: float = Field(2 * math.log(3), description="log-SNR shift of the training noise levels (reference 2 ln 3: "
                                "mostly mild noise)")
-    train_prefix: bool = Field(True, description="the prefix tokens are trained too (reference), not only the continuation")
+    train_prefix: bool = Field(False, description="the prefix tokens are trained too (reference); false: only the "
+                               "continuation, the tokens the plan is about")
+    prompt_lr_scale: float = Field(10.0, gt=0, description="learning rate of the soft-prompt module (generator or control "
+                                   "vectors) as a multiple of train.lr (that of the pretrained LM)")
     train: TrainingBudget = Field(default_factory=lambda: TrainingBudget(
-        steps=700, batch_size=32, lr=1e-3, warmup_steps=50, weight_decay=0.01, checkpoint_every=200, log_every=50))
+        steps=700, batch_size=32, lr=3e-4, warmup_steps=50, weight_decay=0.01, checkpoint_every=200, log_every=50))
     seed: int = Field(0)
 
     @model_validator(mode="after")
@@ -161,7 +164,7 @@ class GuidedFlowConfig(Config):
     data: PlanDataConfig = Field(default_factory=PlanDataConfig)
     plan_lm: PlanLMConfig = Field(default_factory=PlanLMConfig)
     class_lm: TrainingBudget = Field(
-        default_factory=lambda: TrainingBudget(steps=700, batch_size=32, lr=1e-3, warmup_steps=50, weight_decay=0.01,
+        default_factory=lambda: TrainingBudget(steps=700, batch_size=32, lr=3e-4, warmup_steps=50, weight_decay=0.01,
                                                checkpoint_every=200, log_every=50),
         description="the class-conditional reference model: the pretrained LM fine-tuned with one control vector per "
                     "attribute where the plan's soft prompt goes (same budget as the plan fine-tune)")

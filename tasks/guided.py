@@ -34,6 +34,7 @@ from models.plan_lm import (
     PlanPromptGenerator,
     PlanSpace,
     mean_nll,
+    token_rms,
     noise_levels,
     noise_plan,
     sample_continuations,
@@ -101,10 +102,12 @@ class SoftPromptLM(nn.Module):
         self.lm, self.prompt = lm, prompt
 
 
-def _prompt_module(kind: str, meta: dict, d_lm: int) -> nn.Module:
+def _prompt_module(kind: str, meta: dict, lm) -> nn.Module:
+    d_lm = lm.config.hidden_size
     if kind == "plan":
         c = meta["plan_lm"]
-        return PlanPromptGenerator(meta["plan_dim"], c["soft_tokens"], c["width"], c["layers"], c["heads"], d_lm)
+        return PlanPromptGenerator(meta["plan_dim"], c["soft_tokens"], c["width"], c["layers"], c["heads"], d_lm,
+                                   token_rms(lm))
     return ClassPrompt([len(v) for v in meta["classes"].values()], d_lm)
 
 
@@ -118,7 +121,7 @@ def load_soft_prompt_lm(path: str, device: str | torch.device = "auto") -> tuple
     meta = json.load(open(meta_path))
     with quiet_progress():
         lm = AutoModelForCausalLM.from_pretrained(os.path.join(path, "lm"))
-    model = SoftPromptLM(lm, _prompt_module(meta["kind"], meta, lm.config.hidden_size)).to(resolve_device(device))
+    model = SoftPromptLM(lm, _prompt_module(meta["kind"], meta, lm)).to(resolve_device(device))
     load_module(model.prompt, os.path.join(path, "prompt.safetensors"))
     return model.eval(), meta
 
@@ -161,7 +164,7 @@ def train_soft_prompt_lm(kind: str, config: GuidedFlowConfig, *, device: str | t
     with quiet_progress():
         lm = AutoModelForCausalLM.from_pretrained(os.path.join(out, "lm") if state else meta["base"])
     torch.manual_seed(config.plan_lm.seed)
-    model = SoftPromptLM(lm, _prompt_module(kind, meta, lm.config.hidden_size)).to(device)
+    model = SoftPromptLM(lm, _prompt_module(kind, meta, lm)).to(device)
     n_lm = sum(p.numel() for p in {id(p): p for p in lm.parameters()}.values())
     n_prompt = sum(p.numel() for p in model.prompt.parameters())
     k = model.prompt.soft_tokens
@@ -206,7 +209,8 @@ def train_soft_prompt_lm(kind: str, config: GuidedFlowConfig, *, device: str | t
 
     what = "plan-conditioned LM" if kind == "plan" else "class-conditional LM"
     log(f"{what}: {n_lm:,} LM + {n_prompt:,} prompt parameters, k = {k}, {len(train_rows)} training examples on {device}")
-    result = fit(model, batch_loss, budget, save=save, resume_state=state, amp=amp, log=log, label=f"{kind} LM")
+    result = fit(model, batch_loss, budget, save=save, resume_state=state, amp=amp, log=log, label=f"{kind} LM",
+                 lr_scales={"prompt": config.plan_lm.prompt_lr_scale})
     return SoftPromptLMReport(**report, steps=result["step"], train_seconds=round(result["train_seconds"], 1),
                               final_loss=_final(result["history"]), reused=False, history=result["history"])
 
