@@ -131,6 +131,7 @@ class PlanPromptGenerator(nn.Module):
         nn.init.zeros_(self.proj_out.weight)  # the residual starts at zero: the plan's linear image first
         nn.init.zeros_(self.proj_out.bias)
         self.register_buffer("token_rms", torch.tensor(float(token_rms)))
+        self.bow_log_scale = nn.Parameter(torch.tensor(math.log(10.0)))  # logit scale of the bag-of-words readout
 
     def forward(self, z, alpha2):
         B = z.shape[0]
@@ -140,6 +141,22 @@ class PlanPromptGenerator(nn.Module):
             h = block(h, cond)
         out = self.direct(z).view(B, self.soft_tokens, self.d_lm) + self.proj_out(self.ln_out(h))
         return out * torch.rsqrt(out.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(out.dtype) * self.token_rms
+
+
+    def bag_of_words_nll(self, soft: torch.Tensor, token_embeddings: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the continuation's token frequencies (B, V) under each soft vector (B, k, d_lm) read
+        through the LM's (frozen here) token embeddings (V, d_lm) as a distribution over the vocabulary, averaged
+        over the k vectors: the auxiliary loss that makes the soft prompt carry the words the plan is about."""
+        logits = self.bow_log_scale.exp() * soft.float() @ token_embeddings.detach().float().T
+        return -(torch.log_softmax(logits, -1) * frequencies[:, None]).sum(-1).mean()
+
+
+def token_frequencies(sequences: list[list[int]], vocab_size: int) -> torch.Tensor:
+    """Each sequence's token frequencies (B, V), rows summing to 1."""
+    out = torch.zeros(len(sequences), vocab_size)
+    for i, seq in enumerate(sequences):
+        out[i].index_add_(0, torch.tensor(seq, dtype=torch.long), torch.full((len(seq),), 1.0 / max(len(seq), 1)))
+    return out
 
 
 def token_rms(lm) -> float:

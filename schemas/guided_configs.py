@@ -76,6 +76,9 @@ class PlanLMConfig(Config):
                                "mostly mild noise)")
     train_prefix: bool = Field(False, description="the prefix tokens are trained too (reference); false: only the "
                                "continuation, the tokens the plan is about")
+    bag_of_words_weight: NonNegativeFloat = Field(0.3, description="weight of the auxiliary loss that reads each soft "
+                                                  "vector through the token embeddings as the continuation's bag of "
+                                                  "words (0: the reference's NLL alone)")
     prompt_lr_scale: float = Field(10.0, gt=0, description="learning rate of the soft-prompt module (generator or control "
                                    "vectors) as a multiple of train.lr (that of the pretrained LM)")
     train: TrainingBudget = Field(default_factory=lambda: TrainingBudget(

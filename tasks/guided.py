@@ -34,6 +34,7 @@ from models.plan_lm import (
     PlanPromptGenerator,
     PlanSpace,
     mean_nll,
+    token_frequencies,
     token_rms,
     noise_levels,
     noise_plan,
@@ -194,6 +195,11 @@ def train_soft_prompt_lm(kind: str, config: GuidedFlowConfig, *, device: str | t
             a2 = (noise_levels(len(idx), cfg.noise_shift, generator=gen, device=device) if cfg.noise_augmentation
                   else torch.ones(len(idx), device=device))
             soft = model.prompt(noise_plan(plans[sel], a2, generator=gen), a2)
+            if cfg.bag_of_words_weight:
+                table = model.lm.get_input_embeddings().weight
+                frequencies = token_frequencies([conts[r] for r in rows], table.shape[0]).to(device)
+                words = model.prompt.bag_of_words_nll(soft, table, frequencies)
+                return mean_nll(model.lm, batch, soft) + cfg.bag_of_words_weight * words
         return mean_nll(model.lm, batch, soft)
 
     def save(_kind: str, trainer_state: dict) -> None:

@@ -75,6 +75,21 @@ def test_soft_vectors_sit_at_the_token_embedding_scale_and_carry_the_plan_from_t
     assert torch.allclose(gen(z, a2).pow(2).mean(-1).sqrt(), torch.full((64, 4), scale), rtol=1e-3)
 
 
+def test_the_bag_of_words_loss_rewards_soft_vectors_that_point_at_the_continuations_words():
+    from models.plan_lm import token_frequencies
+
+    torch.manual_seed(0)
+    table = torch.randn(50, 16)
+    freq = token_frequencies([[3, 3, 7], [9]], 50)
+    assert torch.allclose(freq.sum(-1), torch.ones(2)) and float(freq[0, 3]) == pytest.approx(2 / 3)
+    gen = PlanPromptGenerator(D, soft_tokens=2, width=16, layers=1, heads=2, d_lm=16)
+    aimed = torch.stack([table[[3, 7]], table[[9, 9]]])  # (2, k=2, 16): the words of each continuation
+    assert gen.bag_of_words_nll(aimed, table, freq) < gen.bag_of_words_nll(aimed.roll(1, 0), table, freq)
+    soft = aimed.clone().requires_grad_()
+    gen.bag_of_words_nll(soft, table.requires_grad_(), freq).backward()
+    assert soft.grad is not None and table.grad is None  # the LM's embeddings are only read
+
+
 def _plan_problem(n: int, seed: int):
     """Plans of 8 clusters; the continuation's 4 tokens name the cluster; the prefix is noise."""
     g = torch.Generator().manual_seed(seed)
@@ -86,9 +101,10 @@ def _plan_problem(n: int, seed: int):
 
 
 def test_a_short_plan_fine_tune_reads_the_plan():
-    """The recipe of the plan fine-tune (the generator, its learning-rate scale, continuation-only loss, noised plans):
+    """The recipe of the plan fine-tune (the generator, its learning-rate scale, continuation-only loss, noised plans,
+    the bag-of-words auxiliary loss):
     after 150 steps the held-out NLL with the true plan is well below that with another example's plan."""
-    from models.plan_lm import mean_nll, token_rms
+    from models.plan_lm import mean_nll, token_frequencies, token_rms
     from models.train import fit
     from schemas.guided_configs import PlanLMConfig
     from tasks.guided import SoftPromptLM
@@ -105,7 +121,10 @@ def test_a_short_plan_fine_tune_reads_the_plan():
         idx = torch.randint(0, len(plans), (16,), generator=g)
         b = training_batch([prefixes[i] for i in idx], [conts[i] for i in idx], 4, 0, cfg.train_prefix)
         a2 = noise_levels(16, cfg.noise_shift, generator=g)
-        return mean_nll(lm, b, gen(noise_plan(plans[idx], a2, generator=g), a2))
+        soft = gen(noise_plan(plans[idx], a2, generator=g), a2)
+        table = lm.get_input_embeddings().weight
+        words = gen.bag_of_words_nll(soft, table, token_frequencies([conts[i] for i in idx], table.shape[0]))
+        return mean_nll(lm, b, soft) + cfg.bag_of_words_weight * words
 
     budget = cfg.train.model_copy(update={"steps": 150, "batch_size": 16, "warmup_steps": 5, "log_every": 1000,
                                           "checkpoint_every": 1000})
