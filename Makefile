@@ -18,7 +18,7 @@ WORKDIR ?= out/demo
 SEEDS ?=
 PIPELINE_SEEDS ?=
 
-.PHONY: demo demo-lmlm demo-diffusion test test-fast bench install install-test clean
+.PHONY: demo demo-lmlm demo-diffusion demo-guided test test-fast bench install install-test clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ demo-diffusion: $(VENV)/.installed
 	$(VENV)/bin/lmlm diffusion train --workdir out/diffusion-demo $(if $(SEEDS),--seeds $(SEEDS),) \
 		$(if $(wildcard out/demo-lmlm/lmlm/standard/checkpoint-*),--reference-lm out/demo-lmlm,)
 	$(VENV)/bin/lmlm sample --checkpoint out/diffusion-demo --class science --n 5
+
+# diffusion-guided language modeling (DGLM): LM, plan fine-tune, prior, classifiers, then the comparison table
+demo-guided: $(VENV)/.installed
+	$(VENV)/bin/lmlm guided demo --workdir out/guided-demo
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest tests

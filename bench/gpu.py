@@ -18,6 +18,10 @@ BPE tokenizer trained on them, held-out source texts for the annotator, and a co
   diffusion  training steps/s of the autoencoder (resampler + reconstruction + decoder, on cached
              encoder features) and of the denoiser (loss + AdamW + EMA), demo and reference widths;
              DDIM-50 / DDPM-250 sampling samples/s; frozen MiniLM-shaped encoder texts/s.
+  guided     the DGLM training stages (issue 16) on random tokens and plans: the plan fine-tune (LM + soft-prompt
+             generator on spliced [prefix][k soft][continuation] batches, noised plans) at the demo's tiny shape and
+             gpt2-124m, the plan prior (v-MSE + AdamW + EMA), and generation: plans/s of guided DDPM-50 sampling
+             (gradient through the prior) and continuation tokens/s with the KV cache.
 
 Each part's figures go to ``--out/gpu.json`` as they are measured; a table is printed at the end.
 """
@@ -226,6 +230,89 @@ def bench_diffusion(device, width: int, layers: int, heads: int, batch: int, ite
             "steps_per_s": round(steps_s, 1), "latents_per_s": round(steps_s * batch), **sampling}
 
 
+def bench_guided_finetune(device, shape: str, batch: int, iters: int, soft_tokens: int = 8) -> dict:
+    """Steps/s of the plan fine-tune: tasks.guided's batch (48-token prefixes, k soft, 32-token continuations)."""
+    import torch
+
+    from models.lmlm import build_model
+    from models.plan_lm import PlanPromptGenerator, mean_nll, noise_levels, noise_plan, token_rms, training_batch
+    from models.train import adamw
+
+    torch.manual_seed(0)
+    vocab = 50_257 if shape.startswith("gpt2") else 4_096
+    lm = build_model(shape, vocab, context_length=128, eos_token_id=0).to(device)
+    gen = PlanPromptGenerator(384, soft_tokens, 256, 2, 4, lm.config.hidden_size, token_rms(lm)).to(device)
+    model = torch.nn.ModuleDict({"lm": lm, "gen": gen})
+    opt = adamw(model, lr=1e-4, weight_decay=0.01, betas=(0.9, 0.99))
+    prefixes = torch.randint(1, vocab, (batch, 48)).tolist()
+    conts = torch.randint(1, vocab, (batch, 32)).tolist()
+    b = {k: v.to(device) for k, v in training_batch(prefixes, conts, soft_tokens, 0).items()}
+    plans = torch.randn(batch, 384, device=device)
+
+    def step():
+        a2 = noise_levels(batch, device=device)
+        with _autocast(device):
+            loss = mean_nll(lm, b, gen(noise_plan(plans, a2), a2))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    steps_s = _rate(step, 3, iters, device)
+    return {"shape": shape, "lm_parameters": sum(p.numel() for p in {id(p): p for p in lm.parameters()}.values()),
+            "generator_parameters": sum(p.numel() for p in gen.parameters()), "batch": batch,
+            "steps_per_s": round(steps_s, 2), "examples_per_s": round(steps_s * batch)}
+
+
+def bench_guided_prior(device, width: int, blocks: int, batch: int, iters: int, n_samples: int) -> dict:
+    """Training steps/s of the plan prior and plans/s of guided DDPM-50 sampling and of continuation writing."""
+    import torch
+
+    from models.diffusion import EMA
+    from models.lmlm import build_model
+    from models.plan_lm import PlanSpace, sample_continuations
+    from models.plan_prior import LinearAttribute, PlanDenoiser, PlanDiffusion, PlanGuidance
+
+    torch.manual_seed(0)
+    model = PlanDiffusion(PlanDenoiser(384, 384, width, blocks)).to(device)
+    ema = EMA(model, 0.999)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    x = torch.randn(8_192, 1, 384, device=device)
+    cond = torch.nn.functional.normalize(torch.randn(8_192, 384, device=device), dim=-1)
+    n = [0]
+
+    def step():
+        idx = torch.randint(0, len(x), (batch,), device=device)
+        with _autocast(device):
+            loss = model.loss(x[idx], cond[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(model, n[0])
+        n[0] += 1
+
+    steps_s = _rate(step, 5, iters, device)
+    space = PlanSpace(torch.zeros(384), torch.ones(384))
+    attr = LinearAttribute("a", ["no", "yes"], torch.randn(2, 384), torch.zeros(2)).to(device)
+    c = cond[:n_samples]
+
+    def draw():
+        guide = PlanGuidance(space, [(attr, torch.tensor(1), 5.0)], samples=32)
+        with _autocast(device):
+            model.sample((n_samples, 1, 384), c, steps=50, sampler="ddpm", classifier=guide, classifier_scale=1.0)
+
+    lm = build_model("tiny", 4_096, context_length=128, eos_token_id=0).to(device).eval()
+
+    def write():
+        with _autocast(device):
+            sample_continuations(lm, [[1] * 32] * n_samples, torch.randn(n_samples, 8, 256, device=device),
+                                 max_new_tokens=32, pad_id=0)
+
+    return {"width": width, "blocks": blocks, "parameters": sum(p.numel() for p in model.parameters()), "batch": batch,
+            "steps_per_s": round(steps_s, 1), "guided_ddpm50_plans_per_s": round(n_samples * _rate(draw, 1, 2, device), 1),
+            "tiny_lm_continuation_tokens_per_s": round(32 * n_samples * _rate(write, 1, 2, device))}
+
+
 def bench_encoder(device, batch: int, iters: int) -> dict:
     """Texts/s of a frozen all-MiniLM-L6-v2-shaped encoder (random weights: the same work per text)."""
     import torch
@@ -291,6 +378,13 @@ def run(args) -> None:
             lambda: bench_diffusion(device, 96 if toy else 768, 2 if toy else 12, 4 if toy else 12, 8 if toy else 256,
                                     2 if toy else 30, 4 if toy else 256))
 
+    attempt("guided_finetune_tiny", lambda: bench_guided_finetune(device, "micro" if toy else "tiny", 4 if toy else 64,
+                                                                   2 if toy else 50))
+    if not toy:
+        attempt("guided_finetune_gpt2-124m", lambda: bench_guided_finetune(device, "gpt2-124m", 64, 30))
+    attempt("guided_prior_demo", lambda: bench_guided_prior(device, 64 if toy else 512, 2 if toy else 4, 16 if toy else 256,
+                                                            2 if toy else 100, 4 if toy else 1024))
+
     def annotate() -> dict:
         cmd = [sys.executable, str(ROOT / "bench" / "annotate.py"), "--checkpoint", str(data / "annotator"),
                "--texts", str(data / ANNOTATE_TEXTS), "--docs", "8" if toy else "128", "--step-docs", "2" if toy else "6",
@@ -327,7 +421,7 @@ def main() -> None:
     r = sub.add_parser("run", help="measure on the GPU")
     r.add_argument("--data", default=".gpu")
     r.add_argument("--out", default=os.environ.get("OUT", "bench/out/gpu"))
-    r.add_argument("--only", default="pretrain,encoder,autoencoder,diffusion,annotate",
+    r.add_argument("--only", default="pretrain,encoder,autoencoder,diffusion,guided,annotate",
                    help="comma-separated prefixes of the figures' names (e.g. pretrain_gpt2-124m_compiled,annotate)")
     r.add_argument("--budget-s", type=float, default=420, help="parts not started by then are skipped")
     r.add_argument("--device", default="cuda")

@@ -97,6 +97,8 @@ REGISTRY: list[Registration] = [
     *(Registration(f"flows.lmlm:{name}", lambda c: {"config": {"workdir": (c.corpus or CorpusFlowConfig(workdir=c.workdir)).workdir}}, one_at_a_time=True) for name in ("lmlm_pretraining", "lmlm_evaluation")),
     Registration("flows.report:results_report", _results_parameters,
                  description="render the newest evaluation reports into the results page (Markdown, HTML, artifact)"),
+    *(Registration(f"flows.guided:{name}", lambda c: {"config": {"workdir": os.path.join(c.workdir, "guided")}}, one_at_a_time=True)
+      for name in ("guided_training", "guided_evaluation", "guided_demo")),
 ]
 
 

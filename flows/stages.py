@@ -24,8 +24,11 @@ from tasks.bulk import bulk_annotate_shard
 from tasks.diffusion import train_autoencoder, train_diffusion
 from tasks.evaluate_annotation import score_against_gold
 from tasks.evaluate_diffusion import evaluate_generators, holdout_reconstruction
+from tasks.evaluate_guided import evaluate_guided
 from tasks.evaluate_lmlm import evaluate_variant
 from tasks.finetune import finetune_annotator
+from tasks.guided import train_classifiers, train_guided_tokenizer, train_plan_prior, train_soft_prompt_lm
+from tasks.guided_data import prepare_plan_data
 from tasks.ingest import ingest_corpus
 from tasks.load import load_warehouse, reviewed_overrides
 from tasks.profile import profile_document_shard
@@ -107,3 +110,37 @@ evaluate_variant_task = task(evaluate_variant, name="evaluate-lmlm-variant", cac
 
 # the results page (its inputs are report files that change between runs: never cached)
 render_results_page_task = task(render_results_page, name="render-results-page", cache_policy=NO_CACHE)
+
+
+def guided_finetune_in_process(config_json: str, kind: str, threads: int) -> dict:
+    """One DGLM fine-tune (``plan`` or ``class``) by ``python -m tasks.guided finetune`` in a process of its own with
+    ``threads`` CPU threads (so the two fine-tunes train at once); returns its report."""
+    from tasks.guided import folder
+
+    config = json.loads(config_json)
+    workdir = config.get("workdir", "out/guided")
+    logs = os.path.join(workdir, "logs")
+    os.makedirs(logs, exist_ok=True)
+    config_path = os.path.join(logs, f"{kind}-lm-config.json")
+    Path(config_path).write_text(config_json)
+    log_path = os.path.join(logs, f"{kind}-lm.log")
+    logger = get_run_logger()
+    logger.info("%s LM: python -m tasks.guided finetune --kind %s (log %s)", kind, kind, log_path)
+
+    def progress(line: str) -> None:
+        if " step " in line or "LM" in line:
+            logger.info("%s", line.split(" ", 2)[-1])
+
+    run_module("tasks.guided", ["finetune", "--kind", kind, "--config", config_path], log_path=log_path,
+               threads=threads, on_line=progress)
+    return json.loads(Path(folder(workdir, kind), "report.json").read_text())
+
+
+# diffusion-guided language modeling (DGLM)
+guided_tokenizer_task = task(train_guided_tokenizer, name="guided-tokenizer")
+plan_data_task = task(prepare_plan_data, name="prepare-plans", cache_policy=NO_CACHE)
+guided_finetune_process = task(guided_finetune_in_process, name="guided-finetune-in-process", cache_policy=NO_CACHE)
+soft_prompt_lm_task = task(train_soft_prompt_lm, name="train-soft-prompt-lm", cache_policy=NO_CACHE)
+plan_prior_task = task(train_plan_prior, name="train-plan-prior", cache_policy=NO_CACHE)
+attribute_classifiers_task = task(train_classifiers, name="fit-attribute-classifiers", cache_policy=NO_CACHE)
+evaluate_guided_task = task(evaluate_guided, name="evaluate-guided", cache_policy=NO_CACHE)

@@ -101,13 +101,21 @@ def autocast(device: torch.device, amp: torch.dtype | None) -> torch.autocast:
     return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
 
-def adamw(model, *, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+def adamw(model, *, lr: float, weight_decay: float, betas: tuple[float, float],
+          lr_scales: dict[str, float] | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, weight decay on matrices only (not on norms, biases, or
-    position scalars)."""
+    position scalars). ``lr_scales``: child module name -> multiplier of ``lr`` for its parameters (each group
+    carries its ``lr_scale``)."""
+    scale_of = {id(p): s for name, s in (lr_scales or {}).items() for p in model.get_submodule(name).parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = []
+    for scale in sorted({scale_of.get(id(p), 1.0) for p in params}):
+        mine = [p for p in params if scale_of.get(id(p), 1.0) == scale]
+        for decay in (True, False):
+            part = [p for p in mine if (p.dim() >= 2) == decay]
+            if part or scale == 1.0:  # without scales: exactly the two groups as before
+                groups.append({"params": part, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale,
+                               "lr": lr * scale})
     # the fused kernel is ~5x faster than the per-tensor loop on CPU too
     fused = params[0].device.type in ("cuda", "cpu") if params else False
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused)
@@ -277,13 +285,14 @@ def save_checkpoint(model, tokenizer, state: dict, out_dir: str, keep: int) -> s
 def fit(model: torch.nn.Module, batch_loss: Callable[[int], torch.Tensor], budget: TrainingBudget, *,
         save: Callable[[str, dict], None], resume_state: dict | None = None, amp: torch.dtype | None = None,
         after_step: Callable[[int], None] | None = None, log: Callable[[str], None] = print,
-        label: str = "train") -> dict:
+        label: str = "train", lr_scales: dict[str, float] | None = None) -> dict:
     """AdamW with warmup + cosine decay to lr/10 for ``budget.steps``; ``batch_loss(step)`` gives the loss of
     step ``step``. ``save(kind, trainer_state)`` writes a checkpoint ("checkpoint" or "final");
     ``resume_state``: a trainer state it wrote, to continue from. Returns the final trainer state
-    {"step", "history", "train_seconds", "optimizer", "rng"}."""
+    {"step", "history", "train_seconds", "optimizer", "rng"}. ``lr_scales``: child module name -> learning-rate
+    multiplier (e.g. a new module beside a pretrained one)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = adamw(model, lr=budget.lr, weight_decay=budget.weight_decay, betas=(0.9, 0.99))
+    optimizer = adamw(model, lr=budget.lr, weight_decay=budget.weight_decay, betas=(0.9, 0.99), lr_scales=lr_scales)
     state = {"step": 0, "history": [], "train_seconds": 0.0}
     if resume_state is not None:
         restore(resume_state, optimizer)
@@ -295,8 +304,8 @@ def fit(model: torch.nn.Module, batch_loss: Callable[[int], torch.Tensor], budge
     while state["step"] < budget.steps:
         step = state["step"]
         for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, lr=budget.lr, warmup_steps=budget.warmup_steps, total_steps=budget.steps,
-                            min_lr_ratio=0.1)  # TrainingBudget decays to lr/10
+            g["lr"] = g.get("lr_scale", 1.0) * lr_at(step, lr=budget.lr, warmup_steps=budget.warmup_steps,
+                                                     total_steps=budget.steps, min_lr_ratio=0.1)  # decays to lr/10
         with amp_context:
             loss = batch_loss(step)
         loss.backward()

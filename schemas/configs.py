@@ -25,6 +25,8 @@ class SyntheticCorpusConfig(Config):
     n_organisation_docs: int = Field(40, ge=0, description="documents about organisations")
     n_city_docs: int = Field(20, ge=0, description="documents about cities")
     n_no_fact_docs: int = Field(20, ge=0, description="documents with no tail facts")
+    n_review_docs: int = Field(0, ge=0, description="opinion-bearing reviews (restaurants, hotels, books, films) with a "
+                               "sentiment label in metadata, half positive; 0 (default) leaves the corpus as it was")
     seed: int = Field(0, description="same seed, same corpus, byte for byte")
     docs_per_file: int = Field(500, ge=1, description="documents per corpus JSONL file")
     compression: str = Field("gz", description="corpus file compression: none, gz or zst")

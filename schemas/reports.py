@@ -339,3 +339,105 @@ class ResultsPage(BaseModel):
     images: list[str]  # PNGs next to the page
     sources: dict[str, str | None]  # section -> the report file it was rendered from (None: none found)
     markdown_inline: str  # the page with its images embedded as data URIs (a Prefect markdown artifact)
+
+# ---------------------------------------------------------------- diffusion-guided language modeling (DGLM)
+
+
+class PlanDataReport(BaseModel):
+    """The (prefix, continuation) examples and their plans (``tasks.guided_data``)."""
+
+    folder: str
+    documents: int
+    examples: dict[str, int]  # per role: train, judge, holdout
+    labelled: dict[str, int]  # per attribute: training examples with a label
+    reused: bool
+
+
+class SoftPromptLMReport(BaseModel):
+    """A fine-tune of the pretrained LM with a soft prompt: the plan LM, or the class-conditional reference."""
+
+    kind: str  # "plan" or "class"
+    folder: str
+    lm_parameters: int
+    prompt_parameters: int
+    soft_tokens: int
+    steps: int
+    train_seconds: float
+    final_loss: float | None
+    reused: bool
+    history: list[dict] = []
+
+
+class PlanPriorReport(BaseModel):
+    folder: str
+    parameters: int
+    steps: int
+    train_seconds: float
+    final_loss: float | None
+    reused: bool
+    history: list[dict] = []
+
+
+class AttributeClassifierReport(BaseModel):
+    """One logistic regression on clean plan embeddings: what it learned from and how well it reads held-out plans."""
+
+    name: str
+    path: str
+    classes: list[str]
+    train_examples: int
+    holdout_examples: int
+    holdout_accuracy: float | None
+    seconds: float
+
+
+class GuidedTrainingReport(BaseModel):
+    """``lmlm guided train``: every stage's report (pretraining reports as tasks.pretrain wrote them)."""
+
+    workdir: str
+    shards: list[str]
+    tokenizer: str
+    lm: dict | None = None
+    reference_lm: dict | None = None
+    plans: PlanDataReport | None = None
+    plan_lm: SoftPromptLMReport | None = None
+    class_lm: SoftPromptLMReport | None = None
+    prior: PlanPriorReport | None = None
+    classifiers: list[AttributeClassifierReport] = []
+    stage_seconds: dict[str, float] = {}
+
+
+class Interval(BaseModel):
+    """A figure with its bootstrap 95% interval over prefixes."""
+
+    value: float
+    low: float
+    high: float
+
+
+class GuidedRow(BaseModel):
+    """One system at one setting, on one attribute's neutral prefixes."""
+
+    attribute: str
+    system: str  # uncontrolled LM, DGLM, logit boost, class-conditional
+    setting: str
+    knob: float | None  # the guidance scale or the boost delta swept
+    continuations: int
+    attribute_rate: Interval  # the independent tf-idf judge
+    lexicon_rate: Interval | None = None  # sentiment: the VADER lexicon judge
+    perplexity: Interval  # of the continuation given the prefix, under the reference LM
+    dist_1: Interval
+    dist_2: Interval
+    dist_3: Interval
+    plan_rate: float | None = None  # DGLM: the guidance classifier's mean p(target) of the sampled plans
+    seconds: float
+
+
+class GuidedEvaluationReport(BaseModel):
+    rows: list[GuidedRow]
+    prefixes: dict[str, int]  # attribute -> neutral prefixes scored
+    prefix_neutrality: dict[str, dict]  # attribute -> judge's mean top-class probability on the prefixes, label mix
+    judges: dict[str, dict]  # attribute -> held-out accuracy of each judge (tf-idf; VADER for sentiment)
+    sanity: dict  # NLL with true / shuffled / no plan; cosine to own vs shuffled plan; alpha^2 sweep
+    goals: dict[str, dict]  # attribute -> the issue's goals, measured
+    examples: dict[str, list[dict]]
+    seconds: float

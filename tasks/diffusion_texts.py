@@ -12,6 +12,7 @@ import torch
 
 from schemas.configs import IngestConfig
 from schemas.diffusion_configs import LatentDiffusionFlowConfig
+from schemas.guided_configs import GuidedFlowConfig
 from schemas.errors import UserInputError
 from tasks.diffusion import TextSplit, build_encoder, encoder_features, extract_texts
 from tasks.ingest import ingest_corpus
@@ -30,9 +31,9 @@ class TextData:
     encoder: object | None = None
 
 
-def document_shards(config: LatentDiffusionFlowConfig) -> list[str]:
+def document_shards(config: LatentDiffusionFlowConfig | GuidedFlowConfig) -> list[str]:
     """The configured document shards, or those of a synthetic corpus generated (once per corpus config)
-    and ingested under ``<workdir>/corpus``."""
+    and ingested under ``<workdir>/corpus`` (any flow config with ``document_shards``, ``workdir``, ``synthetic``)."""
     if config.document_shards:
         shards = sorted({p for loc in config.document_shards for p in list_files(loc, (".parquet",))})
         if not shards:

@@ -51,6 +51,7 @@ from tasks.synthetic_documents import (
     slug,
     subject_document,
 )
+from tasks.synthetic_reviews import REVIEW_KIND, review_documents
 from tasks.synthetic_world import build_world, random_date
 
 SOURCE = "synthetic-bio"
@@ -187,6 +188,11 @@ def generate_corpus(config: SyntheticCorpusConfig, out_dir: str) -> SyntheticCor
             raise AssertionError("no-fact topics too small for distinct documents")
         seen_texts.add(text)
         docs.append(doc)
+    if config.n_review_docs:  # reviews draw from an rng of their own: a config without them gives the same bytes
+        for doc in review_documents(config.n_review_docs, world, config.seed):
+            if assemble(doc)[0] not in seen_texts:
+                seen_texts.add(assemble(doc)[0])
+                docs.append(doc)
     rng.shuffle(docs)
 
     out = Path(out_dir)
@@ -211,7 +217,7 @@ def generate_corpus(config: SyntheticCorpusConfig, out_dir: str) -> SyntheticCor
         file_name = f"synthetic-bio-{i // config.docs_per_file:05d}{COMPRESSIONS[config.compression]}"
         created = random_date(rng, date(2010, 1, 1), date(2023, 12, 31)).isoformat() + "T00:00:00.000Z"
         record = {"id": doc_id, "text": text, "source": SOURCE, "added": added, "created": created,
-                  "metadata": {"category": doc.category, "url": doc.url, "kind": doc.kind}}
+                  "metadata": {"category": doc.category, "url": doc.url, "kind": doc.kind, **doc.labels}}
         lines = lines_by_file.setdefault(file_name, [])
         lines.append(orjson.dumps(record) + b"\n")
         documents.append({"doc_id": doc_id, "kind": doc.kind, "category": doc.category, "subject": doc.subject,
@@ -252,7 +258,8 @@ def generate_corpus(config: SyntheticCorpusConfig, out_dir: str) -> SyntheticCor
                     for p in world.people], PEOPLE_SCHEMA, paths["people"])
     _write_parquet(documents, DOCUMENTS_SCHEMA, paths["documents"])
 
-    by_kind = {k: sum(d.kind == k for d in docs) for k in DOC_KINDS}
+    kinds = DOC_KINDS + ((REVIEW_KIND,) if config.n_review_docs else ())
+    by_kind = {k: sum(d.kind == k for d in docs) for k in kinds}
     return SyntheticCorpus(
         corpus_files=corpus_files, ground_truth_dir=str(gt_dir), **{k: str(v) for k, v in paths.items()},
         n_people=len(world.people), docs_by_kind=by_kind, n_facts=len(kb), n_calls=n_calls, seed=config.seed,

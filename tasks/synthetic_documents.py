@@ -163,6 +163,7 @@ class Doc:
     sentences: list[Sentence]
     paragraph_breaks: list[int]  # sentence indices that start a new paragraph
     aliases: list[tuple[str, str]] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)  # extra metadata labels (reviews: sentiment, domain)
 
 
 def _with_fillers(fixed: list[Sentence], body: list[Sentence], fillers: tuple[str, ...], rng: random.Random,

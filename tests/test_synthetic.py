@@ -288,3 +288,29 @@ def test_bad_compression_or_remote_folder_is_one_clear_error(tmp_path):
         generate_corpus(SyntheticCorpusConfig(n_people=2, compression="bz2"), str(tmp_path))
     with pytest.raises(UserInputError, match="s3://bucket/x.*local folder"):
         generate_corpus(SyntheticCorpusConfig(n_people=2), "s3://bucket/x")
+
+
+# sha256 of the corpus file of SyntheticCorpusConfig() as main wrote it before reviews existed (issue 16)
+DEFAULT_CORPUS_SHA256 = "a61ebf35bf983b6a09dd55a580b60a96e827e1cfbea64060e7e529767c4ea191"
+
+
+def test_the_default_corpus_is_byte_identical_to_the_one_before_reviews(tmp_path):
+    result = generate_corpus(SyntheticCorpusConfig(), str(tmp_path))
+    assert [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in result.corpus_files] == [DEFAULT_CORPUS_SHA256]
+    assert "review" not in result.docs_by_kind
+
+
+def test_reviews_are_balanced_labelled_opinion_documents_without_facts(tmp_path):
+    result = generate_corpus(SMALL.model_copy(update={"n_review_docs": 40}), str(tmp_path))
+    docs = [r for f in result.corpus_files for r in _read_jsonl(f)]
+    reviews = [d for d in docs if d["metadata"]["kind"] == "review"]
+    assert result.docs_by_kind["review"] == len(reviews) == 40
+    assert Counter(d["metadata"]["sentiment"] for d in reviews) == {"positive": 20, "negative": 20}
+    assert {d["metadata"]["category"] for d in reviews} == {"review"}
+    assert all(not _SLOT.search(d["text"]) and d["text"][0].isupper() for d in reviews)
+    gold = {r["doc_id"]: r for r in pq.read_table(result.annotated).to_pylist()}
+    assert all(gold[d["id"]]["n_calls"] == 0 for d in reviews)
+    # the other families are those of the same config without reviews
+    plain = generate_corpus(SMALL, str(tmp_path / "plain"))
+    assert sorted(d["text"] for d in docs if d["metadata"]["kind"] != "review") == \
+        sorted(r["text"] for f in plain.corpus_files for r in _read_jsonl(f))

@@ -32,3 +32,42 @@ def test_a_failed_checkpoint_write_leaves_the_previous_folder_whole(tmp_path):
     assert load_trainer_state(final) == {"step": 1}
     assert os.listdir(tmp_path) == ["ckpt"]  # no temporary folder left behind
     assert load_trainer_state(str(tmp_path)) is None
+
+
+def test_a_module_given_an_lr_scale_trains_at_that_multiple_through_the_schedule():
+    import torch
+
+    from models.train import adamw, fit
+    from schemas.diffusion_configs import TrainingBudget
+
+    model = torch.nn.ModuleDict({"old": torch.nn.Linear(3, 3), "new": torch.nn.Linear(3, 3)})
+    plain = adamw(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.99))
+    assert [len(g["params"]) for g in plain.param_groups] == [2, 2]  # no scales: matrices, then vectors
+    seen = []
+    budget = TrainingBudget(steps=3, batch_size=1, lr=1e-3, warmup_steps=2, log_every=100, checkpoint_every=100)
+    x = torch.randn(4, 3)
+
+    def loss(step):
+        return (model["new"](model["old"](x)) ** 2).mean()
+
+    def after(step):
+        seen.append({id(p): g["lr"] for g in optimizer_of[0].param_groups for p in g["params"]})
+
+    optimizer_of = []
+    original = adamw
+
+    import models.train as train
+
+    def spy(*a, **kw):
+        optimizer_of.append(original(*a, **kw))
+        return optimizer_of[0]
+
+    train.adamw = spy
+    try:
+        fit(model, loss, budget, save=lambda *_: None, log=lambda _: None, after_step=after, lr_scales={"new": 10.0})
+    finally:
+        train.adamw = original
+    for step, lrs in enumerate(seen):
+        base = lr_at(step, lr=1e-3, warmup_steps=2, total_steps=3, min_lr_ratio=0.1)
+        assert lrs[id(model["old"].weight)] == pytest.approx(base)
+        assert lrs[id(model["new"].weight)] == pytest.approx(10 * base) and lrs[id(model["new"].bias)] == pytest.approx(10 * base)

@@ -1,0 +1,254 @@
+"""The DGLM comparison (issue 16), as plain functions over a trained workdir.
+
+    per attribute: judges (tf-idf on the judge documents; VADER for sentiment) -> held-out neutral prefixes, a target
+    each -> S continuations per prefix from every system:
+        uncontrolled LM (the pretrained LM)             DGLM at each guidance scale (prior -> plan -> plan LM)
+        attribute-word logit boosting at each delta     class-conditional LM (control vector; not plug-and-play)
+    -> attribute rate (judges), perplexity of the continuation given the prefix under the reference LM, dist-1/2/3,
+       each with a bootstrap 95% interval over prefixes -> the goals (dominance over boosting, share of the
+       class-conditional rate)
+    sanity: held-out NLL with the true / a shuffled / no plan (and the bare LM, and over inference alpha^2);
+            MiniLM cosine of generated text to its own plan vs a shuffled one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from models.device import resolve_device
+from models.plan_lm import noise_plan, token_nll, training_batch
+from models.train import autocast, autocast_dtype, latest_checkpoint, quiet_progress
+from schemas import progress
+from schemas.guided_configs import AttributeConfig, GuidedFlowConfig
+from schemas.reports import GuidedEvaluationReport, GuidedRow
+from tasks.evaluate_diffusion import TextClassifier, load_reference_lm
+from tasks.guided import (
+    GuidedLM,
+    SoftPromptLM,
+    base_lm_checkpoint,
+    folder,
+    load_guided,
+    load_soft_prompt_lm,
+    sample_plans,
+    write_continuations,
+)
+from tasks.guided_data import PlanData, load_plan_data, read_documents
+from tasks.guided_metrics import (
+    LexiconSentiment,
+    attribute_words,
+    bootstrap,
+    conditional_nll,
+    dominance,
+    neutral_prefixes,
+    prefix_stats,
+    word_token_ids,
+)
+
+logger = logging.getLogger(f"lmlm.{__name__}")
+SENTIMENT_VALUES = {"positive", "negative"}
+
+
+def load_base_lm(workdir: str, device: torch.device) -> SoftPromptLM:
+    """The pretrained LM (no soft prompt): the uncontrolled system and the one logit boosting steers."""
+    from transformers import AutoModelForCausalLM
+
+    with quiet_progress():
+        lm = AutoModelForCausalLM.from_pretrained(base_lm_checkpoint(workdir))
+    return SoftPromptLM(lm, nn.Identity()).to(device).eval()
+
+
+@torch.no_grad()
+def sanity_checks(g: GuidedLM, base: SoftPromptLM, data: PlanData, n: int, alpha2s: list[float], seed: int,
+                  batch_size: int = 64) -> dict:
+    """Mean NLL per continuation token of held-out examples: true plan, shuffled plan, no plan (pure noise at
+    alpha^2 = 0), the bare pretrained LM, and the true plan at each inference alpha^2."""
+    rows = data.rows("holdout")[:n]
+    prefixes, conts = data.column("prefix_ids"), data.column("continuation_ids")
+    x = data.space.standardize(torch.from_numpy(data.continuation[rows]))
+    perm = torch.roll(torch.arange(len(rows)), 1)  # every plan another example's
+    k = g.plan_lm.prompt.soft_tokens
+    a_inf = 0.95
+    settings = {"true plan": (x, a_inf), "shuffled plan": (x[perm], a_inf), "no plan (alpha^2 = 0)": (x, 0.0),
+                **{f"true plan, alpha^2 = {a:g}": (x, a) for a in alpha2s}}
+    sums = {name: 0.0 for name in [*settings, "pretrained LM, no soft prompt"]}
+    count = 0
+    for i in range(0, len(rows), batch_size):
+        part = rows[i:i + batch_size]
+        P, C = [prefixes[r] for r in part], [conts[r] for r in part]
+        batch = {key: v.to(g.device) for key, v in training_batch(P, C, k, g.eos, train_prefix=False).items()}
+        with autocast(g.device, g.amp):
+            for name, (plans, a2) in settings.items():
+                gen = torch.Generator(g.device).manual_seed(seed + i)  # the same noise for every setting
+                alpha2 = torch.full((len(part),), a2, device=g.device)
+                soft = g.plan_lm.prompt(noise_plan(plans[i:i + len(part)].to(g.device), alpha2, generator=gen), alpha2)
+                nll, keep = token_nll(g.plan_lm.lm, batch, soft)
+                sums[name] += float((nll * keep).sum())
+            bare = {key: v.to(g.device) for key, v in training_batch(P, C, 0, g.eos, train_prefix=False).items()}
+            nll, keep = token_nll(base.lm, bare, None)
+            sums["pretrained LM, no soft prompt"] += float((nll * keep).sum())
+        count += int(keep.sum())
+    return {"examples": len(rows), "tokens": count, "nll": {k: round(v / max(count, 1), 4) for k, v in sums.items()}}
+
+
+def plan_cosine(texts: list[str], plans: torch.Tensor, space, n: int) -> dict:
+    """MiniLM cosine of generated continuations to their own plan and to another continuation's plan."""
+    from models.embed import embed
+
+    texts, plans = texts[:n], plans[:n]
+    e = torch.from_numpy(embed(texts))
+    p = space.embedding(plans.float())
+    own = (e * p).sum(-1)
+    shuffled = (e * p.roll(1, dims=0)).sum(-1)
+    return {"texts": len(texts), "own_plan": round(float(own.mean()), 4), "shuffled_plan": round(float(shuffled.mean()), 4),
+            "own_closer_share": round(float((own > shuffled).float().mean()), 4)}
+
+
+def _judges(attribute: AttributeConfig, data: PlanData, lexicon: LexiconSentiment | None) -> tuple[TextClassifier, dict]:
+    texts, labels = data.column("continuation_text"), data.labels(attribute.name)
+    judge_rows = [i for i in data.rows("judge") if labels[i] is not None]
+    judge = TextClassifier([texts[i] for i in judge_rows], [labels[i] for i in judge_rows], seed=0)
+    held = [i for i in data.rows("holdout") if labels[i] is not None]
+    report = {"tfidf_train_continuations": len(judge_rows), "holdout_continuations": len(held),
+              "tfidf_accuracy": round(judge.accuracy([texts[i] for i in held], [labels[i] for i in held]), 4)}
+    if lexicon is not None:
+        pol = [i for i in held if labels[i] in SENTIMENT_VALUES]
+        pred = lexicon.predict([texts[i] for i in pol])
+        report["lexicon_accuracy"] = round(float(np.mean([p == labels[i] for p, i in zip(pred, pol)])), 4)
+    return judge, report
+
+
+def evaluate_guided(config: GuidedFlowConfig, shards: list[str], *, device: str | torch.device = "auto",
+                    log=logger.info) -> GuidedEvaluationReport:
+    """Every system on every attribute's neutral prefixes (``config.evaluation`` must be set), and the sanity checks."""
+    from models.embed import embed
+
+    t_start = time.perf_counter()
+    ev, sampling, workdir = config.evaluation, config.sampling, config.workdir
+    device = resolve_device(device)
+    amp = autocast_dtype(config.bf16, device)
+    g = load_guided(workdir, device, config.bf16)
+    base = load_base_lm(workdir, device)
+    class_lm, class_meta = load_soft_prompt_lm(folder(workdir, "class"), device)
+    ref = load_reference_lm(latest_checkpoint(folder(workdir, "reference_lm")) or folder(workdir, "reference_lm"), device)
+    data = load_plan_data(folder(workdir, "plans"))
+    docs = [d for d in read_documents(shards, config.attributes, config.holdout_fraction, config.data.judge_fraction)
+            if d.role == "holdout"]
+    S = ev.samples_per_prefix
+    rows, goals, judges, neutrality, counts, examples = [], {}, {}, {}, {}, {}
+    cosine = None
+    decode = lambda ids: [g.tokenizer.decode(t, skip_special_tokens=True) for t in ids]  # noqa: E731
+    for attribute in config.attributes:
+        name = attribute.name
+        if ev.attributes is not None and name not in ev.attributes:
+            continue
+        classifier = g.attributes.get(name)
+        targets = attribute.targets or (classifier.classes if classifier else [])
+        lexicon = LexiconSentiment() if set(targets) <= SENTIMENT_VALUES else None
+        judge, judges[name] = _judges(attribute, data, lexicon)
+        log(f"{name}: judges {judges[name]}")
+        prefixes = neutral_prefixes(docs, name, targets, judge, g.tokenizer, n=ev.prefixes, per_doc=ev.prefixes_per_doc,
+                                    max_tokens=ev.max_prefix_tokens, continuation_tokens=sampling.max_new_tokens)
+        if not prefixes:
+            log(f"{name}: no held-out prefix labelled with {targets}; skipped")
+            continue
+        counts[name] = len(prefixes)
+        neutrality[name] = {"mean_top_probability": round(float(np.mean([p.neutrality for p in prefixes])), 4),
+                            "max_top_probability": round(float(max(p.neutrality for p in prefixes)), 4),
+                            "own_label_equals_target": round(float(np.mean([p.label == p.target for p in prefixes])), 4)}
+        if lexicon is not None:
+            neutrality[name]["lexicon_mean_compound"] = round(float(np.mean(lexicon.compound([p.text for p in prefixes]))), 4)
+        log(f"{name}: {len(prefixes)} neutral prefixes x {S} continuations; neutrality {neutrality[name]}")
+        texts_rep = [p.text for p in prefixes for _ in range(S)]
+        ids_rep = [p.ids for p in prefixes for _ in range(S)]
+        targets_rep = [p.target for p in prefixes for _ in range(S)]
+        cond = torch.from_numpy(embed([p.text for p in prefixes])).repeat_interleave(S, dim=0)
+        texts_all, labels_all = data.column("continuation_text"), data.labels(name)
+        train_rows = data.rows("train")
+        boost_ids = {v: word_token_ids(g.tokenizer, attribute_words([texts_all[i] for i in train_rows],
+                                                                      [labels_all[i] for i in train_rows], v, ev.boost_words))
+                     for v in targets}
+        V = base.lm.get_output_embeddings().weight.shape[0]
+        boost_mask = torch.zeros((len(targets_rep), V))
+        for r, t in enumerate(targets_rep):
+            boost_mask[r, boost_ids[t]] = 1.0
+        class_index = list(class_meta["classes"]).index(name)
+        cc_labels = torch.tensor([[len(v) for v in class_meta["classes"].values()]] * len(targets_rep))
+        cc_labels[:, class_index] = torch.tensor([class_meta["classes"][name].index(t) for t in targets_rep])
+
+        def score(system: str, setting: str, knob, ids: list[list[int]], seconds: float, plan_rate=None) -> list[str]:
+            conts = decode(ids)
+            hits = [p == t for p, t in zip(judge.predict(conts), targets_rep)]
+            lex = None if lexicon is None else [p == t for p, t in zip(lexicon.predict(conts), targets_rep)]
+            nll, tok = conditional_nll(ref, texts_rep, conts)
+            figures = bootstrap(prefix_stats(conts, hits, lex, nll, tok, S), ev.bootstrap, ev.seed)
+            row = GuidedRow(attribute=name, system=system, setting=setting, knob=knob, continuations=len(conts),
+                            plan_rate=plan_rate, seconds=round(seconds, 1), **figures)
+            rows.append(row)
+            examples.setdefault(name, []).extend(
+                {"system": system, "setting": setting, "target": targets_rep[i], "prefix": texts_rep[i], "continuation": conts[i]}
+                for i in range(0, min(len(conts), 3 * S), S))
+            log(f"{name} | {system} {setting}: rate {row.attribute_rate.value:.3f} "
+                f"[{row.attribute_rate.low:.3f}, {row.attribute_rate.high:.3f}], ppl {row.perplexity.value:.2f}, "
+                f"dist-3 {row.dist_3.value:.3f} ({seconds:.0f} s)")
+            return conts
+
+        systems = (1 + len(ev.guidance_scales) + len(ev.boost_deltas) + 1)
+        done = 0
+
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            progress.update(f"evaluate {name}", done, systems, "systems")
+
+        t0 = time.perf_counter()
+        ids = write_continuations(base, ids_rep, None, sampling, eos=g.eos, amp=amp, seed=ev.seed)
+        score("uncontrolled LM", "pretrained LM, top-p sampling", None, ids, time.perf_counter() - t0)
+        tick()
+        target_ids = torch.tensor([classifier.index(t) for t in targets_rep])
+        for scale in ev.guidance_scales:
+            t0 = time.perf_counter()
+            plans, plan_p = sample_plans(g, cond, [(classifier, target_ids, scale)] if scale else [], sampling, seed=ev.seed)
+            if plan_p is None:  # unguided: how much the plans already point at the target
+                plan_p = [float(classifier.log_prob(g.space.embedding(plans), target_ids).exp().mean())]
+            ids = write_continuations(g.plan_lm, ids_rep, plans, sampling, eos=g.eos, amp=amp, seed=ev.seed)
+            conts = score("DGLM", f"guidance scale {scale:g}", scale, ids, time.perf_counter() - t0, round(plan_p[0], 4))
+            if scale == 0 and cosine is None:
+                cosine = plan_cosine(conts, plans, g.space, ev.sanity_examples)
+            tick()
+        for delta in ev.boost_deltas:
+            t0 = time.perf_counter()
+            ids = write_continuations(base, ids_rep, None, sampling, eos=g.eos, amp=amp, seed=ev.seed,
+                                      logit_bias=delta * boost_mask)
+            score("logit boost", f"delta {delta:g}, {ev.boost_words} words per value", delta, ids, time.perf_counter() - t0)
+            tick()
+        t0 = time.perf_counter()
+        ids = write_continuations(class_lm, ids_rep, cc_labels, sampling, eos=g.eos, amp=amp, seed=ev.seed, kind="class")
+        score("class-conditional", "control vector (fine-tuned, not plug-and-play)", None, ids, time.perf_counter() - t0)
+        tick()
+        goals[name] = measured_goals([r for r in rows if r.attribute == name])
+        log(f"{name}: goals {goals[name]}")
+    sanity = sanity_checks(g, base, data, ev.sanity_examples, ev.alpha2_sweep, ev.seed)
+    sanity["cosine"] = cosine
+    log(f"sanity: {sanity}")
+    return GuidedEvaluationReport(rows=rows, prefixes=counts, prefix_neutrality=neutrality, judges=judges, sanity=sanity,
+                                  goals=goals, examples=examples, seconds=round(time.perf_counter() - t_start, 1))
+
+
+def measured_goals(rows: list[GuidedRow]) -> dict:
+    """Dominance of DGLM's curve over logit boosting (higher rate at a perplexity at most 5% above), and the best
+    DGLM rate as a share of the class-conditional model's."""
+    dglm = [(r.perplexity.value, r.attribute_rate.value) for r in rows if r.system == "DGLM"]
+    boost = [(r.perplexity.value, r.attribute_rate.value) for r in rows if r.system == "logit boost"]
+    cc = next((r.attribute_rate.value for r in rows if r.system == "class-conditional"), None)
+    checks = dominance(dglm, boost)
+    best = max((rate for _, rate in dglm), default=None)
+    share = None if not cc or best is None else round(best / cc, 4)
+    return {"dominance": checks, "boost_points_dominated": f"{sum(c['dominated'] for c in checks)}/{len(checks)}",
+            "dominates_boosting": bool(checks) and all(c["dominated"] for c in checks),
+            "best_dglm_rate": best, "class_conditional_rate": cc, "share_of_class_conditional": share,
+            "reaches_90pct_of_class_conditional": share is not None and share >= 0.9}

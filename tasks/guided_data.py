@@ -1,0 +1,221 @@
+"""The data of the DGLM stages, as plain functions over document shards.
+
+    document shards -> documents with attribute labels (a column, or a key of the metadata JSON)
+    -> roles by doc_id hash: holdout (never trained on: evaluation prefixes, sanity checks), judge (trains the
+       evaluation's judges only), train
+    -> (prefix, continuation) examples cut at random token positions (continuation: the next N tokens)
+    -> frozen all-MiniLM-L6-v2 embeddings of every continuation (the plan) and prefix (the prior's condition)
+    -> the plan space's standardisation statistics (training continuations)
+
+``prepare_plan_data`` writes them once under ``<workdir>/plans`` (examples.parquet, continuation.npy, prefix.npy,
+plan_space.safetensors) and reuses them while the settings and the tokenizer are the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from models.plan_lm import PlanSpace
+from schemas import progress
+from schemas.errors import UserInputError
+from schemas.guided_configs import AttributeConfig, PlanDataConfig
+from schemas.reports import PlanDataReport
+from tasks.pretrain import is_holdout
+from tasks.shardio import read_table
+
+logger = logging.getLogger(f"lmlm.{__name__}")
+
+ROLES = ("train", "judge", "holdout")
+
+
+@dataclass
+class Document:
+    doc_id: str
+    text: str
+    labels: dict[str, str | None]
+    role: str
+
+
+def document_role(doc_id: str, holdout_fraction: float, judge_fraction: float) -> str:
+    """holdout (the pretraining's own split, so no model saw it), judge, or train."""
+    if is_holdout(doc_id, holdout_fraction):
+        return "holdout"
+    return "judge" if is_holdout(f"judge/{doc_id}", judge_fraction) else "train"
+
+
+def read_documents(shards: list[str], attributes: list[AttributeConfig], holdout_fraction: float,
+                   judge_fraction: float) -> list[Document]:
+    """Every document of the shards with its labels (None where a document has none) and role."""
+    docs = []
+    for shard in shards:
+        try:
+            names = set(pq.read_schema(shard).names)
+            table = read_table(shard, ["doc_id", "text"] + [c for c in ("metadata",) if c in names]
+                               + sorted({a.source for a in attributes if a.source in names}))
+        except (OSError, ValueError, KeyError, pa.ArrowInvalid) as exc:
+            raise UserInputError(f"document shard {shard}: cannot read it ({str(exc).splitlines()[0]}); pass document "
+                                 "shards with doc_id and text columns") from exc
+        for row in table.to_pylist():
+            meta = {}
+            if row.get("metadata"):
+                try:
+                    meta = json.loads(row["metadata"])
+                except ValueError:
+                    meta = {}
+                meta = meta if isinstance(meta, dict) else {}
+            labels = {a.name: row[a.source] if a.source in row else meta.get(a.source) for a in attributes}
+            labels = {k: None if v is None else str(v) for k, v in labels.items()}
+            docs.append(Document(row["doc_id"], row["text"] or "", labels,
+                                 document_role(row["doc_id"], holdout_fraction, judge_fraction)))
+    if not docs:
+        raise UserInputError(f"no documents in {len(shards)} shard(s); pass document shards")
+    return docs
+
+
+def cut_examples(ids: list[int], rng: np.random.Generator, cfg: PlanDataConfig, eos: int) -> list[tuple[list[int], list[int]]]:
+    """(prefix, continuation) pairs of one tokenized document: a split point s uniform over the positions that leave
+    ``continuation_tokens`` after it, a prefix of uniform length in [min, max] before it (starting with end-of-text
+    when it reaches the document's start, as documents follow one in pretraining)."""
+    C = cfg.continuation_tokens
+    last = len(ids) - C
+    if last < cfg.min_prefix_tokens:
+        return []
+    out = []
+    for s in sorted(set(rng.integers(cfg.min_prefix_tokens, last + 1, size=cfg.examples_per_doc).tolist())):
+        P = int(rng.integers(cfg.min_prefix_tokens, cfg.max_prefix_tokens + 1))
+        prefix = ids[s - P:s] if s > P else [eos] + ids[:s]
+        out.append((prefix, ids[s:s + C]))
+    return out
+
+
+@dataclass
+class PlanData:
+    """The examples (every role) with their embeddings and the plan space."""
+
+    table: pa.Table  # doc_id, role, prefix_ids, continuation_ids, prefix_text, continuation_text, label_<attribute>...
+    continuation: np.ndarray  # (N, 384) unit-norm MiniLM embeddings: the plans
+    prefix: np.ndarray  # (N, 384): the prior's conditions
+    space: PlanSpace
+    folder: str
+
+    def column(self, name: str) -> list:
+        return self.table.column(name).to_pylist()
+
+    def rows(self, role: str) -> np.ndarray:
+        return np.flatnonzero(np.asarray(self.column("role")) == role)
+
+    def labels(self, attribute: str) -> list[str | None]:
+        return self.column(f"label_{attribute}")
+
+
+def _marker(cfg: PlanDataConfig, attributes: list[AttributeConfig], shards: list[str], tokenizer_path: str,
+            holdout_fraction: float) -> str:
+    tok = hashlib.sha1(open(os.path.join(tokenizer_path, "tokenizer.json"), "rb").read()).hexdigest()
+    return json.dumps({"data": cfg.model_dump(mode="json"), "attributes": [a.model_dump(mode="json") for a in attributes],
+                       "shards": sorted(os.path.abspath(s) for s in shards), "tokenizer": tok,
+                       "holdout_fraction": holdout_fraction}, sort_keys=True)
+
+
+def prepare_plan_data(shards: list[str], attributes: list[AttributeConfig], cfg: PlanDataConfig, tokenizer_path: str,
+                      out_dir: str, *, holdout_fraction: float, log=logger.info) -> PlanDataReport:
+    """Examples of every document, their embeddings and the plan space, written under ``out_dir`` (reused when the
+    settings, shards and tokenizer are those that wrote it); read them back with :func:`load_plan_data`."""
+    from models.tokenizer import load_tokenizer
+
+    marker = _marker(cfg, attributes, shards, tokenizer_path, holdout_fraction)
+    if os.path.isfile(os.path.join(out_dir, "data.json")) and open(os.path.join(out_dir, "data.json")).read() == marker:
+        log(f"plans: reusing {out_dir}")
+        return plan_data_report(load_plan_data(out_dir), [a.name for a in attributes], reused=True)
+    tokenizer = load_tokenizer(tokenizer_path)
+    docs = read_documents(shards, attributes, holdout_fraction, cfg.judge_fraction)
+    rng = np.random.default_rng(cfg.seed)
+    rows = []
+    encoded = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
+    for doc, ids in zip(docs, encoded):
+        for prefix, cont in cut_examples(ids, rng, cfg, tokenizer.eos_token_id):
+            rows.append({"doc_id": doc.doc_id, "role": doc.role, "prefix_ids": prefix, "continuation_ids": cont,
+                         **{f"label_{k}": v for k, v in doc.labels.items()}})
+    if cfg.max_examples is not None:
+        train = [i for i, r in enumerate(rows) if r["role"] == "train"]
+        if len(train) > cfg.max_examples:
+            drop = set(np.asarray(train)[rng.permutation(len(train))[cfg.max_examples:]].tolist())
+            rows = [r for i, r in enumerate(rows) if i not in drop]
+    counts = {role: sum(r["role"] == role for r in rows) for role in ROLES}
+    if counts["train"] == 0 or counts["holdout"] == 0:
+        raise UserInputError(f"plans: {counts} examples from {len(docs)} documents; give longer or more documents "
+                             "(each needs min_prefix_tokens + continuation_tokens tokens) or another holdout_fraction")
+    for r in rows:
+        r["prefix_text"] = tokenizer.decode(r["prefix_ids"], skip_special_tokens=True)
+        r["continuation_text"] = tokenizer.decode(r["continuation_ids"], skip_special_tokens=True)
+    log(f"plans: {len(rows)} examples from {len(docs)} documents ({counts}); embedding continuations and prefixes")
+    t0 = time.perf_counter()
+    continuation = embed_texts([r["continuation_text"] for r in rows], cfg.embed_batch_size, "embed continuations")
+    prefix = embed_texts([r["prefix_text"] for r in rows], cfg.embed_batch_size, "embed prefixes")
+    log(f"plans: {2 * len(rows)} texts embedded in {time.perf_counter() - t0:.0f} s")
+    train = np.asarray([r["role"] == "train" for r in rows])
+    space = PlanSpace.fit(continuation[train])
+    write_plan_data(out_dir, pa.Table.from_pylist(rows), continuation, prefix, space, marker)
+    return plan_data_report(load_plan_data(out_dir), [a.name for a in attributes], reused=False)
+
+
+def plan_data_report(data: "PlanData", attributes: list[str], reused: bool) -> PlanDataReport:
+    train = data.rows("train")
+    return PlanDataReport(folder=data.folder, documents=len(set(data.column("doc_id"))),
+                          examples={role: len(data.rows(role)) for role in ROLES},
+                          labelled={a: sum(data.labels(a)[i] is not None for i in train) for a in attributes},
+                          reused=reused)
+
+
+def embed_texts(texts: list[str], batch_size: int, what: str) -> np.ndarray:
+    """Unit-norm all-MiniLM-L6-v2 embeddings (N, 384), reporting progress."""
+    from models.embed import embed
+
+    out = []
+    for i in range(0, len(texts), batch_size):
+        out.append(embed(texts[i:i + batch_size], batch_size=batch_size))
+        progress.update(what, min(i + batch_size, len(texts)), len(texts), "texts")
+    return np.concatenate(out) if out else np.zeros((0, 384), np.float32)
+
+
+def write_plan_data(out_dir: str, table: pa.Table, continuation: np.ndarray, prefix: np.ndarray, space: PlanSpace,
+                    marker: str) -> None:
+    from safetensors.torch import save_file
+
+    from models.train import write_folder_atomic
+
+    def write(tmp: str) -> None:
+        pq.write_table(table, os.path.join(tmp, "examples.parquet"))
+        np.save(os.path.join(tmp, "continuation.npy"), continuation.astype(np.float32))
+        np.save(os.path.join(tmp, "prefix.npy"), prefix.astype(np.float32))
+        save_file(space.state_dict(), os.path.join(tmp, "plan_space.safetensors"))
+        with open(os.path.join(tmp, "data.json"), "w") as f:
+            f.write(marker)
+
+    write_folder_atomic(out_dir, write)
+
+
+def load_plan_space(folder: str) -> PlanSpace:
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder, "plan_space.safetensors")
+    if not os.path.isfile(path):
+        raise UserInputError(f"{folder}: no plan space here; run `lmlm guided train` first")
+    state = load_file(path)
+    return PlanSpace(state["mean"], state["std"])
+
+
+def load_plan_data(folder: str) -> PlanData:
+    if not os.path.isfile(os.path.join(folder, "examples.parquet")):
+        raise UserInputError(f"{folder}: no plan examples here; run `lmlm guided train` first")
+    return PlanData(pq.read_table(os.path.join(folder, "examples.parquet")),
+                    np.load(os.path.join(folder, "continuation.npy")), np.load(os.path.join(folder, "prefix.npy")),
+                    load_plan_space(folder), folder)

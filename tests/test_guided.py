@@ -1,0 +1,499 @@
+"""Diffusion-guided language modeling (DGLM): plan-LM shapes and splice, noise augmentation, the sampler, the plan
+prior's guidance (toward the class, composable), the metrics, a tiny trained workdir (resume, a new attribute in one
+fit with no LM training, generation, CLI errors), and the flow end to end (slow)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.lmlm import build_model
+from models.plan_lm import (
+    ClassPrompt,
+    PlanPromptGenerator,
+    PlanSpace,
+    noise_levels,
+    noise_plan,
+    sample_continuations,
+    spliced_embeddings,
+    token_nll,
+    training_batch,
+)
+from models.plan_prior import LinearAttribute, PlanDenoiser, PlanDiffusion, PlanGuidance
+from schemas.errors import UserInputError
+from schemas.guided_configs import AttributeConfig, GuidedFlowConfig, GuidedSamplingConfig
+from tasks import guided_metrics as gm
+
+torch.set_num_threads(1)
+D = 384
+
+
+def _lm(vocab: int = 300):
+    torch.manual_seed(0)
+    return build_model("micro", vocab, context_length=128, eos_token_id=0).eval()
+
+
+# ----------------------------------------------------------------------------- plan LM
+
+
+def test_generator_makes_k_soft_vectors_of_the_lm_width_and_depends_on_the_noise_level():
+    gen = PlanPromptGenerator(D, soft_tokens=6, width=32, layers=2, heads=4, d_lm=64)
+    z = torch.randn(3, D)
+    a = gen(z, torch.full((3,), 0.95))
+    assert a.shape == (3, 6, 64)
+    torch.nn.init.normal_(gen.proj_out.weight, std=0.5)  # the residual starts at zero and FiLM at identity: give both
+    for block in gen.blocks:                            # a slope to see alpha^2 matter
+        torch.nn.init.normal_(block.film.weight, std=0.5)
+    assert not torch.allclose(gen(z, torch.full((3,), 0.95)), gen(z, torch.full((3,), 0.2)))
+    assert ClassPrompt([3, 2], 64)(torch.tensor([[0, 2], [3, 1]])).shape == (2, 2, 64)
+
+
+def test_soft_vectors_sit_at_the_token_embedding_scale_and_carry_the_plan_from_the_start():
+    """The old generator started ~8x the token norm, with a shared offset, and a fine-tune grew a near-constant prompt
+    of ~15x that the LM learned to ignore; now every vector is held at the embeddings' scale and is the plan's linear
+    image at initialisation."""
+    from models.plan_lm import token_rms
+
+    lm = _lm()
+    scale = token_rms(lm)
+    torch.manual_seed(0)
+    gen = PlanPromptGenerator(D, soft_tokens=4, width=32, layers=1, heads=2, d_lm=lm.config.hidden_size, token_rms=scale)
+    z, a2 = torch.randn(64, D), torch.full((64,), 0.95)
+    soft = gen(z, a2)
+    assert torch.allclose(soft.pow(2).mean(-1).sqrt(), torch.full((64, 4), scale), rtol=1e-3)
+    assert torch.allclose(gen(10 * z, a2), soft, atol=1e-5)  # the scale never follows the input's
+    spread = (soft.std(0).norm(dim=-1) / soft.mean(0).norm(dim=-1)).min()
+    assert spread > 3  # across plans the vectors differ by more than their shared part
+    for p in gen.proj_out.parameters():  # however large the residual grows, the output keeps the scale
+        torch.nn.init.normal_(p, std=5.0)
+    assert torch.allclose(gen(z, a2).pow(2).mean(-1).sqrt(), torch.full((64, 4), scale), rtol=1e-3)
+
+
+def test_the_bag_of_words_loss_rewards_soft_vectors_that_point_at_the_continuations_words():
+    from models.plan_lm import token_frequencies
+
+    torch.manual_seed(0)
+    table = torch.randn(50, 16)
+    freq = token_frequencies([[3, 3, 7], [9]], 50)
+    assert torch.allclose(freq.sum(-1), torch.ones(2)) and float(freq[0, 3]) == pytest.approx(2 / 3)
+    gen = PlanPromptGenerator(D, soft_tokens=2, width=16, layers=1, heads=2, d_lm=16)
+    aimed = torch.stack([table[[3, 7]], table[[9, 9]]])  # (2, k=2, 16): the words of each continuation
+    assert gen.bag_of_words_nll(aimed, table, freq) < gen.bag_of_words_nll(aimed.roll(1, 0), table, freq)
+    soft = aimed.clone().requires_grad_()
+    gen.bag_of_words_nll(soft, table.requires_grad_(), freq).backward()
+    assert soft.grad is not None and table.grad is None  # the LM's embeddings are only read
+
+
+def _plan_problem(n: int, seed: int):
+    """Plans of 8 clusters; the continuation's 4 tokens name the cluster; the prefix is noise."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(8, D, generator=torch.Generator().manual_seed(123))
+    cls = torch.randint(0, 8, (n,), generator=g)
+    plans = centres[cls] + 0.5 * torch.randn(n, D, generator=g)
+    prefixes = torch.randint(10, 100, (n, 6), generator=g).tolist()
+    return plans, prefixes, [[100 + 8 * c + j for j in range(4)] for c in cls.tolist()]
+
+
+def test_a_short_plan_fine_tune_reads_the_plan():
+    """The recipe of the plan fine-tune (the generator, its learning-rate scale, continuation-only loss, noised plans,
+    the bag-of-words auxiliary loss):
+    after 150 steps the held-out NLL with the true plan is well below that with another example's plan."""
+    from models.plan_lm import mean_nll, token_frequencies, token_rms
+    from models.train import fit
+    from schemas.guided_configs import PlanLMConfig
+    from tasks.guided import SoftPromptLM
+
+    cfg = PlanLMConfig()
+    lm = _lm()
+    torch.manual_seed(0)
+    gen = PlanPromptGenerator(D, 4, 32, 1, 2, lm.config.hidden_size, token_rms(lm))
+    model = SoftPromptLM(lm, gen)
+    plans, prefixes, conts = _plan_problem(2000, 0)
+
+    def batch_loss(step):
+        g = torch.Generator().manual_seed(step)
+        idx = torch.randint(0, len(plans), (16,), generator=g)
+        b = training_batch([prefixes[i] for i in idx], [conts[i] for i in idx], 4, 0, cfg.train_prefix)
+        a2 = noise_levels(16, cfg.noise_shift, generator=g)
+        soft = gen(noise_plan(plans[idx], a2, generator=g), a2)
+        table = lm.get_input_embeddings().weight
+        words = gen.bag_of_words_nll(soft, table, token_frequencies([conts[i] for i in idx], table.shape[0]))
+        return mean_nll(lm, b, soft) + cfg.bag_of_words_weight * words
+
+    budget = cfg.train.model_copy(update={"steps": 150, "batch_size": 16, "warmup_steps": 5, "log_every": 1000,
+                                          "checkpoint_every": 1000})
+    fit(model, batch_loss, budget, save=lambda *_: None, log=_quiet, lr_scales={"prompt": cfg.prompt_lr_scale})
+    plans, prefixes, conts = _plan_problem(256, 1)
+    b = training_batch(prefixes, conts, 4, 0, train_prefix=False)
+    a2 = torch.full((256,), 0.95)
+    nll = {}
+    with torch.no_grad():
+        for name, x in (("true", plans), ("shuffled", plans.roll(1, 0))):
+            per_token, keep = token_nll(lm, b, gen(noise_plan(x, a2, generator=torch.Generator().manual_seed(0)), a2))
+            nll[name] = float((per_token * keep).sum() / keep.sum())
+    assert nll["true"] < nll["shuffled"] - 0.25, nll
+
+
+def test_training_batch_splices_soft_positions_between_prefix_and_continuation():
+    b = training_batch([[5, 6, 7], [8]], [[9, 10], [11, 12, 13]], soft_tokens=2, pad_id=0)
+    assert b["ids"].tolist() == [[5, 6, 7, 0, 0, 9, 10], [8, 0, 0, 11, 12, 13, 0]]
+    assert b["soft"].int().tolist() == [[0, 0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0, 0]]
+    assert b["continuation"].int().tolist() == [[0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1, 0]]
+    assert b["target"].int().tolist() == [[0, 1, 1, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1, 0]]  # prefix after its first token
+    lm = _lm()
+    soft = torch.randn(2, 2, lm.config.hidden_size)
+    emb = spliced_embeddings(lm, b["ids"], b["soft"], soft)
+    assert torch.equal(emb[0, 3:5], soft[0]) and torch.equal(emb[1, 1:3], soft[1])
+    assert torch.equal(emb[0, :3], lm.get_input_embeddings()(b["ids"][0, :3]))
+
+
+def test_the_continuation_loss_reads_the_soft_prompt_and_only_target_positions_count():
+    lm = _lm()
+    b = training_batch([[5, 6, 7]], [[9, 10, 11]], soft_tokens=2, pad_id=0, train_prefix=False)
+    soft = torch.randn(1, 2, lm.config.hidden_size)
+    nll, keep = token_nll(lm, b, soft)
+    assert keep.int().tolist() == [[0, 0, 0, 0, 1, 1, 1]]  # the 3 continuation tokens, from the last soft position on
+    other, _ = token_nll(lm, b, soft + 1.0)
+    assert torch.equal(nll[0, :2], other[0, :2])  # the prefix cannot see the soft prompt (causal)
+    assert not torch.allclose(nll[0, 4:], other[0, 4:])  # the continuation does
+
+
+def test_noise_augmentation_is_mostly_mild_variance_preserving_and_exact_at_the_ends():
+    g = torch.Generator().manual_seed(0)
+    a2 = noise_levels(20_000, generator=g)
+    assert 0.85 < float(a2.median()) < 0.95  # the reference's shift 2 ln 3: median alpha^2 = 0.9
+    assert float((a2 < 0.5).float().mean()) < 0.25 and float(a2.min()) < 0.01
+    x = torch.randn(4000, 8)
+    z = noise_plan(x, 0.6, generator=g)
+    assert abs(float(z.var()) - 1.0) < 0.05
+    assert torch.equal(noise_plan(x, 1.0, generator=g), x)
+    assert abs(float(torch.corrcoef(torch.stack([noise_plan(x, 0.0, generator=g).flatten(), x.flatten()]))[0, 1])) < 0.05
+
+
+def test_plan_space_round_trips_unit_embeddings():
+    e = torch.nn.functional.normalize(torch.randn(50, D), dim=-1)
+    space = PlanSpace.fit(e.numpy())
+    x = space.standardize(e)
+    assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 0.05
+    assert torch.allclose(space.embedding(x), e, atol=1e-5)
+    assert torch.allclose(space.project(x), x, atol=1e-4)
+    off = space.project(x * 3 + 1)  # any sampled plan is put back on the sphere, re-standardised
+    assert torch.allclose(space.embedding(off).norm(dim=-1), torch.ones(50)) and torch.allclose(space.project(off), off, atol=1e-4)
+
+
+def test_batched_left_padded_sampling_equals_one_prefix_at_a_time_and_honours_bias_and_bans():
+    lm = _lm()
+    soft = torch.randn(2, 3, lm.config.hidden_size)
+    greedy = dict(max_new_tokens=6, pad_id=0, top_p=1e-6, repetition_penalty=1.2)
+    both = sample_continuations(lm, [[1, 2, 3, 4], [7, 8]], soft, **greedy)
+    alone = sample_continuations(lm, [[7, 8]], soft[1:], **greedy)
+    assert torch.equal(both[1], alone[0])
+    gen = torch.Generator().manual_seed(0)
+    bias = torch.zeros(300)
+    bias[42] = 30.0
+    boosted = sample_continuations(lm, [[1, 2]] * 4, None, max_new_tokens=5, pad_id=0, logit_bias=bias, banned=[0],
+                                   repetition_penalty=1.0, generator=gen)
+    assert (boosted == 42).all()
+    banned = sample_continuations(lm, [[1, 2]] * 4, None, max_new_tokens=5, pad_id=0, logit_bias=bias, banned=[42, 0],
+                                  generator=gen)
+    assert not (banned == 42).any() and not (banned == 0).any()
+
+
+# ----------------------------------------------------------------------------- prior and guidance
+
+
+def _prior():
+    torch.manual_seed(0)
+    return PlanDiffusion(PlanDenoiser(D, D, 64, 2))
+
+
+def _attribute(name: str, seed: int) -> LinearAttribute:
+    g = torch.Generator().manual_seed(seed)
+    return LinearAttribute(name, ["no", "yes"], torch.randn(2, D, generator=g) * 3, torch.zeros(2))
+
+
+def test_cfg_scale_zero_is_the_null_condition_and_one_the_prefix_condition():
+    prior = _prior()
+    for p in prior.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    z, lam = torch.randn(3, 1, D), torch.zeros(3)
+    cond = torch.nn.functional.normalize(torch.randn(3, D), dim=-1)
+    assert torch.allclose(prior.guided_predict(z, lam, cond, None, 0.0)[1], prior.predict(z, lam, torch.zeros_like(cond))[1])
+    assert torch.allclose(prior.guided_predict(z, lam, cond, None, 1.0)[1], prior.predict(z, lam, cond)[1])
+    assert not torch.allclose(prior.predict(z, lam, cond)[1], prior.predict(z, lam, torch.zeros_like(cond))[1])
+    assert float(prior.loss(torch.randn(8, 1, D), cond.repeat(3, 1)[:8]).detach()) > 0
+
+
+def _sample(prior, terms, n=16, seed=1):
+    space = PlanSpace(torch.zeros(D), torch.ones(D))
+    cond = torch.nn.functional.normalize(torch.randn(n, D, generator=torch.Generator().manual_seed(2)), dim=-1)
+    guide = PlanGuidance(space, terms, samples=8, generator=torch.Generator().manual_seed(3)) if terms else None
+    x = prior.sample((n, 1, D), cond, steps=20, sampler="ddpm", generator=torch.Generator().manual_seed(seed),
+                     classifier=guide, classifier_scale=1.0 if guide else 0.0)
+    return space.project(x[:, 0])
+
+
+def _p(attribute, x, value="yes"):
+    return float(attribute.log_prob(torch.nn.functional.normalize(x, dim=-1), torch.tensor(attribute.index(value))).exp().mean())
+
+
+def test_guidance_moves_the_plan_toward_the_class_more_with_a_larger_scale():
+    prior, a = _prior(), _attribute("a", 0)
+    p = [_p(a, _sample(prior, [(a, torch.tensor(1), s)] if s else [])) for s in (0.0, 2.0, 20.0)]
+    assert p[0] < p[1] < p[2] and p[2] > 0.9
+    assert _p(a, _sample(prior, [(a, torch.tensor(0), 20.0)]), "no") > 0.9  # and toward the other class
+
+
+def test_attributes_compose_by_summing_their_losses():
+    prior, a, b = _prior(), _attribute("a", 0), _attribute("b", 1)
+    space = PlanSpace(torch.zeros(D), torch.ones(D))
+    x, lam = torch.randn(5, 1, D), torch.zeros(5)
+    loss = lambda terms: PlanGuidance(space, terms, samples=4, generator=torch.Generator().manual_seed(0))(x, lam)  # noqa: E731
+    both = loss([(a, torch.tensor(1), 2.0), (b, torch.tensor(1), 3.0)])  # the same posterior samples for every term
+    assert torch.allclose(both, loss([(a, torch.tensor(1), 2.0)]) + loss([(b, torch.tensor(1), 3.0)]), atol=1e-5)
+    alone_a, alone_b = _sample(prior, [(a, torch.tensor(1), 20.0)]), _sample(prior, [(b, torch.tensor(1), 20.0)])
+    together = _sample(prior, [(a, torch.tensor(1), 20.0), (b, torch.tensor(1), 20.0)])
+    assert _p(a, together) > 0.8 and _p(b, together) > 0.8
+    assert _p(b, alone_a) < _p(b, together) and _p(a, alone_b) < _p(a, together)
+
+
+def test_per_row_targets_steer_each_plan_toward_its_own_class():
+    prior, a = _prior(), _attribute("a", 0)
+    targets = torch.tensor([0, 1] * 8)
+    x = _sample(prior, [(a, targets, 20.0)])
+    p_yes = a.log_prob(torch.nn.functional.normalize(x, dim=-1), torch.tensor(1)).exp()
+    assert float(p_yes[targets == 1].mean()) > 0.9 > 0.1 > float(p_yes[targets == 0].mean())
+
+
+def test_a_binary_sklearn_regression_becomes_two_classes_with_the_same_probabilities():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 5))
+    y = np.where(X[:, 0] > 0, "pos", "neg")
+    model = LogisticRegression().fit(X, y)
+    a = LinearAttribute.from_sklearn("s", model)
+    assert a.classes == ["neg", "pos"]
+    probs = torch.softmax(a(torch.from_numpy(X).float()), -1).numpy()
+    assert np.allclose(probs, model.predict_proba(X), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_sentence_windows_are_whole_sentences_that_leave_room_for_a_continuation():
+    text = "Aa bb. Cc dd ee. Ff gg hh ii. Jj kk."
+    count = lambda s: len(s.split())  # noqa: E731
+    assert gm.sentence_windows(text, count, max_tokens=5, min_tokens=2, after_tokens=2) == [
+        (0, "Aa bb."), (0, "Aa bb. Cc dd ee."), (17, "Ff gg hh ii.")]
+
+
+def test_bootstrap_intervals_contain_the_value_and_perplexity_pools_tokens():
+    stats = gm.prefix_stats(["a b c", "a a a", "d e f", "d e f"], [True, False, True, True], None,
+                            np.array([2.0, 4.0, 1.0, 1.0]), np.array([2, 2, 2, 2]), per_prefix=2)
+    figs = gm.bootstrap(stats, 200)
+    assert figs["attribute_rate"].value == 0.75 and figs["attribute_rate"].low <= 0.75 <= figs["attribute_rate"].high
+    assert math.isclose(figs["perplexity"].value, math.exp(8 / 8), rel_tol=1e-3)
+    assert figs["dist_1"].value == 0.5  # 3 distinct of 6 words per prefix
+
+
+def test_dominance_needs_a_higher_rate_at_no_more_than_five_percent_more_perplexity():
+    dglm = [(10.0, 0.5), (12.0, 0.8)]
+    checks = gm.dominance(dglm, [(11.5, 0.7), (9.0, 0.3), (20.0, 0.9)])
+    assert [c["dominated"] for c in checks] == [True, False, False]
+    assert checks[0]["dglm_rate"] == 0.8  # 12.0 <= 1.05 * 11.5
+
+
+def test_attribute_words_are_the_words_typical_of_the_value():
+    texts = ["the soup was cold and bland"] * 6 + ["the soup was hot and lovely"] * 6
+    labels = ["negative"] * 6 + ["positive"] * 6
+    assert set(gm.attribute_words(texts, labels, "positive", 2)) == {"hot", "lovely"}
+
+
+def test_the_lexicon_judge_reads_sentiment():
+    judge = gm.LexiconSentiment()
+    assert judge.predict(["A wonderful, delightful evening.", "A terrible, awful mess.", "The hotel has four floors."]) == \
+        ["positive", "negative", "neutral"]
+
+
+# ----------------------------------------------------------------------------- a tiny trained workdir
+
+
+TINY = {
+    "synthetic": {"n_people": 48, "n_organisation_docs": 2, "n_city_docs": 2, "n_no_fact_docs": 2, "n_review_docs": 60},
+    "holdout_fraction": 0.2, "vocab_size": 600, "threads": 1, "parallel": False,
+    "lm": {"model": "micro", "context_length": 128, "batch_size": 4, "max_steps": 6, "eval_every": 6,
+           "checkpoint_every": 6, "log_every": 3, "eval_docs": 4},
+    "reference_lm": {"model": "micro", "context_length": 128, "batch_size": 4, "max_steps": 6, "eval_every": 6,
+                     "checkpoint_every": 6, "log_every": 3, "eval_docs": 4, "seed": 1},
+    "data": {"examples_per_doc": 2},
+    "plan_lm": {"soft_tokens": 3, "width": 32, "layers": 1, "heads": 2,
+                "train": {"steps": 6, "batch_size": 4, "warmup_steps": 1, "log_every": 100, "checkpoint_every": 100}},
+    "class_lm": {"steps": 4, "batch_size": 4, "warmup_steps": 1, "log_every": 100},
+    "prior": {"width": 64, "blocks": 2, "train": {"steps": 20, "batch_size": 32, "warmup_steps": 2, "log_every": 100}},
+    "sampling": {"steps": 6, "posterior_samples": 4, "max_new_tokens": 8, "batch_size": 64},
+    "evaluation": {"prefixes": 8, "samples_per_prefix": 2, "guidance_scales": [0, 5], "boost_deltas": [4],
+                   "bootstrap": 20, "sanity_examples": 16, "alpha2_sweep": [1.0]},
+}
+
+
+def _quiet(_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A DGLM workdir trained by the stage functions alone (no Prefect): every folder the flow writes."""
+    from tasks import guided
+    from tasks.diffusion_texts import document_shards
+    from tasks.guided_data import prepare_plan_data
+    from tasks.pretrain import pretrain
+
+    config = GuidedFlowConfig.model_validate({**TINY, "workdir": str(tmp_path_factory.mktemp("guided"))})
+    shards = document_shards(config)
+    tok = guided.train_guided_tokenizer(shards, config.holdout_fraction, config.vocab_size,
+                                        guided.folder(config.workdir, "tokenizer"))
+    for name in ("lm", "reference_lm"):
+        cfg = getattr(config, name).model_copy(update={"tokenizer": tok, "holdout_fraction": config.holdout_fraction})
+        pretrain(cfg, shards, guided.folder(config.workdir, name), "standard")
+    prepare_plan_data(shards, config.attributes, config.data, tok, guided.folder(config.workdir, "plans"),
+                      holdout_fraction=config.holdout_fraction, log=_quiet)
+    for kind in ("plan", "class"):
+        guided.train_soft_prompt_lm(kind, config, device="cpu", log=_quiet)
+    guided.train_plan_prior(config, device="cpu", log=_quiet)
+    guided.train_classifiers(config, log=_quiet)
+    return config, shards
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_plan_fine_tune_resumes_exactly_after_an_interruption(trained, tmp_path):
+    from tasks import guided
+
+    config, _ = trained
+    budget = {"steps": 6, "batch_size": 4, "warmup_steps": 1, "log_every": 100}
+    work = Path(config.workdir)
+
+    def run(folder: Path, checkpoint_every: int, crash_at: int | None = None):
+        cfg = config.model_copy(update={"workdir": str(folder), "plan_lm": config.plan_lm.model_copy(
+            update={"train": config.plan_lm.train.model_copy(update={**budget, "checkpoint_every": checkpoint_every})})})
+        for sub in ("tokenizer", "lm", "plans"):
+            target = folder / sub
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.symlink_to(work / sub)
+        original = guided.fit
+
+        def crash(step):
+            if step == crash_at:
+                raise KeyboardInterrupt
+
+        guided.fit = lambda *a, **kw: original(*a, **{**kw, "after_step": crash})
+        try:
+            return guided.train_soft_prompt_lm("plan", cfg, device="cpu", log=_quiet)
+        finally:
+            guided.fit = original
+
+    run(tmp_path / "straight", 100)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", 3, crash_at=4)
+    assert json.loads((tmp_path / "resumed" / "plan_lm" / "config.json").read_text())["step"] == 3
+    report = run(tmp_path / "resumed", 3)
+    assert report.steps == 6 and not report.reused
+    for name in ("prompt.safetensors", "lm/model.safetensors"):
+        assert _sha(tmp_path / "straight" / "plan_lm" / name) == _sha(tmp_path / "resumed" / "plan_lm" / name), name
+    assert run(tmp_path / "resumed", 3).reused
+
+
+def test_a_new_attribute_costs_one_classifier_fit_and_no_lm_training(trained):
+    """Review domain (restaurant, hotel, book, film: a metadata key nothing was trained on) becomes steerable."""
+    from tasks import guided
+
+    config, shards = trained
+    work = Path(config.workdir)
+    weights = {p: _sha(p) for p in [*work.glob("plan_lm/**/*.safetensors"), *work.glob("prior/*.safetensors")]}
+    report = guided.fit_new_attribute(config.workdir, AttributeConfig(name="domain"), shards, log=_quiet)
+    assert report.classes == ["book", "film", "hotel", "restaurant"] and report.seconds < 30
+    assert {p: _sha(p) for p in weights} == weights  # the LM, the generator and the prior are untouched
+    g = guided.load_guided(config.workdir, "cpu")
+    assert "domain" in g.attributes
+    cond = torch.nn.functional.normalize(torch.randn(12, D, generator=torch.Generator().manual_seed(0)), dim=-1)
+    sampling = GuidedSamplingConfig(steps=10, posterior_samples=8)
+    _, p_free = guided.sample_plans(g, cond, guided.guidance_terms(g, {"domain": "hotel"}, {"domain": 0.0}), sampling)
+    _, p_steered = guided.sample_plans(g, cond, guided.guidance_terms(g, {"domain": "hotel"}, {"domain": 30.0}), sampling)
+    assert p_steered[0] > max(0.8, p_free[0])
+    texts = guided.generate(config.workdir, "We booked a room.", 2, {"domain": "hotel", "sentiment": "positive"},
+                            {"domain": 5.0, "sentiment": 5.0}, GuidedSamplingConfig(steps=4, max_new_tokens=6), device="cpu")
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_unknown_attributes_and_values_are_one_line_errors(trained):
+    from tasks import guided
+
+    config, _ = trained
+    g = guided.load_guided(config.workdir, "cpu")
+    with pytest.raises(UserInputError, match="attribute 'mood': no classifier; known: category, .*sentiment"):
+        guided.guidance_terms(g, {"mood": "happy"}, {})
+    with pytest.raises(UserInputError, match="sentiment=neutral: not a class.*negative, positive"):
+        guided.guidance_terms(g, {"sentiment": "neutral"}, {})
+
+
+def test_the_generate_command_prints_steered_continuations(trained, capsys):
+    from flows import cli
+
+    config, _ = trained
+    assert cli.main(["guided", "generate", "The hotel sits on a quiet street.", "--workdir", config.workdir,
+                     "--attribute", "sentiment=negative", "--scale", "3", "--n", "2", "--steps", "3",
+                     "--max-new-tokens", "5", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out  # a continuation may hold a newline (the corpus has paragraphs)
+    assert out.startswith("The hotel sits on a quiet street.") and out.count("The hotel sits on a quiet street.") == 2
+    assert cli.main(["guided", "generate", "x", "--workdir", config.workdir, "--attribute", "sentiment"]) == 2
+    assert "write NAME=VALUE" in capsys.readouterr().err
+
+
+def test_sanity_checks_score_every_plan_setting(trained):
+    from tasks import guided
+    from tasks.evaluate_guided import load_base_lm, sanity_checks
+    from tasks.guided_data import load_plan_data
+
+    config, _ = trained
+    g = guided.load_guided(config.workdir, "cpu")
+    data = load_plan_data(guided.folder(config.workdir, "plans"))
+    out = sanity_checks(g, load_base_lm(config.workdir, g.device), data, 12, [0.8, 1.0], seed=0)
+    assert set(out["nll"]) == {"true plan", "shuffled plan", "no plan (alpha^2 = 0)", "true plan, alpha^2 = 0.8",
+                               "true plan, alpha^2 = 1", "pretrained LM, no soft prompt"}
+    assert all(math.isfinite(v) for v in out["nll"].values()) and out["examples"] == 12
+
+
+# ----------------------------------------------------------------------------- the flow
+
+
+@pytest.mark.slow
+def test_guided_flow_end_to_end(tmp_path, prefect_harness):
+    """Train every stage and evaluate on a tiny corpus through the Prefect flow; a rerun reuses every stage."""
+    from flows.guided import guided_demo, guided_training
+
+    config = GuidedFlowConfig.model_validate({**TINY, "workdir": str(tmp_path)})
+    result = guided_demo(config)
+    training, evaluation = result["training"], result["evaluation"]
+    assert training["plan_lm"]["soft_tokens"] == 3 and training["class_lm"]["soft_tokens"] == 2
+    systems = {(r["attribute"], r["system"], r["setting"]) for r in evaluation["rows"]}
+    for attribute in ("category", "sentiment"):
+        assert (attribute, "uncontrolled LM", "pretrained LM, top-p sampling") in systems
+        assert (attribute, "DGLM", "guidance scale 5") in systems
+        assert any(s[:2] == (attribute, "logit boost") for s in systems)
+        assert any(s[:2] == (attribute, "class-conditional") for s in systems)
+    row = evaluation["rows"][0]
+    assert row["attribute_rate"]["low"] <= row["attribute_rate"]["value"] <= row["attribute_rate"]["high"]
+    assert "sentiment" in evaluation["goals"] and evaluation["sanity"]["cosine"]["texts"] > 0
+    assert (tmp_path / "evaluation" / "table.md").read_text().startswith("| attribute | system")
+    again = guided_training(config)
+    assert again["plan_lm"]["reused"] and again["prior"]["reused"] and again["plans"]["reused"]
