@@ -117,6 +117,9 @@ def annotator_finetune(config: FinetuneFlowConfig) -> dict:
 def bulk_annotation(config: BulkFlowConfig) -> dict:
     """Annotate every document shard with the fine-tuned annotator (resumable per shard), then load the
     warehouse."""
+    from flows.preflight import check_bulk_gate, require
+
+    require(check_bulk_gate(config))  # a run started from the UI is gated like one from the CLI
     run_id = str(flow_run.id or uuid.uuid4())
     Path(config.workdir).mkdir(parents=True, exist_ok=True)
     doc_shards = sorted({p for loc in config.document_shards for p in list_files(loc, (".parquet",))})

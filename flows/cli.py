@@ -281,6 +281,8 @@ def cmd_annotator_bulk(args) -> None:
         bulk.setdefault("endpoint", {})["base_url"] = args.base_url
     if args.no_warehouse:
         data["load_warehouse"] = False
+    if args.min_f1 is not None:
+        data["min_f1"] = args.min_f1
     config = validated(BulkFlowConfig, data, source=args.config)
     require(check_bulk_flow(config))
     from flows.annotator import bulk_annotation
@@ -333,6 +335,8 @@ def add_annotator_commands(sub) -> None:
     bk.add_argument("--base-url", help="vllm/openai: the server, e.g. http://127.0.0.1:8000/v1")
     bk.add_argument("--server-command", nargs="+", help="vllm: command that starts the server")
     bk.add_argument("--no-warehouse", action="store_true", help="do not load the warehouse")
+    bk.add_argument("--min-f1", type=float, help="quality gate on the checkpoint's stored held-out (entity, value) F1 "
+                                                 "(default 0.25; 0: annotate anyway)")
     bk.add_argument("--config", help="JSON/YAML file of BulkFlowConfig fields")
     bk.set_defaults(func=cmd_annotator_bulk)
 

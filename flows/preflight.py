@@ -77,10 +77,29 @@ def check_finetune_flow(config: FinetuneFlowConfig) -> list[str]:
 def check_bulk_flow(config: BulkFlowConfig) -> list[str]:
     problems = check_shards(config.document_shards, "document_shards") + check_writable(config.workdir, "workdir")
     problems += check_bulk(config.bulk, "bulk", default_checkpoint=os.path.join(config.workdir, "annotator", "model"))
+    problems += check_bulk_gate(config)
     if config.load_warehouse:
         problems += check_warehouse(config.warehouse_path or os.path.join(config.workdir, "warehouse.duckdb"),
                                     "warehouse_path" if config.warehouse_path else "workdir")
     return problems
+
+
+def check_bulk_gate(config: BulkFlowConfig) -> list[str]:
+    """The corpus flow's quality gate for a bulk run on its own: a local checkpoint whose stored fine-tune report
+    is below ``min_f1`` does not annotate the corpus (nor reach the warehouse)."""
+    if config.min_f1 is None or config.bulk.backend != "transformers":
+        return []
+    from tasks.finetune import quality_gate, stored_finetune_report
+
+    checkpoint = config.bulk.checkpoint or os.path.join(config.workdir, "annotator", "model")
+    report = stored_finetune_report(checkpoint)
+    if report is None:
+        return []
+    gate = quality_gate(report, config.min_f1)
+    if gate.passed:
+        return []
+    return [f"{checkpoint}: its {gate.measure} is {gate.figure:.3f}, below min_f1 {config.min_f1:g}; fine-tune it on "
+            "more seed documents or for longer, or pass --min-f1 (0 to annotate anyway)"]
 
 
 def check_shards(locations: list[str], setting: str) -> list[str]:

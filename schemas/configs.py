@@ -329,6 +329,10 @@ class BulkFlowConfig(Config):
     workdir: str = Field("out", description="outputs go to <workdir>/bulk/{annotated,triplets}")
     document_shards: list[str] = Field(description="document shard files, folders or globs")
     bulk: BulkAnnotationConfig = Field(default_factory=BulkAnnotationConfig)
+    min_f1: float | None = Field(
+        0.25, ge=0, le=1, description="quality gate: a local checkpoint whose stored fine-tune report's held-out seed "
+                                      "(entity, value) F1 is below this is refused before any shard is annotated; none: "
+                                      "no gate (a checkpoint without a stored report, e.g. a served model, is not gated)")
     ground_truth: str | None = Field(None, description="synthetic ground-truth folder: scores the output against gold")
     exclude_from_scoring: list[str] = Field(default_factory=list, description="annotated shards whose documents are not scored (the seed the model was trained on)")
     load_warehouse: bool = Field(True, description="load the bulk shards into <workdir>/warehouse.duckdb (or warehouse_path)")

@@ -151,6 +151,19 @@ def finetune_annotator(annotated_shards: list[str], cfg: AnnotatorFinetuneConfig
     return report
 
 
+def stored_finetune_report(checkpoint: str) -> FinetuneReport | None:
+    """The fine-tune report a checkpoint of either kind stores in its annotator.json (None: no such file or no
+    report in it, e.g. a hub model or one fine-tuned elsewhere)."""
+    path = os.path.join(checkpoint, "annotator.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        stored = json.load(open(path)).get("report")
+    except (OSError, ValueError):
+        return None
+    return FinetuneReport(**stored) if stored else None
+
+
 def quality_gate(report: FinetuneReport, min_f1: float | None, below: str = "stop") -> QualityGateReport:
     """Whether the fine-tuned annotator may annotate the corpus: its held-out seed (entity, value) F1 (exact
     triplet F1 for a report without it) against ``min_f1`` (None: no gate). ``below`` ("stop" or "seed_only") is

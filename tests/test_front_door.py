@@ -88,3 +88,29 @@ def test_an_encoder_annotator_that_cannot_run_is_named_before_the_pipeline_start
                            "small_annotator.finetune.encoder.base ./no-such-encoder: no such folder",
                            "small_annotator.bulk.backend 'vllm': the encoder annotator")
     assert any("set bulk.backend transformers, or finetune.kind generative" in ln for ln in lines)
+
+
+def test_bulk_annotation_on_its_own_refuses_a_checkpoint_below_the_quality_gate(tmp_path):
+    """`lmlm annotator bulk` reads the fine-tune report the checkpoint stores: below min_f1 it stops in one line,
+    before Prefect starts or any shard is written."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "run.yaml").write_text("{}\n")
+    work = tmp_path.parent / f"{tmp_path.name}-outside"
+    checkpoint = work / "annotator" / "model"
+    checkpoint.mkdir(parents=True)
+    report = {"checkpoint": str(checkpoint), "version": "encoder:x", "base": "all-MiniLM-L6-v2", "parameters": 1,
+              "train_docs": 12, "holdout_docs": 4, "train_examples": 12, "steps": 7, "epochs": 0.5, "train_seconds": 5.0,
+              "holdout_quality": {"f1": 0.0, "entity_value_f1": 0.024}}
+    (checkpoint / "annotator.json").write_text(json.dumps({"format": "lmlm-span-annotator-v1", "report": report}))
+    shards = work / "shards"
+    shards.mkdir()
+    pq.write_table(pa.table({"doc_id": ["d1"], "text": ["Ada was born in 1815."]}), shards / "part-0.parquet")
+    result = lmlm("annotator", "bulk", str(shards), "--workdir", str(work), cwd=tmp_path)
+    lines = _fails_cleanly(result, tmp_path, "held-out seed (entity, value) F1 is 0.024, below min_f1 0.25",
+                           "--min-f1")
+    assert len(lines) == 1
+    assert not (work / "bulk").exists() and not (work / "warehouse.duckdb").exists()
