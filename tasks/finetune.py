@@ -9,7 +9,6 @@ recorded signature (seed shard contents + config) matches is reused instead of r
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -18,7 +17,7 @@ from schemas.configs import AnnotatorFinetuneConfig
 from schemas.errors import UserInputError
 from schemas.reports import FinetuneReport, QualityGateReport
 from tasks.evaluate_annotation import score_levels, score_triplets, scored_calls
-from tasks.finetune_seed import is_holdout, read_seed, seed_signature
+from tasks.finetune_seed import checkpoint_meta, read_seed, seed_signature, split_seed, up_to_date_report
 
 # from-scratch shapes of the annotator: small enough to fine-tune and annotate the demo corpus on 2 CPU cores
 ANNOTATOR_SHAPES = {
@@ -109,17 +108,10 @@ def finetune_annotator(annotated_shards: list[str], cfg: AnnotatorFinetuneConfig
     signature = seed_signature(annotated_shards, cfg)
     version = f"{cfg.base}+{signature[:12]}"
     docs = read_seed(annotated_shards)
-    holdout = [d for d in docs if is_holdout(d[0], cfg.holdout_fraction, cfg.seed)]
-    train = [d for d in docs if not is_holdout(d[0], cfg.holdout_fraction, cfg.seed)]
-    if not train:
-        raise UserInputError(f"fine-tuning: all {len(docs)} seed documents are held out; lower "
-                             "finetune.holdout_fraction or annotate a larger seed sample")
-    meta_path = os.path.join(checkpoint, "annotator.json")
-    if os.path.exists(meta_path):
-        meta = json.load(open(meta_path))
-        if meta.get("signature") == signature:
-            log(f"fine-tune: {checkpoint} is up to date (version {version}); not retrained")
-            return FinetuneReport(**meta["report"], reused=True)
+    train, holdout = split_seed(docs, cfg)
+    reused = up_to_date_report(checkpoint, signature, version, log)
+    if reused is not None:
+        return reused
 
     model, tokenizer = build_base(cfg, [a.text for _, a in train], out_dir)
     train_ex = build_examples(tokenizer, [a for _, a in train], cfg.max_source_tokens)
@@ -154,13 +146,7 @@ def finetune_annotator(annotated_shards: list[str], cfg: AnnotatorFinetuneConfig
 def stored_finetune_report(checkpoint: str) -> FinetuneReport | None:
     """The fine-tune report a checkpoint of either kind stores in its annotator.json (None: no such file or no
     report in it, e.g. a hub model or one fine-tuned elsewhere)."""
-    path = os.path.join(checkpoint, "annotator.json")
-    if not os.path.isfile(path):
-        return None
-    try:
-        stored = json.load(open(path)).get("report")
-    except (OSError, ValueError):
-        return None
+    stored = (checkpoint_meta(checkpoint) or {}).get("report")
     return FinetuneReport(**stored) if stored else None
 
 

@@ -10,16 +10,14 @@ that strip back to the source.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 from schemas import markup
 from schemas.configs import AnnotatorFinetuneConfig
-from schemas.errors import UserInputError
 from schemas.reports import FinetuneReport
 from tasks.evaluate_annotation import score_levels, score_triplets, scored_calls
-from tasks.finetune_seed import is_holdout, read_seed, seed_signature
+from tasks.finetune_seed import read_seed, seed_signature, split_seed, up_to_date_report
 
 
 def evaluate_encoder(model, tokenizer, names, docs: list[tuple[str, markup.Annotated]], opts=None) -> dict:
@@ -63,18 +61,10 @@ def finetune_encoder_annotator(annotated_shards: list[str], cfg: AnnotatorFinetu
     signature = seed_signature(annotated_shards, cfg)
     base = enc.base or "all-MiniLM-L6-v2"
     version = f"encoder:{os.path.basename(base.rstrip('/'))}+{signature[:12]}"
-    meta_path = os.path.join(checkpoint, "annotator.json")
-    if os.path.exists(meta_path):
-        meta = json.load(open(meta_path))
-        if meta.get("signature") == signature:
-            log(f"fine-tune: {checkpoint} is up to date (version {version}); not retrained")
-            return FinetuneReport(**meta["report"], reused=True)
-    docs = read_seed(annotated_shards)
-    holdout = [d for d in docs if is_holdout(d[0], cfg.holdout_fraction, cfg.seed)]
-    train = [d for d in docs if not is_holdout(d[0], cfg.holdout_fraction, cfg.seed)]
-    if not train:
-        raise UserInputError(f"fine-tuning: all {len(docs)} seed documents are held out; lower "
-                             "finetune.holdout_fraction or annotate a larger seed sample")
+    reused = up_to_date_report(checkpoint, signature, version, log)
+    if reused is not None:
+        return reused
+    train, holdout = split_seed(read_seed(annotated_shards), cfg)
     torch.manual_seed(cfg.seed)
     model, tokenizer, names = build_span_annotator(
         enc.base, [pc.call.relation for _, a in train for pc in a.calls],

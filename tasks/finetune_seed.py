@@ -5,10 +5,14 @@ tells whether a checkpoint was trained on these inputs with this config."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+from typing import Callable
 
 from schemas import markup
 from schemas.configs import AnnotatorFinetuneConfig
 from schemas.errors import UserInputError
+from schemas.reports import FinetuneReport
 from tasks.shardio import fs_and_path, read_table
 
 
@@ -40,3 +44,34 @@ def seed_signature(annotated_shards: list[str], cfg: AnnotatorFinetuneConfig) ->
             for block in iter(lambda: f.read(1 << 22), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def split_seed(docs: list[tuple[str, markup.Annotated]], cfg: AnnotatorFinetuneConfig):
+    """(train, holdout) seed documents by doc_id hash; an error line when nothing is left to train on."""
+    holdout = [d for d in docs if is_holdout(d[0], cfg.holdout_fraction, cfg.seed)]
+    train = [d for d in docs if not is_holdout(d[0], cfg.holdout_fraction, cfg.seed)]
+    if not train:
+        raise UserInputError(f"fine-tuning: all {len(docs)} seed documents are held out; lower "
+                             "finetune.holdout_fraction or annotate a larger seed sample")
+    return train, holdout
+
+
+def checkpoint_meta(checkpoint: str) -> dict | None:
+    """The annotator.json a checkpoint of either kind stores (None: none, or unreadable)."""
+    path = os.path.join(checkpoint, "annotator.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        return json.load(open(path))
+    except (OSError, ValueError):
+        return None
+
+
+def up_to_date_report(checkpoint: str, signature: str, version: str,
+                      log: Callable[[str], None]) -> FinetuneReport | None:
+    """The stored report of a checkpoint fine-tuned on the same seed with the same settings (None: retrain)."""
+    meta = checkpoint_meta(checkpoint)
+    if meta is None or meta.get("signature") != signature:
+        return None
+    log(f"fine-tune: {checkpoint} is up to date (version {version}); not retrained")
+    return FinetuneReport(**meta["report"], reused=True)
