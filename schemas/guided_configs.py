@@ -171,6 +171,10 @@ class GuidedFlowConfig(Config):
                                                checkpoint_every=200, log_every=50),
         description="the class-conditional reference model: the pretrained LM fine-tuned with one control vector per "
                     "attribute where the plan's soft prompt goes (same budget as the plan fine-tune)")
+    class_label_dropout: float = Field(0.3, ge=0, lt=1, description="each attribute's label of a training example is "
+                                       "replaced by 'unknown' with this probability while the class-conditional reference "
+                                       "trains: the evaluation passes 'unknown' for every attribute but the one it steers, "
+                                       "and without it reviews never had an unknown category in training")
     prior: PlanPriorConfig = Field(default_factory=PlanPriorConfig)
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
     sampling: GuidedSamplingConfig = Field(default_factory=GuidedSamplingConfig)

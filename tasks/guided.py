@@ -137,6 +137,16 @@ def class_labels(data: PlanData, rows: np.ndarray, classes: dict[str, list[str]]
     return torch.tensor(out, dtype=torch.long).T.reshape(len(rows), len(classes))
 
 
+def drop_labels(labels: torch.Tensor, unknown: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Class ids (B, A) with each entry replaced by its attribute's unknown id (``unknown`` (A,)) with probability
+    ``p``: the class-conditional reference then also learns "attribute not given", which is what it is passed for
+    every attribute but the one evaluated."""
+    if p <= 0:
+        return labels
+    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
+    return torch.where(drop, unknown.to(labels.device).expand_as(labels), labels)
+
+
 def train_soft_prompt_lm(kind: str, config: GuidedFlowConfig, *, device: str | torch.device = "auto",
                          log=logger.info) -> SoftPromptLMReport:
     """Fine-tune the pretrained LM with a soft prompt between prefix and continuation: ``plan`` (the generator on
@@ -154,7 +164,8 @@ def train_soft_prompt_lm(kind: str, config: GuidedFlowConfig, *, device: str | t
     classes = {a.name: sorted({v for v in data.labels(a.name) if v is not None}) for a in config.attributes}
     meta = {"kind": kind, "plan_dim": data.space.dim, "base": base_lm_checkpoint(config.workdir),
             "plan_lm": config.plan_lm.model_dump(mode="json") if kind == "plan" else None,
-            "classes": classes if kind == "class" else None, "budget": budget.model_dump(mode="json")}
+            "classes": classes if kind == "class" else None, "budget": budget.model_dump(mode="json"),
+            "label_dropout": config.class_label_dropout if kind == "class" else None}
     state = load_trainer_state(out)
     if state is not None and state.get("meta") != meta:
         raise UserInputError(f"{out} holds a {kind} LM trained with other settings or another base LM; use a new "
@@ -180,6 +191,7 @@ def train_soft_prompt_lm(kind: str, config: GuidedFlowConfig, *, device: str | t
     pad = tokenizer.eos_token_id
     plans = data.space.standardize(torch.from_numpy(data.continuation[train_rows])).to(device)
     labels = class_labels(data, train_rows, classes).to(device) if kind == "class" else None
+    unknown = torch.tensor([len(v) for v in classes.values()])
     cfg = config.plan_lm
 
     def batch_loss(step: int) -> torch.Tensor:
@@ -190,7 +202,7 @@ def train_soft_prompt_lm(kind: str, config: GuidedFlowConfig, *, device: str | t
         batch = {key: v.to(device) for key, v in batch.items()}
         sel = torch.from_numpy(idx).to(device)
         if kind == "class":
-            soft = model.prompt(labels[sel])
+            soft = model.prompt(drop_labels(labels[sel], unknown, config.class_label_dropout, gen))
         else:
             a2 = (noise_levels(len(idx), cfg.noise_shift, generator=gen, device=device) if cfg.noise_augmentation
                   else torch.ones(len(idx), device=device))

@@ -164,6 +164,20 @@ def test_the_continuation_loss_reads_the_soft_prompt_and_only_target_positions_c
     assert not torch.allclose(nll[0, 4:], other[0, 4:])  # the continuation does
 
 
+def test_label_dropout_trains_unknown_for_each_attribute_and_keeps_the_other_labels():
+    from tasks.guided import drop_labels
+
+    labels = torch.stack([torch.randint(0, 12, (4000,)), torch.randint(0, 2, (4000,))], dim=1)
+    unknown = torch.tensor([12, 2])
+    assert torch.equal(drop_labels(labels, unknown, 0.0), labels)
+    out = drop_labels(labels, unknown, 0.3, torch.Generator().manual_seed(0))
+    dropped = out == unknown
+    # each attribute is dropped on its own, about 30% of the time; the rest keep their label
+    assert 0.25 < dropped[:, 0].float().mean() < 0.35 and 0.25 < dropped[:, 1].float().mean() < 0.35
+    assert 0.02 < (dropped[:, 0] & dropped[:, 1]).float().mean() < 0.16
+    assert torch.equal(out[~dropped], labels[~dropped])
+
+
 def test_noise_augmentation_is_mostly_mild_variance_preserving_and_exact_at_the_ends():
     g = torch.Generator().manual_seed(0)
     a2 = noise_levels(20_000, generator=g)
