@@ -8,7 +8,8 @@
        each with a bootstrap 95% interval over prefixes -> the goals (dominance over boosting, share of the
        class-conditional rate)
     sanity: held-out NLL with the true / a shuffled / no plan (and the bare LM, and over inference alpha^2);
-            MiniLM cosine of generated text to its own plan vs a shuffled one.
+            MiniLM cosine of generated text to its own plan vs a shuffled one; whether the pretrained LM keeps each
+            attribute after a document's first sentence (real text vs its samples: what any steering needs).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from models.train import autocast, autocast_dtype, latest_checkpoint, quiet_prog
 from schemas import progress
 from schemas.guided_configs import AttributeConfig, GuidedFlowConfig
 from schemas.reports import GuidedEvaluationReport, GuidedRow
+from tasks.diffusion import SENTENCE_BOUNDARY
 from tasks.evaluate_diffusion import TextClassifier, load_reference_lm
 from tasks.guided import (
     GuidedLM,
@@ -108,6 +110,33 @@ def plan_cosine(texts: list[str], plans: torch.Tensor, space, n: int) -> dict:
             "own_closer_share": round(float((own > shuffled).float().mean()), 4)}
 
 
+def attribute_persistence(base: SoftPromptLM, docs: list, attribute: str, targets: list[str], judge: TextClassifier,
+                          tokenizer, sampling, *, eos: int, amp, n: int, seed: int = 0) -> dict:
+    """Does the pretrained LM keep a document's attribute? Prefix: the first sentence of up to ``n`` held-out
+    documents labelled with one of ``targets`` (a biography's names the occupation); the judge's rate of the
+    document's own label on the real next ``max_new_tokens`` tokens and on the LM's sampled ones. A plan or a label
+    can only steer what the LM can write: an LM near chance here cannot be steered by a short fine-tune."""
+    prefixes, real, labels = [], [], []
+    for doc in docs:
+        label = doc.labels.get(attribute)
+        parts = SENTENCE_BOUNDARY.split(doc.text, maxsplit=1)
+        if label not in targets or len(parts) < 2:
+            continue
+        after = tokenizer(" " + parts[1], add_special_tokens=False)["input_ids"][:sampling.max_new_tokens]
+        prefixes.append([eos] + tokenizer(parts[0], add_special_tokens=False)["input_ids"])
+        real.append(tokenizer.decode(after, skip_special_tokens=True))
+        labels.append(label)
+        if len(labels) == n:
+            break
+    if not labels:
+        return {"documents": 0}
+    ids = write_continuations(base, prefixes, None, sampling, eos=eos, amp=amp, seed=seed)
+    sampled = [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
+    rate = lambda texts: round(float(np.mean([p == y for p, y in zip(judge.predict(texts), labels)])), 4)  # noqa: E731
+    return {"documents": len(labels), "real_text": rate(real), "pretrained_lm": rate(sampled),
+            "chance": round(1 / len(targets), 4)}
+
+
 def _judges(attribute: AttributeConfig, data: PlanData, lexicon: LexiconSentiment | None) -> tuple[TextClassifier, dict]:
     texts, labels = data.column("continuation_text"), data.labels(attribute.name)
     judge_rows = [i for i in data.rows("judge") if labels[i] is not None]
@@ -139,7 +168,7 @@ def evaluate_guided(config: GuidedFlowConfig, shards: list[str], *, device: str 
     docs = [d for d in read_documents(shards, config.attributes, config.holdout_fraction, config.data.judge_fraction)
             if d.role == "holdout"]
     S = ev.samples_per_prefix
-    rows, goals, judges, neutrality, counts, examples = [], {}, {}, {}, {}, {}
+    rows, goals, judges, neutrality, counts, examples, persistence = [], {}, {}, {}, {}, {}, {}
     cosine = None
     decode = lambda ids: [g.tokenizer.decode(t, skip_special_tokens=True) for t in ids]  # noqa: E731
     for attribute in config.attributes:
@@ -151,6 +180,9 @@ def evaluate_guided(config: GuidedFlowConfig, shards: list[str], *, device: str 
         lexicon = LexiconSentiment() if set(targets) <= SENTIMENT_VALUES else None
         judge, judges[name] = _judges(attribute, data, lexicon)
         log(f"{name}: judges {judges[name]}")
+        persistence[name] = attribute_persistence(base, docs, name, targets, judge, g.tokenizer, sampling, eos=g.eos,
+                                                  amp=amp, n=ev.prefixes, seed=ev.seed)
+        log(f"{name}: does the pretrained LM keep it after a document's first sentence? {persistence[name]}")
         prefixes = neutral_prefixes(docs, name, targets, judge, g.tokenizer, n=ev.prefixes, per_doc=ev.prefixes_per_doc,
                                     max_tokens=ev.max_prefix_tokens, continuation_tokens=sampling.max_new_tokens)
         if not prefixes:
@@ -234,6 +266,7 @@ def evaluate_guided(config: GuidedFlowConfig, shards: list[str], *, device: str 
         log(f"{name}: goals {goals[name]}")
     sanity = sanity_checks(g, base, data, ev.sanity_examples, ev.alpha2_sweep, ev.seed)
     sanity["cosine"] = cosine
+    sanity["attribute_persistence"] = persistence
     log(f"sanity: {sanity}")
     return GuidedEvaluationReport(rows=rows, prefixes=counts, prefix_neutrality=neutrality, judges=judges, sanity=sanity,
                                   goals=goals, examples=examples, seconds=round(time.perf_counter() - t_start, 1))

@@ -449,6 +449,32 @@ def test_a_new_attribute_costs_one_classifier_fit_and_no_lm_training(trained):
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
+def test_attribute_persistence_scores_the_real_continuation_and_the_lms_own(trained):
+    from types import SimpleNamespace
+
+    from models.tokenizer import load_tokenizer
+    from tasks.evaluate_guided import attribute_persistence, load_base_lm
+    from tasks.guided import folder
+
+    config, _ = trained
+
+    class KeywordJudge:  # says "red" when the text has the word red, else "blue"
+        def predict(self, texts):
+            return ["red" if "red" in t.split() else "blue" for t in texts]
+
+    doc = lambda label, text: SimpleNamespace(labels={"colour": label}, text=text)  # noqa: E731
+    docs = [doc("red", "Ann likes paint. She chose red for the door."), doc("blue", "Bo likes paint. He chose blue."),
+            doc("green", "Cy likes paint. He chose green."),  # not a target: skipped
+            doc("red", "One sentence only")]  # nothing follows the first sentence: skipped
+    tok = load_tokenizer(folder(config.workdir, "tokenizer"))
+    out = attribute_persistence(load_base_lm(config.workdir, torch.device("cpu")), docs, "colour", ["red", "blue"],
+                                KeywordJudge(), tok, config.sampling, eos=tok.eos_token_id, amp=None, n=10)
+    assert out["documents"] == 2 and out["real_text"] == 1.0 and out["chance"] == 0.5
+    assert 0.0 <= out["pretrained_lm"] <= 1.0
+    assert attribute_persistence(None, docs, "colour", ["purple"], KeywordJudge(), tok, config.sampling,
+                                 eos=tok.eos_token_id, amp=None, n=10) == {"documents": 0}
+
+
 def test_unknown_attributes_and_values_are_one_line_errors(trained):
     from tasks import guided
 
