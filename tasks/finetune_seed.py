@@ -74,4 +74,4 @@ def up_to_date_report(checkpoint: str, signature: str, version: str,
     if meta is None or meta.get("signature") != signature:
         return None
     log(f"fine-tune: {checkpoint} is up to date (version {version}); not retrained")
-    return FinetuneReport(**meta["report"], reused=True)
+    return FinetuneReport(**{**meta["report"], "reused": True})  # the stored report says reused: false

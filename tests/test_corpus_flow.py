@@ -159,8 +159,16 @@ def test_pipeline_stops_before_bulk_annotation_when_the_annotator_is_below_the_g
     assert not (tmp_path / "w" / "bulk").exists()
     assert not (tmp_path / "w" / "warehouse.duckdb").exists()
     assert (tmp_path / "w" / "annotator" / "model" / "annotator.json").exists()  # the model is kept for inspection
-    gate = json.loads((tmp_path / "w" / "report.json").read_text())["quality_gate"]
+    first = json.loads((tmp_path / "w" / "report.json").read_text())
+    gate = first["quality_gate"]
     assert gate["passed"] is False and gate["action"] == "stop" and gate["threshold"] == 0.5
+    # run again (a user re-running `make demo`): the fine-tuned model is reused, not retrained, same verdict
+    assert main(["pipeline", "--workdir", str(tmp_path / "w"), "--config", str(tmp_path / "config.json"),
+                 "--finetune-budget-s", "5"]) == 2
+    again = json.loads((tmp_path / "w" / "report.json").read_text())
+    assert again["finetune"]["reused"] is True and first["finetune"]["reused"] is False
+    assert again["finetune"]["holdout_quality"] == first["finetune"]["holdout_quality"]
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("lmlm: error: ")] == errors
 
 
 def test_pipeline_below_the_gate_with_seed_only_loads_the_seed_and_says_so(tmp_path, prefect_harness, capsys):
