@@ -80,7 +80,9 @@ def cmd_run(args, pipeline: bool = False) -> None:
             print(f"gate:      {report['quality_gate']['decision']}")
         if bulk:
             g = bulk.get("quality_vs_gold") or {}
-            print(f"bulk:      {bulk['docs']} documents, {bulk['calls']} calls, {bulk['docs_per_s'] or 0:.2f} documents/s"
+            speed = (f"{bulk['docs_per_s']:.2f} documents/s" if bulk.get("shards_processed") and bulk.get("docs_per_s")
+                     else "every shard annotated earlier")
+            print(f"bulk:      {bulk['docs']} documents, {bulk['calls']} calls, {speed}"
                   + (f", F1 vs gold {g['f1']:.3f} on {g['documents']} unseen documents" if g.get("documents") else ""))
     print(f"warehouse: {report['warehouse']} ({wh['facts']} facts, {wh['triplets']} triplets)")
     print(f"report:    {os.path.join(report['workdir'], 'report.json')}")
