@@ -219,14 +219,15 @@ class EncoderFinetuneConfig(Config):
 
     base: str | None = Field(None, description="encoder folder or hub name; unset: the bundled all-MiniLM-L6-v2 (offline)")
     window: int = Field(256, ge=64, le=512, description="word pieces per encoder window; longer documents use overlapping windows")
-    epochs: float = Field(6.0, gt=0, description="passes over the training split (time_budget_s may end training first)")
-    batch_tokens: int = Field(2048, ge=256, description="padded word pieces per training batch")
-    lr: float = Field(1e-4, gt=0, description="peak learning rate of the encoder")
-    head_lr: float = Field(1e-3, gt=0, description="peak learning rate of the tag, entity and relation heads")
+    epochs: float = Field(10.0, gt=0, description="passes over the training split (time_budget_s may end training first)")
+    batch_tokens: int = Field(1024, ge=256, description="padded word pieces per training batch")
+    lr: float = Field(2e-4, gt=0, description="peak learning rate of the encoder")
+    head_lr: float = Field(3e-3, gt=0, description="peak learning rate of the tag, entity and relation heads")
     warmup_steps: int = Field(30, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     decoder_layers: int = Field(2, ge=1, description="blocks of the relation-name decoder")
-    frozen_layers: int = Field(0, ge=0, le=12, description="bottom encoder layers kept as pretrained (faster steps)")
+    frozen_layers: int = Field(3, ge=0, le=12, description="bottom encoder layers kept as pretrained: 3 of MiniLM's 6 "
+                               "make a step ~40% cheaper (0.40 vs 0.67 s at 1,024 word pieces on 2 cores)")
     budget_clock: Literal["wall", "cpu"] = Field(
         "wall", description="what time_budget_s counts: wall seconds, or the process's CPU seconds per torch thread "
                             "(reproducible on a machine shared with other jobs)")

@@ -211,12 +211,15 @@ def test_pipeline_with_the_encoder_annotator_annotates_unseen_documents_well(tmp
                  "--finetune-budget-s", "150"]) == 0
     report = json.loads((tmp_path / "w" / "report.json").read_text())
     ft, bulk = report["finetune"], report["bulk_annotation"]
-    # measured here: held-out (entity, value) F1 0.68 (triplets 0.58) after 48 s, 0.64 on the unseen documents;
+    # measured here: held-out (entity, value) F1 0.73 (triplets 0.64) after 36 s, 0.69 on the unseen documents;
     # a model that learned nothing scores 0
     assert ft["base"] == "all-MiniLM-L6-v2" and ft["holdout_quality"]["entity_value_f1"] >= 0.35
     n_docs = report["ingest"]["docs_written"]
     q = bulk["quality_vs_gold"]
-    assert q["documents"] == n_docs - 40 and q["source_preserved_rate"] == 1.0 and q["f1"] >= 0.35
+    # every document is annotated or set aside with its reason (a call density above the cap is rejected), none lost
+    assert bulk["annotated"] + bulk["rejected"] + bulk["failed"] == n_docs
+    assert n_docs - 40 - bulk["rejected"] - bulk["failed"] <= q["documents"] <= n_docs - 40
+    assert q["source_preserved_rate"] == 1.0 and q["f1"] >= 0.35
     con = db.connect(report["warehouse"], read_only=True)
     by = dict(con.execute("select annotator, count(*) from annotations group by annotator").fetchall())
-    assert by.get("lmlm-encoder-annotator") == n_docs
+    assert by.get("lmlm-encoder-annotator") == bulk["annotated"]  # a rejected document's calls are not loaded
