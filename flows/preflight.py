@@ -70,8 +70,11 @@ def check_seed_flow(config: SeedFlowConfig) -> list[str]:
 
 
 def check_finetune_flow(config: FinetuneFlowConfig) -> list[str]:
-    return (check_shards(config.seed_shards, "seed_shards") + check_writable(config.workdir, "workdir")
-            + check_finetune(config.finetune, "finetune"))
+    shards = check_shards(config.seed_shards, "seed_shards")
+    shards = shards or check_shard_columns(config.seed_shards, "seed_shards", ["doc_id", "annotated_text"],
+                                           "an annotated shard; pass the seed's annotated shards "
+                                           "(<workdir>/seed/annotated)")
+    return shards + check_writable(config.workdir, "workdir") + check_finetune(config.finetune, "finetune")
 
 
 def check_bulk_flow(config: BulkFlowConfig) -> list[str]:
@@ -119,6 +122,30 @@ def check_shards(locations: list[str], setting: str) -> list[str]:
         if not found:
             problems.append(f"{setting}: no .parquet shards at {loc}{reason}; run the stage that writes them first "
                             "or fix the path")
+    return problems
+
+
+def check_shard_columns(locations: list[str], setting: str, columns: list[str], expected: str) -> list[str]:
+    """Every shard at ``locations`` has ``columns`` (its Parquet footer is read, not its data); one line per
+    location, naming the first shard that lacks one and what ``expected`` it to be."""
+    import pyarrow.parquet as pq
+
+    from tasks.shardio import fs_and_path, list_files
+
+    problems = []
+    for loc in locations:
+        for shard in list_files(loc, (".parquet",)):
+            fs, path = fs_and_path(shard)
+            try:
+                with fs.open(path, "rb") as f:
+                    names = set(pq.read_schema(f).names)
+            except (OSError, ValueError) as exc:
+                problems.append(f"{setting}: {shard} is not a readable Parquet shard ({exc})")
+                break
+            missing = [c for c in columns if c not in names]
+            if missing:
+                problems.append(f"{setting}: {shard} has no {', '.join(missing)} column, so it is not {expected}")
+                break
     return problems
 
 

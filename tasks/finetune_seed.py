@@ -20,7 +20,12 @@ def read_seed(annotated_shards: list[str]) -> list[tuple[str, markup.Annotated]]
     """(doc_id, annotated) of every document in the annotated seed shards."""
     docs = []
     for shard in annotated_shards:
-        for r in read_table(shard, ["doc_id", "annotated_text"]).to_pylist():
+        try:
+            rows = read_table(shard, ["doc_id", "annotated_text"]).to_pylist()
+        except (KeyError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError: a column is missing
+            raise UserInputError(f"fine-tuning: {shard} is not an annotated shard ({str(exc).splitlines()[0]}); pass the seed's annotated "
+                                 "shards (<workdir>/seed/annotated)") from None
+        for r in rows:
             docs.append((r["doc_id"], markup.parse(r["annotated_text"])))
     if not docs:
         raise UserInputError(f"fine-tuning: the seed shards {annotated_shards} hold no annotated documents; "

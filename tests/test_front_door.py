@@ -114,3 +114,23 @@ def test_bulk_annotation_on_its_own_refuses_a_checkpoint_below_the_quality_gate(
                            "--min-f1")
     assert len(lines) == 1
     assert not (work / "bulk").exists() and not (work / "warehouse.duckdb").exists()
+
+
+def test_fine_tuning_on_document_shards_instead_of_annotated_ones_is_one_line(tmp_path):
+    """Pointing `lmlm annotator finetune` at a seed folder that also holds plain document shards names the shard
+    without annotations and where the annotated ones are, before Prefect starts or a checkpoint is written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "run.yaml").write_text("{}\n")
+    seed = tmp_path.parent / f"{tmp_path.name}-seed"
+    (seed / "documents").mkdir(parents=True)
+    (seed / "annotated").mkdir()
+    pq.write_table(pa.table({"doc_id": ["d1"], "text": ["Ada was born in 1815."]}), seed / "documents" / "s.parquet")
+    pq.write_table(pa.table({"doc_id": ["d1"], "text": ["Ada was born in 1815."],
+                             "annotated_text": ["Ada was born in 1815."]}), seed / "annotated" / "s.parquet")
+    work = tmp_path.parent / f"{tmp_path.name}-work"
+    result = lmlm("annotator", "finetune", str(seed), "--workdir", str(work), cwd=tmp_path)
+    lines = _fails_cleanly(result, tmp_path, "documents/s.parquet has no annotated_text column",
+                           "pass the seed's annotated shards")
+    assert len(lines) == 1 and not work.exists()
