@@ -59,7 +59,7 @@ from schemas.errors import UserInputError, report_to_launcher
 from schemas.guided_configs import AttributeConfig, ClassifierConfig, GuidedFlowConfig, GuidedSamplingConfig
 from schemas.reports import AttributeClassifierReport, PlanPriorReport, SoftPromptLMReport
 from tasks.diffusion import step_generators
-from tasks.guided_data import PlanData, load_plan_data, load_plan_space
+from tasks.guided_data import PlanData, class_labels, drop_labels, load_plan_data, load_plan_space
 
 logger = logging.getLogger(f"lmlm.{__name__}")
 
@@ -125,26 +125,6 @@ def load_soft_prompt_lm(path: str, device: str | torch.device = "auto") -> tuple
     model = SoftPromptLM(lm, _prompt_module(meta["kind"], meta, lm)).to(resolve_device(device))
     load_module(model.prompt, os.path.join(path, "prompt.safetensors"))
     return model.eval(), meta
-
-
-def class_labels(data: PlanData, rows: np.ndarray, classes: dict[str, list[str]]) -> torch.Tensor:
-    """Class ids (N, A) of the examples ``rows``; an attribute's unknown label is its last id."""
-    out = []
-    for name, values in classes.items():
-        index = {v: i for i, v in enumerate(values)}
-        labels = data.labels(name)
-        out.append([index.get(labels[r], len(values)) for r in rows])
-    return torch.tensor(out, dtype=torch.long).T.reshape(len(rows), len(classes))
-
-
-def drop_labels(labels: torch.Tensor, unknown: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Class ids (B, A) with each entry replaced by its attribute's unknown id (``unknown`` (A,)) with probability
-    ``p``: the class-conditional reference then also learns "attribute not given", which is what it is passed for
-    every attribute but the one evaluated."""
-    if p <= 0:
-        return labels
-    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
-    return torch.where(drop, unknown.to(labels.device).expand_as(labels), labels)
 
 
 def train_soft_prompt_lm(kind: str, config: GuidedFlowConfig, *, device: str | torch.device = "auto",

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from models.plan_lm import PlanSpace
 from schemas import progress
@@ -219,3 +220,23 @@ def load_plan_data(folder: str) -> PlanData:
     return PlanData(pq.read_table(os.path.join(folder, "examples.parquet")),
                     np.load(os.path.join(folder, "continuation.npy")), np.load(os.path.join(folder, "prefix.npy")),
                     load_plan_space(folder), folder)
+
+
+def class_labels(data: PlanData, rows: np.ndarray, classes: dict[str, list[str]]) -> torch.Tensor:
+    """Class ids (N, A) of the examples ``rows``; an attribute's unknown label is its last id."""
+    out = []
+    for name, values in classes.items():
+        index = {v: i for i, v in enumerate(values)}
+        labels = data.labels(name)
+        out.append([index.get(labels[r], len(values)) for r in rows])
+    return torch.tensor(out, dtype=torch.long).T.reshape(len(rows), len(classes))
+
+
+def drop_labels(labels: torch.Tensor, unknown: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Class ids (B, A) with each entry replaced by its attribute's unknown id (``unknown`` (A,)) with probability
+    ``p``: the class-conditional reference then also learns "attribute not given", which is what it is passed for
+    every attribute but the one evaluated."""
+    if p <= 0:
+        return labels
+    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
+    return torch.where(drop, unknown.to(labels.device).expand_as(labels), labels)

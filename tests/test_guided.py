@@ -165,7 +165,7 @@ def test_the_continuation_loss_reads_the_soft_prompt_and_only_target_positions_c
 
 
 def test_label_dropout_trains_unknown_for_each_attribute_and_keeps_the_other_labels():
-    from tasks.guided import drop_labels
+    from tasks.guided_data import drop_labels
 
     labels = torch.stack([torch.randint(0, 12, (4000,)), torch.randint(0, 2, (4000,))], dim=1)
     unknown = torch.tensor([12, 2])
