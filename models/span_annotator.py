@@ -88,12 +88,13 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, win: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
         # x (C, L, d) relation so far; kv (B, T, 2d) kv_cross of the windows (once per window, not per call or
-        # decoding step); win (C,) each call's window; memory_mask (C, T)
+        # decoding step); win (C,) each call's window, or None when kv is already per call (C, T, 2d);
+        # memory_mask (C, T)
         p = self.dropout if self.training else 0.0
         q, k, v = self.qkv(self.ln1(x)).split(x.shape[-1], dim=-1)
         y = F.scaled_dot_product_attention(self.split(q), self.split(k), self.split(v), is_causal=True, dropout_p=p)
         x = x + self.drop(self.proj(self.merge(y)))
-        k, v = kv[win].split(x.shape[-1], dim=-1)
+        k, v = (kv if win is None else kv[win]).split(x.shape[-1], dim=-1)
         y = F.scaled_dot_product_attention(self.split(self.q_cross(self.ln2(x))), self.split(k), self.split(v),
                                            attn_mask=memory_mask[:, None, None, :], dropout_p=p)
         x = x + self.drop(self.proj_cross(self.merge(y)))
@@ -161,7 +162,6 @@ class SpanAnnotator(nn.Module):
     def entity_vectors(self, h: torch.Tensor, win: torch.Tensor, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """(C, d) the entity span's summary for the relation decoder; zero where the entity is unknown (-100)."""
         ok = (first >= 0) & (last >= 0)
-        ar = torch.arange(len(win), device=h.device)
         f, l = first.clamp(min=0), last.clamp(min=0)
         return self.entity_vec((h[win, f] + h[win, l]) / 2) * ok[:, None].to(h.dtype)
 
@@ -170,19 +170,22 @@ class SpanAnnotator(nn.Module):
         return [block.kv_cross(h) for block in self.blocks]
 
     def decode_relation(self, kvs, mask, win, bos, tokens):
-        """Decoder states (C, 1 + L, d) for inputs [bos, tokens...] (tokens (C, L) word-piece ids)."""
+        """Decoder states (C, 1 + L, d) for inputs [bos, tokens...] (tokens (C, L) word-piece ids). ``win`` None:
+        ``kvs`` and ``mask`` are already one row per call (gathered once before greedy decoding)."""
         x = torch.cat([bos[:, None], F.embedding(tokens, self.word_embeddings)], dim=1)
         x = x + self.rel_pos.weight[:x.shape[1]]
-        mmask = mask[win]
+        mmask = mask if win is None else mask[win]
         for block, kv in zip(self.blocks, kvs):
             x = block(x, kv, win, mmask)
         return self.ln_f(x)
 
     def relation_scores(self, states, h, ids, win):
-        """(log p_vocab over relation_vocab (C, L, Vr), log copy attention (C, L, T), log g, log 1-g (C, L, 1))."""
+        """(log p_vocab over relation_vocab (C, L, Vr), log copy attention (C, L, T), log g, log 1-g (C, L, 1)).
+        ``win`` None: ``h`` and ``ids`` are already one row per call."""
         vocab = F.log_softmax((states @ self.word_embeddings[self.relation_vocab].T).float(), dim=-1)
-        copy = torch.einsum("cld,ctd->clt", self.copy_q(states), h[win]).float() / math.sqrt(h.shape[-1])
-        copy = F.log_softmax(copy.masked_fill(~self.token_mask(ids)[win][:, None, :], -1e4), dim=-1)
+        h_c, ids_c = (h, ids) if win is None else (h[win], ids[win])
+        copy = torch.einsum("cld,ctd->clt", self.copy_q(states), h_c).float() / math.sqrt(h.shape[-1])
+        copy = F.log_softmax(copy.masked_fill(~self.token_mask(ids_c)[:, None, :], -1e4), dim=-1)
         g = self.gate(states).float()
         return vocab, copy, F.logsigmoid(g), F.logsigmoid(-g)
 

@@ -70,13 +70,15 @@ def _greedy_relations(model: SpanAnnotator, h, mask, ids, win, bos) -> list[list
     C, V = len(win), model.word_embeddings.shape[0]
     out = torch.zeros((C, 0), dtype=torch.long, device=h.device)
     done = torch.zeros(C, dtype=torch.bool, device=h.device)
-    sep, kvs = model.sep_id, model.memory(h)
+    sep = model.sep_id
+    # each call's window memory, gathered once rather than per block and decoding step
+    kvs, mask_c, h_c, ids_c = [kv[win] for kv in model.memory(h)], mask[win], h[win], ids[win]
     for step in range(model.cfg.max_relation_tokens + 1):
-        states = model.decode_relation(kvs, mask, win, bos, out)[:, -1:]
-        vocab, copy, log_g, log_ng = model.relation_scores(states, h, ids, win)
+        states = model.decode_relation(kvs, mask_c, None, bos, out)[:, -1:]
+        vocab, copy, log_g, log_ng = model.relation_scores(states, h_c, ids_c, None)
         p = torch.zeros((C, V), device=h.device)
         p.index_add_(1, model.relation_vocab, (vocab[:, 0] + log_g[:, 0]).exp())
-        p.scatter_add_(1, ids[win], (copy[:, 0] + log_ng[:, 0]).exp())
+        p.scatter_add_(1, ids_c, (copy[:, 0] + log_ng[:, 0]).exp())
         if step == 0:
             p[:, sep] = 0  # a name has at least one word piece
         if step == model.cfg.max_relation_tokens:
