@@ -86,15 +86,14 @@ class DecoderBlock(nn.Module):
     def merge(self, x: torch.Tensor) -> torch.Tensor:  # (C, heads, L, d/heads) -> (C, L, d)
         return x.transpose(1, 2).flatten(2)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, win: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
-        # x (C, L, d) relation so far; kv (B, T, 2d) kv_cross of the windows (once per window, not per call or
-        # decoding step); win (C,) each call's window, or None when kv is already per call (C, T, 2d);
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
+        # x (C, L, d) relation so far; kv (C, T, 2d) kv_cross of each call's window (see SpanAnnotator.call_memory);
         # memory_mask (C, T)
         p = self.dropout if self.training else 0.0
         q, k, v = self.qkv(self.ln1(x)).split(x.shape[-1], dim=-1)
         y = F.scaled_dot_product_attention(self.split(q), self.split(k), self.split(v), is_causal=True, dropout_p=p)
         x = x + self.drop(self.proj(self.merge(y)))
-        k, v = (kv if win is None else kv[win]).split(x.shape[-1], dim=-1)
+        k, v = kv.split(x.shape[-1], dim=-1)
         y = F.scaled_dot_product_attention(self.split(self.q_cross(self.ln2(x))), self.split(k), self.split(v),
                                            attn_mask=memory_mask[:, None, None, :], dropout_p=p)
         x = x + self.drop(self.proj_cross(self.merge(y)))
@@ -165,27 +164,27 @@ class SpanAnnotator(nn.Module):
         f, l = first.clamp(min=0), last.clamp(min=0)
         return self.entity_vec((h[win, f] + h[win, l]) / 2) * ok[:, None].to(h.dtype)
 
-    def memory(self, h: torch.Tensor) -> list[torch.Tensor]:
-        """Each decoder block's cross-attention keys and values of the windows, (B, T, 2d)."""
-        return [block.kv_cross(h) for block in self.blocks]
+    def call_memory(self, h: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor, win: torch.Tensor):
+        """What the relation decoder reads of each call's window, one row per call, gathered once (not per block or
+        decoding step): each block's cross-attention keys and values (C, T, 2d; computed per window), the window's
+        mask (C, T), hidden states (C, T, d) and ids (C, T)."""
+        return [block.kv_cross(h)[win] for block in self.blocks], mask[win], h[win], ids[win]
 
-    def decode_relation(self, kvs, mask, win, bos, tokens):
-        """Decoder states (C, 1 + L, d) for inputs [bos, tokens...] (tokens (C, L) word-piece ids). ``win`` None:
-        ``kvs`` and ``mask`` are already one row per call (gathered once before greedy decoding)."""
+    def decode_relation(self, kvs, mask, bos, tokens):
+        """Decoder states (C, 1 + L, d) for inputs [bos, tokens...] (tokens (C, L) word-piece ids); ``kvs`` and
+        ``mask`` per call (:meth:`call_memory`)."""
         x = torch.cat([bos[:, None], F.embedding(tokens, self.word_embeddings)], dim=1)
         x = x + self.rel_pos.weight[:x.shape[1]]
-        mmask = mask if win is None else mask[win]
         for block, kv in zip(self.blocks, kvs):
-            x = block(x, kv, win, mmask)
+            x = block(x, kv, mask)
         return self.ln_f(x)
 
-    def relation_scores(self, states, h, ids, win):
-        """(log p_vocab over relation_vocab (C, L, Vr), log copy attention (C, L, T), log g, log 1-g (C, L, 1)).
-        ``win`` None: ``h`` and ``ids`` are already one row per call."""
+    def relation_scores(self, states, h, ids):
+        """(log p_vocab over relation_vocab (C, L, Vr), log copy attention (C, L, T), log g, log 1-g (C, L, 1));
+        ``h`` and ``ids`` per call (:meth:`call_memory`)."""
         vocab = F.log_softmax((states @ self.word_embeddings[self.relation_vocab].T).float(), dim=-1)
-        h_c, ids_c = (h, ids) if win is None else (h[win], ids[win])
-        copy = torch.einsum("cld,ctd->clt", self.copy_q(states), h_c).float() / math.sqrt(h.shape[-1])
-        copy = F.log_softmax(copy.masked_fill(~self.token_mask(ids_c)[:, None, :], -1e4), dim=-1)
+        copy = torch.einsum("cld,ctd->clt", self.copy_q(states), h).float() / math.sqrt(h.shape[-1])
+        copy = F.log_softmax(copy.masked_fill(~self.token_mask(ids)[:, None, :], -1e4), dim=-1)
         g = self.gate(states).float()
         return vocab, copy, F.logsigmoid(g), F.logsigmoid(-g)
 
@@ -228,12 +227,13 @@ class SpanAnnotator(nn.Module):
         hd = h.detach()
         bos = self.value_queries(hd, win, batch["v_first"], batch["v_last"]) + \
             self.entity_vectors(hd, win, batch["e_first"], batch["e_last"])
-        states = self.decode_relation(self.memory(hd), mask, win, bos, rel[:, :-1].clamp(min=0))
-        vocab, copy, log_g, log_ng = self.relation_scores(states, hd, ids, win)
+        kvs, mask_c, h_c, ids_c = self.call_memory(hd, mask, ids, win)
+        states = self.decode_relation(kvs, mask_c, bos, rel[:, :-1].clamp(min=0))
+        vocab, copy, log_g, log_ng = self.relation_scores(states, h_c, ids_c)
         target = rel.clamp(min=0)  # (C, L)
         index = batch["rel_index"]  # (C, L) position of the target in relation_vocab, -1 when not there
         from_vocab = vocab.gather(-1, index.clamp(min=0)[..., None]).squeeze(-1).masked_fill(index < 0, -1e4)
-        hits = ids[win][:, None, :] == target[..., None]  # (C, L, T) window tokens equal to the target
+        hits = ids_c[:, None, :] == target[..., None]  # (C, L, T) window tokens equal to the target
         from_copy = torch.logsumexp(copy.masked_fill(~hits, -1e4), dim=-1)
         logp = torch.logaddexp(log_g.squeeze(-1) + from_vocab, log_ng.squeeze(-1) + from_copy)
         keep = rel >= 0

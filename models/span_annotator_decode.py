@@ -71,11 +71,10 @@ def _greedy_relations(model: SpanAnnotator, h, mask, ids, win, bos) -> list[list
     out = torch.zeros((C, 0), dtype=torch.long, device=h.device)
     done = torch.zeros(C, dtype=torch.bool, device=h.device)
     sep = model.sep_id
-    # each call's window memory, gathered once rather than per block and decoding step
-    kvs, mask_c, h_c, ids_c = [kv[win] for kv in model.memory(h)], mask[win], h[win], ids[win]
+    kvs, mask_c, h_c, ids_c = model.call_memory(h, mask, ids, win)  # once, not per decoding step
     for step in range(model.cfg.max_relation_tokens + 1):
-        states = model.decode_relation(kvs, mask_c, None, bos, out)[:, -1:]
-        vocab, copy, log_g, log_ng = model.relation_scores(states, h_c, ids_c, None)
+        states = model.decode_relation(kvs, mask_c, bos, out)[:, -1:]
+        vocab, copy, log_g, log_ng = model.relation_scores(states, h_c, ids_c)
         p = torch.zeros((C, V), device=h.device)
         p.index_add_(1, model.relation_vocab, (vocab[:, 0] + log_g[:, 0]).exp())
         p.scatter_add_(1, ids_c, (copy[:, 0] + log_ng[:, 0]).exp())

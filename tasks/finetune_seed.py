@@ -23,8 +23,9 @@ def read_seed(annotated_shards: list[str]) -> list[tuple[str, markup.Annotated]]
         try:
             rows = read_table(shard, ["doc_id", "annotated_text"]).to_pylist()
         except (KeyError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError: a column is missing
-            raise UserInputError(f"fine-tuning: {shard} is not an annotated shard ({str(exc).splitlines()[0]}); pass the seed's annotated "
-                                 "shards (<workdir>/seed/annotated)") from None
+            reason = str(exc).splitlines()[0]
+            raise UserInputError(f"fine-tuning: {shard} is not an annotated shard ({reason}); pass the seed's "
+                                 "annotated shards (<workdir>/seed/annotated)") from None
         for r in rows:
             docs.append((r["doc_id"], markup.parse(r["annotated_text"])))
     if not docs:

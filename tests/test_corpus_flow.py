@@ -137,19 +137,25 @@ def test_pipeline_chains_seed_finetune_bulk_and_warehouse(tmp_path, prefect_harn
     assert "held-out seed F1" in out and f"bulk:      {n_docs} documents" in out
 
 
+def _barely_trained_pipeline(tmp_path, min_f1: float) -> list[str]:
+    """`lmlm pipeline` arguments for a run whose encoder annotator sees 4 seed documents for a fraction of an epoch."""
+    config = {"synthetic": SMALL.model_dump(),
+              "small_annotator": {"seed_docs": 8, "min_f1": min_f1,
+                                  "finetune": {"holdout_fraction": 0.5, "threads": 1,
+                                               "encoder": {"epochs": 0.2, "batch_tokens": 512}}}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return ["pipeline", "--workdir", str(tmp_path / "w"), "--config", str(tmp_path / "config.json"),
+            "--finetune-budget-s", "5"]
+
+
 def test_pipeline_stops_before_bulk_annotation_when_the_annotator_is_below_the_gate(tmp_path, prefect_harness, capsys):
     """Too little seed data and training: the run stops after fine-tuning with one error line (no traceback) naming
     the held-out F1, the threshold and what to do; nothing is annotated in bulk, no warehouse is written, and
     report.json records the gate's decision."""
     from flows.cli import main
 
-    config = {"synthetic": SMALL.model_dump(),
-              "small_annotator": {"seed_docs": 8, "min_f1": 0.5,
-                                  "finetune": {"holdout_fraction": 0.5, "threads": 1,
-                                               "encoder": {"epochs": 0.2, "batch_tokens": 512}}}}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    assert main(["pipeline", "--workdir", str(tmp_path / "w"), "--config", str(tmp_path / "config.json"),
-                 "--finetune-budget-s", "5"]) == 2
+    args = _barely_trained_pipeline(tmp_path, min_f1=0.5)
+    assert main(args) == 2
     err = capsys.readouterr().err  # the flow run's log lines stream there too
     errors = [line for line in err.splitlines() if line.startswith("lmlm: error: ")]
     assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0] and "Traceback" not in err
@@ -163,8 +169,7 @@ def test_pipeline_stops_before_bulk_annotation_when_the_annotator_is_below_the_g
     gate = first["quality_gate"]
     assert gate["passed"] is False and gate["action"] == "stop" and gate["threshold"] == 0.5
     # run again (a user re-running `make demo`): the fine-tuned model is reused, not retrained, same verdict
-    assert main(["pipeline", "--workdir", str(tmp_path / "w"), "--config", str(tmp_path / "config.json"),
-                 "--finetune-budget-s", "5"]) == 2
+    assert main(args) == 2
     again = json.loads((tmp_path / "w" / "report.json").read_text())
     assert again["finetune"]["reused"] is True and first["finetune"]["reused"] is False
     assert again["finetune"]["holdout_quality"] == first["finetune"]["holdout_quality"]
@@ -177,13 +182,8 @@ def test_pipeline_below_the_gate_with_seed_only_loads_the_seed_and_says_so(tmp_p
     from flows.cli import main
     from warehouse import db
 
-    config = {"synthetic": SMALL.model_dump(),
-              "small_annotator": {"seed_docs": 8, "min_f1": 1.0,
-                                  "finetune": {"holdout_fraction": 0.5, "threads": 1,
-                                               "encoder": {"epochs": 0.2, "batch_tokens": 512}}}}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    assert main(["pipeline", "--workdir", str(tmp_path / "w"), "--config", str(tmp_path / "config.json"),
-                 "--finetune-budget-s", "5", "--below-min-f1", "seed-only"]) == 0
+    args = _barely_trained_pipeline(tmp_path, min_f1=1.0)
+    assert main([*args, "--below-min-f1", "seed-only"]) == 0
     out = capsys.readouterr().out
     gate_lines = [line for line in out.splitlines() if line.startswith("gate:")]
     assert len(gate_lines) == 1 and "below small_annotator.min_f1 1" in gate_lines[0]
