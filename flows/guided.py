@@ -60,7 +60,10 @@ def _pretrain_pair(config: GuidedFlowConfig, shards: list[str], tokenizer: str) 
         futures = {name: pretrain_process.submit(cfg.model_dump_json(), shards, folder(config.workdir, name), "standard",
                                                  config.threads_per_process) for name, cfg in configs.items()}
         return futures["lm"].result(), futures["reference_lm"].result()
-    return tuple(pretrain_variant(cfg, shards, folder(config.workdir, name), "standard", config.threads or 1)
+    import torch
+
+    threads = config.threads or torch.get_num_threads()  # unset: every thread torch would use, not one
+    return tuple(pretrain_variant(cfg, shards, folder(config.workdir, name), "standard", threads)
                  for name, cfg in configs.items())
 
 

@@ -56,7 +56,7 @@ def cmd_guided_train(args) -> None:
     from flows.guided import guided_training
 
     config = _config(args)
-    stages = None if args.stage == "all" else [args.stage]
+    stages = None if not args.stage or "all" in args.stage else list(dict.fromkeys(args.stage))
     _print_training(guided_training(config, stages))
     print(f'try:          lmlm guided generate --workdir {config.workdir} "We booked a table for two." '
           "--attribute sentiment=positive --scale 5")
@@ -83,7 +83,7 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
     for item in items or []:
         name, sep, value = item.partition("=")
         if not sep or not name or not value:
-            raise UserInputError(f"{what} {item!r}: write NAME=VALUE, e.g. category=science")
+            raise UserInputError(f"{what} {item!r}: write NAME=VALUE, e.g. topic=hotel")
         out[name] = value
     return out
 
@@ -142,8 +142,8 @@ def add_guided_commands(sub) -> None:
     t = gsub.add_parser("train", help="tokenizer -> LM (and reference LM) -> plans -> plan and class-conditional "
                         "fine-tunes -> prior -> classifiers (finished stages are reused, interrupted ones resume)")
     common(t)
-    t.add_argument("--stage", choices=["all", *STAGES], default="all", help="all (default), or one stage (it needs the "
-                   "earlier stages' outputs)")
+    t.add_argument("--stage", choices=["all", *STAGES], action="append", help="all (default), or a stage; repeat it "
+                   "for several (each needs the earlier stages' outputs)")
     t.set_defaults(func=cmd_guided_train)
     e = gsub.add_parser("evaluate", help="the comparison table on held-out neutral prefixes, with bootstrap intervals")
     common(e)

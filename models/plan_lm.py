@@ -233,6 +233,18 @@ def mean_nll(lm, batch: dict[str, torch.Tensor], soft: torch.Tensor | None) -> t
 
 
 @torch.no_grad()
+def nucleus(probs: torch.Tensor, top_p: float, candidates: int = 64) -> torch.Tensor:
+    """``probs`` (B, V) restricted to each row's smallest set of most likely tokens reaching ``top_p`` (not
+    renormalised: multinomial does not need it). The set is looked for among the ``candidates`` most likely tokens
+    first, which holds it whenever they reach ``top_p`` (almost every step of a trained LM) and avoids sorting the
+    whole vocabulary; otherwise the whole vocabulary is sorted. Same result either way."""
+    top, order = probs.topk(min(candidates, probs.shape[-1]), dim=-1)
+    if not bool((top.sum(-1) >= top_p).all()):
+        top, order = probs.sort(dim=-1, descending=True)
+    drop = top.cumsum(-1) - top > top_p  # keep the smallest set reaching top_p
+    return torch.zeros_like(probs).scatter(1, order, top.masked_fill(drop, 0.0))
+
+
 def sample_continuations(lm, prefixes: list[list[int]], soft: torch.Tensor | None, *, max_new_tokens: int,
                          pad_id: int, top_p: float = 0.9, temperature: float = 1.0, repetition_penalty: float = 1.2,
                          logit_bias: torch.Tensor | None = None, banned: list[int] = (),
@@ -273,9 +285,7 @@ def sample_continuations(lm, prefixes: list[list[int]], soft: torch.Tensor | Non
             logits[:, list(banned)] = float("-inf")
         probs = torch.softmax(logits / temperature, dim=-1)
         if top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
-            probs = torch.zeros_like(probs).scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
+            probs = nucleus(probs, top_p)
         tok = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
         tokens.append(tok)
         seen.scatter_(1, tok, True)

@@ -59,7 +59,7 @@ from schemas.errors import UserInputError, report_to_launcher
 from schemas.guided_configs import AttributeConfig, ClassifierConfig, GuidedFlowConfig, GuidedSamplingConfig
 from schemas.reports import AttributeClassifierReport, PlanPriorReport, SoftPromptLMReport
 from tasks.diffusion import step_generators
-from tasks.guided_data import PlanData, class_labels, drop_labels, load_plan_data, load_plan_space
+from tasks.guided_data import PlanData, class_labels, drop_labels, dropped_prefixes, load_plan_data, load_plan_space
 
 logger = logging.getLogger(f"lmlm.{__name__}")
 
@@ -145,7 +145,8 @@ def train_soft_prompt_lm(kind: str, config: GuidedFlowConfig, *, device: str | t
     meta = {"kind": kind, "plan_dim": data.space.dim, "base": base_lm_checkpoint(config.workdir),
             "plan_lm": config.plan_lm.model_dump(mode="json") if kind == "plan" else None,
             "classes": classes if kind == "class" else None, "budget": budget.model_dump(mode="json"),
-            "label_dropout": config.class_label_dropout if kind == "class" else None}
+            "label_dropout": config.class_label_dropout if kind == "class" else None,
+            "prefix_dropout": [config.plan_lm.prefix_dropout, config.plan_lm.prefix_dropout_mode]}
     state = load_trainer_state(out)
     if state is not None and state.get("meta") != meta:
         raise UserInputError(f"{out} holds a {kind} LM trained with other settings or another base LM; use a new "
@@ -178,7 +179,8 @@ def train_soft_prompt_lm(kind: str, config: GuidedFlowConfig, *, device: str | t
         rng, gen = step_generators(cfg.seed, step, device)
         idx = rng.integers(0, len(train_rows), budget.batch_size)
         rows = train_rows[idx]
-        batch = training_batch([prefixes[r] for r in rows], [conts[r] for r in rows], k, pad, cfg.train_prefix)
+        batch = training_batch(dropped_prefixes([prefixes[r] for r in rows], cfg.prefix_dropout, cfg.prefix_dropout_mode,
+                                                pad, rng), [conts[r] for r in rows], k, pad, cfg.train_prefix)
         batch = {key: v.to(device) for key, v in batch.items()}
         sel = torch.from_numpy(idx).to(device)
         if kind == "class":

@@ -240,3 +240,17 @@ def drop_labels(labels: torch.Tensor, unknown: torch.Tensor, p: float, generator
         return labels
     drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
     return torch.where(drop, unknown.to(labels.device).expand_as(labels), labels)
+
+
+def dropped_prefixes(prefixes: list[list[int]], p: float, mode: str, eos: int, rng: np.random.Generator) -> list[list[int]]:
+    """A batch's prefixes with each replaced with probability ``p``: by the document start alone (``mode`` start) or by
+    another prefix of the batch (swap; a batch of one keeps its prefix). Trained this way, the soft prompt is the
+    only source of what the continuation is about in those rows, so the model learns to read it, also against a
+    prefix that points elsewhere (which is what steering does)."""
+    if p <= 0:
+        return prefixes
+    drop = rng.random(len(prefixes)) < p
+    if mode == "start":
+        return [[eos] if d else q for q, d in zip(prefixes, drop)]
+    shift = rng.permutation(len(prefixes))
+    return [prefixes[shift[i]] if d else q for i, (q, d) in enumerate(zip(prefixes, drop))]

@@ -20,6 +20,7 @@ from models.plan_lm import (
     PlanSpace,
     noise_levels,
     noise_plan,
+    nucleus,
     sample_continuations,
     spliced_embeddings,
     token_nll,
@@ -178,6 +179,18 @@ def test_label_dropout_trains_unknown_for_each_attribute_and_keeps_the_other_lab
     assert torch.equal(out[~dropped], labels[~dropped])
 
 
+def test_prefix_dropout_replaces_a_share_of_prefixes_by_the_document_start_or_another_rows():
+    from tasks.guided_data import dropped_prefixes
+
+    prefixes = [[i, i + 1000] for i in range(2000)]
+    assert dropped_prefixes(prefixes, 0.0, "swap", 0, np.random.default_rng(0)) == prefixes
+    start = dropped_prefixes(prefixes, 0.5, "start", 0, np.random.default_rng(0))
+    assert 0.45 < np.mean([p == [0] for p in start]) < 0.55
+    assert all(p == [0] or p == q for p, q in zip(start, prefixes))
+    swapped = dropped_prefixes(prefixes, 0.5, "swap", 0, np.random.default_rng(0))
+    moved = [p != q for p, q in zip(swapped, prefixes)]
+    assert 0.45 < np.mean(moved) < 0.55 and all(p in prefixes for p in swapped)  # real prefixes, of other rows
+
 def test_noise_augmentation_is_mostly_mild_variance_preserving_and_exact_at_the_ends():
     g = torch.Generator().manual_seed(0)
     a2 = noise_levels(20_000, generator=g)
@@ -199,6 +212,17 @@ def test_plan_space_round_trips_unit_embeddings():
     assert torch.allclose(space.project(x), x, atol=1e-4)
     off = space.project(x * 3 + 1)  # any sampled plan is put back on the sphere, re-standardised
     assert torch.allclose(space.embedding(off).norm(dim=-1), torch.ones(50)) and torch.allclose(space.project(off), off, atol=1e-4)
+
+
+@pytest.mark.parametrize("sharpness", [0.3, 3.0, 30.0])  # nucleus within the 64 candidates, or the whole vocabulary
+def test_nucleus_keeps_the_smallest_most_likely_set_reaching_top_p(sharpness):
+    probs = torch.softmax(sharpness * torch.randn(32, 3000, generator=torch.Generator().manual_seed(1)), dim=-1)
+    kept = nucleus(probs, 0.9)
+    for row, k in zip(probs, kept):
+        order = row.argsort(descending=True)
+        n = int((row[order].cumsum(0) < 0.9).sum()) + 1  # tokens needed to reach 0.9
+        assert torch.equal(k.nonzero().flatten().sort().values, order[:n].sort().values)
+        assert torch.equal(k[order[:n]], row[order[:n]])
 
 
 def test_batched_left_padded_sampling_equals_one_prefix_at_a_time_and_honours_bias_and_bans():
@@ -428,24 +452,25 @@ def test_plan_fine_tune_resumes_exactly_after_an_interruption(trained, tmp_path)
 
 
 def test_a_new_attribute_costs_one_classifier_fit_and_no_lm_training(trained):
-    """Review domain (restaurant, hotel, book, film: a metadata key nothing was trained on) becomes steerable."""
+    """The biography's field (the category column: nothing was trained to steer it) becomes steerable."""
     from tasks import guided
 
     config, shards = trained
     work = Path(config.workdir)
     weights = {p: _sha(p) for p in [*work.glob("plan_lm/**/*.safetensors"), *work.glob("prior/*.safetensors")]}
-    report = guided.fit_new_attribute(config.workdir, AttributeConfig(name="domain"), shards, log=_quiet)
-    assert report.classes == ["book", "film", "hotel", "restaurant"] and report.seconds < 30
+    assert "category" not in guided.load_guided(config.workdir, "cpu").attributes
+    report = guided.fit_new_attribute(config.workdir, AttributeConfig(name="category"), shards, log=_quiet)
+    assert {"science", "law", "review"} <= set(report.classes) and report.seconds < 30
     assert {p: _sha(p) for p in weights} == weights  # the LM, the generator and the prior are untouched
     g = guided.load_guided(config.workdir, "cpu")
-    assert "domain" in g.attributes
+    assert "category" in g.attributes
     cond = torch.nn.functional.normalize(torch.randn(12, D, generator=torch.Generator().manual_seed(0)), dim=-1)
     sampling = GuidedSamplingConfig(steps=10, posterior_samples=8)
-    _, p_free = guided.sample_plans(g, cond, guided.guidance_terms(g, {"domain": "hotel"}, {"domain": 0.0}), sampling)
-    _, p_steered = guided.sample_plans(g, cond, guided.guidance_terms(g, {"domain": "hotel"}, {"domain": 30.0}), sampling)
+    _, p_free = guided.sample_plans(g, cond, guided.guidance_terms(g, {"category": "law"}, {"category": 0.0}), sampling)
+    _, p_steered = guided.sample_plans(g, cond, guided.guidance_terms(g, {"category": "law"}, {"category": 30.0}), sampling)
     assert p_steered[0] > max(0.8, p_free[0])
-    texts = guided.generate(config.workdir, "We booked a room.", 2, {"domain": "hotel", "sentiment": "positive"},
-                            {"domain": 5.0, "sentiment": 5.0}, GuidedSamplingConfig(steps=4, max_new_tokens=6), device="cpu")
+    texts = guided.generate(config.workdir, "She studied", 2, {"category": "law", "sentiment": "positive"},
+                            {"category": 5.0, "sentiment": 5.0}, GuidedSamplingConfig(steps=4, max_new_tokens=6), device="cpu")
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
@@ -480,7 +505,7 @@ def test_unknown_attributes_and_values_are_one_line_errors(trained):
 
     config, _ = trained
     g = guided.load_guided(config.workdir, "cpu")
-    with pytest.raises(UserInputError, match="attribute 'mood': no classifier; known: category, .*sentiment"):
+    with pytest.raises(UserInputError, match="attribute 'mood': no classifier; known: (category, )?sentiment, topic"):
         guided.guidance_terms(g, {"mood": "happy"}, {})
     with pytest.raises(UserInputError, match="sentiment=neutral: not a class.*negative, positive"):
         guided.guidance_terms(g, {"sentiment": "neutral"}, {})
@@ -526,7 +551,7 @@ def test_guided_flow_end_to_end(tmp_path, prefect_harness):
     training, evaluation = result["training"], result["evaluation"]
     assert training["plan_lm"]["soft_tokens"] == 3 and training["class_lm"]["soft_tokens"] == 2
     systems = {(r["attribute"], r["system"], r["setting"]) for r in evaluation["rows"]}
-    for attribute in ("category", "sentiment"):
+    for attribute in ("topic", "sentiment"):
         assert (attribute, "uncontrolled LM", "pretrained LM, top-p sampling") in systems
         assert (attribute, "DGLM", "guidance scale 5") in systems
         assert any(s[:2] == (attribute, "logit boost") for s in systems)
@@ -537,3 +562,21 @@ def test_guided_flow_end_to_end(tmp_path, prefect_harness):
     assert (tmp_path / "evaluation" / "table.md").read_text().startswith("| attribute | system")
     again = guided_training(config)
     assert again["plan_lm"]["reused"] and again["prior"]["reused"] and again["plans"]["reused"]
+
+
+def test_train_takes_several_stages_and_all_by_default(monkeypatch, tmp_path):
+    import flows.guided
+    from flows import cli
+
+    asked = []
+
+    def fake_training(config, stages):  # records what the command asks the flow for, trains nothing
+        asked.append(stages)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flows.guided, "guided_training", fake_training)
+    for argv, stages in ((["--stage", "prior", "--stage", "classifiers", "--stage", "prior"], ["prior", "classifiers"]),
+                         ([], None), (["--stage", "prior", "--stage", "all"], None)):
+        with pytest.raises(KeyboardInterrupt):
+            cli.main(["guided", "train", "--workdir", str(tmp_path), *argv])
+        assert asked.pop() == stages
