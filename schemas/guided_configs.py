@@ -149,8 +149,8 @@ class GuidedEvaluationConfig(Config):
     max_prefix_tokens: int = Field(40, ge=4, description="longest evaluation prefix (whole sentences)")
     prefixes_per_doc: int = Field(2, ge=1)
     guidance_scales: list[NonNegativeFloat] = Field([0.0, 16.0, 64.0], description="DGLM guidance scales swept (on "
-                                                    "the demo, topic rate 0.46 / 0.60 at scales 4 / 16 over 200 x 10, "
-                                                    "0.53 / 0.70 / 0.73 at 8 / 32 / 64 over 100 x 4)")
+                                                    "the demo, topic rate 0.23 / 0.46 / 0.60 / 0.74 at scales 0 / 4 / "
+                                                    "16 / 64, perplexity flat)")
     boost_deltas: list[NonNegativeFloat] = Field([2.0, 4.0, 6.0], description="attribute-word logit boosts swept")
     boost_words: int = Field(40, ge=1, description="words per attribute value boosted (top log-odds in the labelled text)")
     bootstrap: int = Field(1000, ge=10, description="bootstrap resamples of the prefixes for the 95% intervals")
