@@ -232,7 +232,6 @@ def mean_nll(lm, batch: dict[str, torch.Tensor], soft: torch.Tensor | None) -> t
 # ----------------------------------------------------------------------------- sampling
 
 
-@torch.no_grad()
 def nucleus(probs: torch.Tensor, top_p: float, candidates: int = 64) -> torch.Tensor:
     """``probs`` (B, V) restricted to each row's smallest set of most likely tokens reaching ``top_p`` (not
     renormalised: multinomial does not need it). The set is looked for among the ``candidates`` most likely tokens
@@ -245,6 +244,7 @@ def nucleus(probs: torch.Tensor, top_p: float, candidates: int = 64) -> torch.Te
     return torch.zeros_like(probs).scatter(1, order, top.masked_fill(drop, 0.0))
 
 
+@torch.no_grad()
 def sample_continuations(lm, prefixes: list[list[int]], soft: torch.Tensor | None, *, max_new_tokens: int,
                          pad_id: int, top_p: float = 0.9, temperature: float = 1.0, repetition_penalty: float = 1.2,
                          logit_bias: torch.Tensor | None = None, banned: list[int] = (),

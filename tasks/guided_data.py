@@ -244,7 +244,7 @@ def drop_labels(labels: torch.Tensor, unknown: torch.Tensor, p: float, generator
 
 def dropped_prefixes(prefixes: list[list[int]], p: float, mode: str, eos: int, rng: np.random.Generator) -> list[list[int]]:
     """A batch's prefixes with each replaced with probability ``p``: by the document start alone (``mode`` start) or by
-    another prefix of the batch (swap; a batch of one keeps its prefix). Trained this way, the soft prompt is the
+    the prefix a random permutation of the batch puts there (swap; about 1 in B of those is the row's own). Trained this way, the soft prompt is the
     only source of what the continuation is about in those rows, so the model learns to read it, also against a
     prefix that points elsewhere (which is what steering does)."""
     if p <= 0:
