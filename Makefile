@@ -18,7 +18,7 @@ WORKDIR ?= out/demo
 SEEDS ?=
 PIPELINE_SEEDS ?=
 
-.PHONY: demo demo-lmlm demo-diffusion demo-guided test test-fast bench install install-test clean
+.PHONY: demo demo-lmlm demo-diffusion demo-guided demo-star test test-fast bench install install-test clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,9 @@ demo-diffusion: $(VENV)/.installed
 # diffusion-guided language modeling (DGLM): LM, plan fine-tune, prior, classifiers, then the comparison table
 demo-guided: $(VENV)/.installed
 	$(VENV)/bin/lmlm guided demo --workdir out/guided-demo
+
+demo-star: $(VENV)/.installed
+	$(VENV)/bin/lmlm star demo --workdir out/guided-demo --prefixes 100 --samples 4
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest tests

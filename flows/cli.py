@@ -15,6 +15,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 from flows.cli_config import load_config_file, validated, with_overrides  # noqa: E402
 from flows.diffusion_cli import add_diffusion_commands  # noqa: E402
 from flows.guided_cli import add_guided_commands  # noqa: E402
+from flows.star_cli import add_star_commands  # noqa: E402
 from flows.lmlm_cli import add_lmlm_commands  # noqa: E402
 from flows.warehouse_cli import add_warehouse_commands  # noqa: E402
 from schemas.errors import UserInputError as UserError  # noqa: E402
@@ -415,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_lmlm_commands(sub)
     add_diffusion_commands(sub)
     add_guided_commands(sub)
+    add_star_commands(sub)
     return p
 
 

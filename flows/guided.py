@@ -40,7 +40,7 @@ from tasks.guided import folder
 STAGES = ("lm", "plans", "plan_lm", "class_lm", "prior", "classifiers")
 
 
-def _device(config: GuidedFlowConfig):
+def flow_device(config: GuidedFlowConfig):
     import torch
 
     from models.device import resolve_device
@@ -81,7 +81,7 @@ def guided_training(config: GuidedFlowConfig = GuidedFlowConfig(), stages: list[
     """Train every DGLM stage (or the named ``stages``: lm, plans, plan_lm, class_lm, prior, classifiers), reusing
     finished ones; writes ``training-report.json``."""
     logger = get_run_logger()
-    device = _device(config)
+    device = flow_device(config)
     wanted = list(stages or STAGES)
     Path(config.workdir).mkdir(parents=True, exist_ok=True)
     shards = document_shards(config)
@@ -158,7 +158,7 @@ def guided_evaluation(config: GuidedFlowConfig = GuidedFlowConfig()) -> dict:
     the sanity checks; writes ``evaluation/report.json`` and ``evaluation/table.md``."""
     from prefect.artifacts import create_markdown_artifact
 
-    device = _device(config)
+    device = flow_device(config)
     if config.evaluation is None:
         return {}
     shards = document_shards(config)

@@ -78,7 +78,8 @@ def cmd_guided_demo(args) -> None:
     print(f"demo wall time: {time.perf_counter() - t0:.0f} s")
 
 
-def _pairs(items: list[str], what: str) -> dict[str, str]:
+def pairs(items: list[str], what: str) -> dict[str, str]:
+    """``NAME=VALUE`` arguments as a dict; one clear error line for anything else."""
     out = {}
     for item in items or []:
         name, sep, value = item.partition("=")
@@ -88,24 +89,29 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
     return out
 
 
-def cmd_guided_generate(args) -> None:
-    from schemas.guided_configs import GuidedSamplingConfig
-    from tasks.guided import generate
-
-    if args.n < 1:
-        raise UserInputError(f"--n {args.n}: ask for at least one continuation")
-    attributes = _pairs(args.attribute, "--attribute")
+def parse_scales(items: list[str] | None, attributes: dict[str, str]) -> dict[str, float]:
+    """``--scale`` arguments: a number for every attribute, or NAME=NUMBER for one."""
     scales = {}
-    for item in args.scale or []:
+    for item in items or []:
         if "=" in item:
             name, _, value = item.partition("=")
             scales[name] = value
         else:
             scales.update({name: item for name in attributes})
     try:
-        scales = {k: float(v) for k, v in scales.items()}
+        return {k: float(v) for k, v in scales.items()}
     except ValueError:
-        raise UserInputError(f"--scale {args.scale}: give a number, or NAME=NUMBER per attribute") from None
+        raise UserInputError(f"--scale {items}: give a number, or NAME=NUMBER per attribute") from None
+
+
+def cmd_guided_generate(args) -> None:
+    from schemas.guided_configs import GuidedSamplingConfig
+    from tasks.guided import generate
+
+    if args.n < 1:
+        raise UserInputError(f"--n {args.n}: ask for at least one continuation")
+    attributes = pairs(args.attribute, "--attribute")
+    scales = parse_scales(args.scale, attributes)
     sampling = validated(GuidedSamplingConfig, {"steps": args.steps, "inference_alpha2": args.alpha2,
                                                 "max_new_tokens": args.max_new_tokens}, "--steps/--alpha2/--max-new-tokens")
     for text in generate(args.workdir, args.prefix, args.n, attributes, scales, sampling, seed=args.seed, device=args.device):

@@ -99,6 +99,8 @@ REGISTRY: list[Registration] = [
                  description="render the newest evaluation reports into the results page (Markdown, HTML, artifact)"),
     *(Registration(f"flows.guided:{name}", lambda c: {"config": {"workdir": os.path.join(c.workdir, "guided")}}, one_at_a_time=True)
       for name in ("guided_training", "guided_evaluation", "guided_demo")),
+    *(Registration(f"flows.star:{name}", lambda c: {"config": {"workdir": os.path.join(c.workdir, "guided")}}, one_at_a_time=True)
+      for name in ("star_training", "star_evaluation", "star_demo")),
 ]
 
 

@@ -418,7 +418,7 @@ class GuidedRow(BaseModel):
     """One system at one setting, on one attribute's neutral prefixes."""
 
     attribute: str
-    system: str  # uncontrolled LM, DGLM, logit boost, class-conditional
+    system: str  # uncontrolled LM, DGLM, STAR-LDM, logit boost, class-conditional
     setting: str
     knob: float | None  # the guidance scale or the boost delta swept
     continuations: int
@@ -428,7 +428,7 @@ class GuidedRow(BaseModel):
     dist_1: Interval
     dist_2: Interval
     dist_3: Interval
-    plan_rate: float | None = None  # DGLM: the guidance classifier's mean p(target) of the sampled plans
+    plan_rate: float | None = None  # DGLM, STAR-LDM: the guidance classifier's mean p(target) of the sampled plans
     seconds: float
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -151,6 +153,88 @@ def _judges(attribute: AttributeConfig, data: PlanData, lexicon: LexiconSentimen
     return judge, report
 
 
+@dataclass
+class AttributeBench:
+    """One attribute's comparison: its neutral prefixes, each repeated ``samples`` times with a target, the judges and
+    the reference LM; :meth:`score` turns one system's continuations into a row (bootstrap intervals over prefixes)."""
+
+    name: str
+    prefixes: list
+    samples: int
+    judge: TextClassifier
+    lexicon: LexiconSentiment | None
+    ref: object
+    tokenizer: object
+    resamples: int
+    seed: int
+    log: Callable[[str], None]
+    rows: list[GuidedRow] = field(default_factory=list)
+    examples: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        S = self.samples
+        self.texts_rep = [p.text for p in self.prefixes for _ in range(S)]
+        self.ids_rep = [p.ids for p in self.prefixes for _ in range(S)]
+        self.targets_rep = [p.target for p in self.prefixes for _ in range(S)]
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        return [self.tokenizer.decode(t, skip_special_tokens=True) for t in ids]
+
+    def score(self, system: str, setting: str, knob, ids: list[list[int]], seconds: float, plan_rate=None) -> list[str]:
+        """The row of continuations ``ids`` (one per repeated prefix, in order); returns their text."""
+        conts, S = self.decode(ids), self.samples
+        hits = [p == t for p, t in zip(self.judge.predict(conts), self.targets_rep)]
+        lex = None if self.lexicon is None else [p == t for p, t in zip(self.lexicon.predict(conts), self.targets_rep)]
+        nll, tok = conditional_nll(self.ref, self.texts_rep, conts)
+        figures = bootstrap(prefix_stats(conts, hits, lex, nll, tok, S), self.resamples, self.seed)
+        row = GuidedRow(attribute=self.name, system=system, setting=setting, knob=knob, continuations=len(conts),
+                        plan_rate=plan_rate, seconds=round(seconds, 1), **figures)
+        self.rows.append(row)
+        self.examples.extend({"system": system, "setting": setting, "target": self.targets_rep[i],
+                              "prefix": self.texts_rep[i], "continuation": conts[i]}
+                             for i in range(0, min(len(conts), 3 * S), S))
+        self.log(f"{self.name} | {system} {setting}: rate {row.attribute_rate.value:.3f} "
+                 f"[{row.attribute_rate.low:.3f}, {row.attribute_rate.high:.3f}], ppl {row.perplexity.value:.2f}, "
+                 f"dist-3 {row.dist_3.value:.3f} ({seconds:.0f} s)")
+        return conts
+
+
+def attribute_bench(attribute: AttributeConfig, config: GuidedFlowConfig, data: PlanData, docs: list, tokenizer, ref,
+                    targets: list[str], log=logger.info) -> tuple[TextClassifier, dict, AttributeBench | None, dict]:
+    """(the tf-idf judge; the judges' report; the bench of ``attribute``'s neutral held-out prefixes, or None when there
+    is none; the prefixes' neutrality), as every system of the DGLM and STAR-LDM tables is scored."""
+    ev, name = config.evaluation, attribute.name
+    lexicon = LexiconSentiment() if set(targets) <= SENTIMENT_VALUES else None
+    judge, judges = _judges(attribute, data, lexicon)
+    log(f"{name}: judges {judges}")
+    prefixes = neutral_prefixes(docs, name, targets, judge, tokenizer, n=ev.prefixes, per_doc=ev.prefixes_per_doc,
+                                max_tokens=ev.max_prefix_tokens, continuation_tokens=config.sampling.max_new_tokens)
+    if not prefixes:
+        log(f"{name}: no held-out prefix labelled with {targets}; skipped")
+        return judge, judges, None, {}
+    neutrality = {"mean_top_probability": round(float(np.mean([p.neutrality for p in prefixes])), 4),
+                  "max_top_probability": round(float(max(p.neutrality for p in prefixes)), 4),
+                  "own_label_equals_target": round(float(np.mean([p.label == p.target for p in prefixes])), 4)}
+    if lexicon is not None:
+        neutrality["lexicon_mean_compound"] = round(float(np.mean(lexicon.compound([p.text for p in prefixes]))), 4)
+    log(f"{name}: {len(prefixes)} neutral prefixes x {ev.samples_per_prefix} continuations; neutrality {neutrality}")
+    bench = AttributeBench(name, prefixes, ev.samples_per_prefix, judge, lexicon, ref, tokenizer, ev.bootstrap, ev.seed, log)
+    return judge, judges, bench, neutrality
+
+
+def boost_mask(bench: AttributeBench, data: PlanData, targets: list[str], vocab_size: int, words: int) -> torch.Tensor:
+    """(rows, V) 1 at the token ids of each row's target words: the ``words`` words of highest log-odds for the value
+    in the training continuations (logit boosting adds delta times this)."""
+    texts, labels = data.column("continuation_text"), data.labels(bench.name)
+    train = data.rows("train")
+    ids = {v: word_token_ids(bench.tokenizer, attribute_words([texts[i] for i in train], [labels[i] for i in train], v, words))
+           for v in targets}
+    mask = torch.zeros((len(bench.targets_rep), vocab_size))
+    for r, t in enumerate(bench.targets_rep):
+        mask[r, ids[t]] = 1.0
+    return mask
+
+
 def evaluate_guided(config: GuidedFlowConfig, shards: list[str], *, device: str | torch.device = "auto",
                     log=logger.info) -> GuidedEvaluationReport:
     """Every system on every attribute's neutral prefixes (``config.evaluation`` must be set), and the sanity checks."""
@@ -167,67 +251,27 @@ def evaluate_guided(config: GuidedFlowConfig, shards: list[str], *, device: str 
     data = load_plan_data(folder(workdir, "plans"))
     docs = [d for d in read_documents(shards, config.attributes, config.holdout_fraction, config.data.judge_fraction)
             if d.role == "holdout"]
-    S = ev.samples_per_prefix
     rows, goals, judges, neutrality, counts, examples, persistence = [], {}, {}, {}, {}, {}, {}
     cosine = None
-    decode = lambda ids: [g.tokenizer.decode(t, skip_special_tokens=True) for t in ids]  # noqa: E731
     for attribute in config.attributes:
         name = attribute.name
         if ev.attributes is not None and name not in ev.attributes:
             continue
         classifier = g.attributes.get(name)
         targets = attribute.targets or (classifier.classes if classifier else [])
-        lexicon = LexiconSentiment() if set(targets) <= SENTIMENT_VALUES else None
-        judge, judges[name] = _judges(attribute, data, lexicon)
-        log(f"{name}: judges {judges[name]}")
-        persistence[name] = attribute_persistence(base, docs, name, targets, judge, g.tokenizer, sampling, eos=g.eos,
-                                                  amp=amp, n=ev.prefixes, seed=ev.seed)
+        judge, judges[name], bench, info = attribute_bench(attribute, config, data, docs, g.tokenizer, ref, targets, log)
+        persistence[name] = attribute_persistence(base, docs, name, targets, judge, g.tokenizer,
+                                                  sampling, eos=g.eos, amp=amp, n=ev.prefixes, seed=ev.seed)
         log(f"{name}: does the pretrained LM keep it after a document's first sentence? {persistence[name]}")
-        prefixes = neutral_prefixes(docs, name, targets, judge, g.tokenizer, n=ev.prefixes, per_doc=ev.prefixes_per_doc,
-                                    max_tokens=ev.max_prefix_tokens, continuation_tokens=sampling.max_new_tokens)
-        if not prefixes:
-            log(f"{name}: no held-out prefix labelled with {targets}; skipped")
+        if bench is None:
             continue
-        counts[name] = len(prefixes)
-        neutrality[name] = {"mean_top_probability": round(float(np.mean([p.neutrality for p in prefixes])), 4),
-                            "max_top_probability": round(float(max(p.neutrality for p in prefixes)), 4),
-                            "own_label_equals_target": round(float(np.mean([p.label == p.target for p in prefixes])), 4)}
-        if lexicon is not None:
-            neutrality[name]["lexicon_mean_compound"] = round(float(np.mean(lexicon.compound([p.text for p in prefixes]))), 4)
-        log(f"{name}: {len(prefixes)} neutral prefixes x {S} continuations; neutrality {neutrality[name]}")
-        texts_rep = [p.text for p in prefixes for _ in range(S)]
-        ids_rep = [p.ids for p in prefixes for _ in range(S)]
-        targets_rep = [p.target for p in prefixes for _ in range(S)]
-        cond = torch.from_numpy(embed([p.text for p in prefixes])).repeat_interleave(S, dim=0)
-        texts_all, labels_all = data.column("continuation_text"), data.labels(name)
-        train_rows = data.rows("train")
-        boost_ids = {v: word_token_ids(g.tokenizer, attribute_words([texts_all[i] for i in train_rows],
-                                                                      [labels_all[i] for i in train_rows], v, ev.boost_words))
-                     for v in targets}
-        V = base.lm.get_output_embeddings().weight.shape[0]
-        boost_mask = torch.zeros((len(targets_rep), V))
-        for r, t in enumerate(targets_rep):
-            boost_mask[r, boost_ids[t]] = 1.0
+        counts[name], neutrality[name], examples[name] = len(bench.prefixes), info, bench.examples
+        ids_rep, targets_rep, score = bench.ids_rep, bench.targets_rep, bench.score
+        cond = torch.from_numpy(embed([p.text for p in bench.prefixes])).repeat_interleave(bench.samples, dim=0)
+        mask = boost_mask(bench, data, targets, base.lm.get_output_embeddings().weight.shape[0], ev.boost_words)
         class_index = list(class_meta["classes"]).index(name)
         cc_labels = torch.tensor([[len(v) for v in class_meta["classes"].values()]] * len(targets_rep))
         cc_labels[:, class_index] = torch.tensor([class_meta["classes"][name].index(t) for t in targets_rep])
-
-        def score(system: str, setting: str, knob, ids: list[list[int]], seconds: float, plan_rate=None) -> list[str]:
-            conts = decode(ids)
-            hits = [p == t for p, t in zip(judge.predict(conts), targets_rep)]
-            lex = None if lexicon is None else [p == t for p, t in zip(lexicon.predict(conts), targets_rep)]
-            nll, tok = conditional_nll(ref, texts_rep, conts)
-            figures = bootstrap(prefix_stats(conts, hits, lex, nll, tok, S), ev.bootstrap, ev.seed)
-            row = GuidedRow(attribute=name, system=system, setting=setting, knob=knob, continuations=len(conts),
-                            plan_rate=plan_rate, seconds=round(seconds, 1), **figures)
-            rows.append(row)
-            examples.setdefault(name, []).extend(
-                {"system": system, "setting": setting, "target": targets_rep[i], "prefix": texts_rep[i], "continuation": conts[i]}
-                for i in range(0, min(len(conts), 3 * S), S))
-            log(f"{name} | {system} {setting}: rate {row.attribute_rate.value:.3f} "
-                f"[{row.attribute_rate.low:.3f}, {row.attribute_rate.high:.3f}], ppl {row.perplexity.value:.2f}, "
-                f"dist-3 {row.dist_3.value:.3f} ({seconds:.0f} s)")
-            return conts
 
         systems = (1 + len(ev.guidance_scales) + len(ev.boost_deltas) + 1)
         done = 0
@@ -255,14 +299,15 @@ def evaluate_guided(config: GuidedFlowConfig, shards: list[str], *, device: str 
         for delta in ev.boost_deltas:
             t0 = time.perf_counter()
             ids = write_continuations(base, ids_rep, None, sampling, eos=g.eos, amp=amp, seed=ev.seed,
-                                      logit_bias=delta * boost_mask)
+                                      logit_bias=delta * mask)
             score("logit boost", f"delta {delta:g}, {ev.boost_words} words per value", delta, ids, time.perf_counter() - t0)
             tick()
         t0 = time.perf_counter()
         ids = write_continuations(class_lm, ids_rep, cc_labels, sampling, eos=g.eos, amp=amp, seed=ev.seed, kind="class")
         score("class-conditional", "control vector (fine-tuned, not plug-and-play)", None, ids, time.perf_counter() - t0)
         tick()
-        goals[name] = measured_goals([r for r in rows if r.attribute == name])
+        rows += bench.rows
+        goals[name] = measured_goals(bench.rows)
         log(f"{name}: goals {goals[name]}")
     sanity = sanity_checks(g, base, data, ev.sanity_examples, ev.alpha2_sweep, ev.seed)
     sanity["cosine"] = cosine
@@ -272,14 +317,14 @@ def evaluate_guided(config: GuidedFlowConfig, shards: list[str], *, device: str 
                                   goals=goals, examples=examples, seconds=round(time.perf_counter() - t_start, 1))
 
 
-def measured_goals(rows: list[GuidedRow]) -> dict:
-    """Dominance of DGLM's curve over logit boosting (higher rate at a perplexity at most 5% above), and the best
-    DGLM rate as a share of the class-conditional model's."""
-    dglm = [(r.perplexity.value, r.attribute_rate.value) for r in rows if r.system == "DGLM"]
+def measured_goals(rows: list[GuidedRow], system: str = "DGLM") -> dict:
+    """Dominance of ``system``'s curve over logit boosting (higher rate at a perplexity at most 5% above), and its best
+    rate as a share of the class-conditional model's (None without that row)."""
+    guided = [(r.perplexity.value, r.attribute_rate.value) for r in rows if r.system == system]
     boost = [(r.perplexity.value, r.attribute_rate.value) for r in rows if r.system == "logit boost"]
     cc = next((r.attribute_rate.value for r in rows if r.system == "class-conditional"), None)
-    checks = dominance(dglm, boost)
-    best = max((rate for _, rate in dglm), default=None)
+    checks = dominance(guided, boost)
+    best = max((rate for _, rate in guided), default=None)
     share = None if not cc or best is None else round(best / cc, 4)
     return {"dominance": checks, "boost_points_dominated": f"{sum(c['dominated'] for c in checks)}/{len(checks)}",
             "dominates_boosting": bool(checks) and all(c["dominated"] for c in checks),

@@ -405,12 +405,18 @@ def load_guided(workdir: str, device: str | torch.device = "auto", bf16: str | b
 
 def guidance_terms(g: GuidedLM, wanted: dict[str, str | list[str]], scales: dict[str, float]) -> list[tuple]:
     """(classifier, target ids, scale) per attribute asked for: ``wanted`` name -> value (or one value per row)."""
+    return attribute_terms(g.attributes, wanted, scales, "classifier", "fit one with `lmlm guided fit-attribute`")
+
+
+def attribute_terms(classifiers: dict, wanted: dict[str, str | list[str]], scales: dict[str, float], what: str,
+                    hint: str) -> list[tuple]:
+    """(classifier, target ids () or (B,), scale (default 1)) per attribute of ``wanted`` among ``classifiers`` (name
+    -> a model with ``classes`` and ``index``); an unknown attribute or value is one error line."""
     terms = []
     for name, value in wanted.items():
-        if name not in g.attributes:
-            raise UserInputError(f"attribute {name!r}: no classifier; known: {', '.join(sorted(g.attributes)) or 'none'} "
-                                 "(fit one with `lmlm guided fit-attribute`)")
-        a = g.attributes[name]
+        if name not in classifiers:
+            raise UserInputError(f"attribute {name!r}: no {what}; known: {', '.join(sorted(classifiers)) or 'none'} ({hint})")
+        a = classifiers[name]
         values = [value] if isinstance(value, str) else list(value)
         unknown = sorted({v for v in values if v not in a.classes})
         if unknown:

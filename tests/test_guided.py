@@ -385,15 +385,14 @@ def _quiet(_):
     pass
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A DGLM workdir trained by the stage functions alone (no Prefect): every folder the flow writes."""
+def train_shared_stages(config) -> list[str]:
+    """Tokenizer, LM, reference LM and plan examples of ``config``'s workdir by the stage functions (no Prefect): what
+    DGLM and STAR-LDM share. Returns the document shards."""
     from tasks import guided
     from tasks.diffusion_texts import document_shards
     from tasks.guided_data import prepare_plan_data
     from tasks.pretrain import pretrain
 
-    config = GuidedFlowConfig.model_validate({**TINY, "workdir": str(tmp_path_factory.mktemp("guided"))})
     shards = document_shards(config)
     tok = guided.train_guided_tokenizer(shards, config.holdout_fraction, config.vocab_size,
                                         guided.folder(config.workdir, "tokenizer"))
@@ -402,6 +401,16 @@ def trained(tmp_path_factory):
         pretrain(cfg, shards, guided.folder(config.workdir, name), "standard")
     prepare_plan_data(shards, config.attributes, config.data, tok, guided.folder(config.workdir, "plans"),
                       holdout_fraction=config.holdout_fraction, log=_quiet)
+    return shards
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A DGLM workdir trained by the stage functions alone (no Prefect): every folder the flow writes."""
+    from tasks import guided
+
+    config = GuidedFlowConfig.model_validate({**TINY, "workdir": str(tmp_path_factory.mktemp("guided"))})
+    shards = train_shared_stages(config)
     for kind in ("plan", "class"):
         guided.train_soft_prompt_lm(kind, config, device="cpu", log=_quiet)
     guided.train_plan_prior(config, device="cpu", log=_quiet)
