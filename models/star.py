@@ -81,28 +81,58 @@ class StarLDM(nn.Module):
         return self.lm.base_model(**kw).last_hidden_state
 
     def losses(self, batch: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-               null: torch.Tensor, diffusion_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               null: torch.Tensor, diffusion_rows: torch.Tensor | None = None,
+               extra: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean NLL of the target tokens, weighted v-MSE, the soft prompt) of a ``plan_lm.training_batch`` with clean
         plans ``x`` (B, D) noised at t (B,) with noise ``eps`` (B, D) (cosine schedule, unshifted); ``null`` (B,) rows
-        give the head the null features; ``diffusion_rows`` (B,) bool: rows whose v-loss counts (all if None)."""
+        give the head the null features; ``diffusion_rows`` (B,) bool: rows whose v-loss counts (all if None).
+
+        ``extra``: more (t, eps, null) draws of the same plans for the v-loss alone. Each runs the LM over the k soft
+        tokens only, attending to the prefix's keys and values of the main pass (the prefix never attends to the soft
+        tokens, so this is what a full pass would give): more diffusion samples per example for a fraction of a pass."""
         from models.diffusion import logsnr_cosine
 
         logsnr = logsnr_cosine(t)
         alpha, sigma = (s[:, None] for s in alpha_sigma(logsnr))
-        z = alpha * x + sigma * eps
-        soft = self.prompt(z, alpha[:, 0] ** 2)
-        h = self.hidden(inputs_embeds=spliced_embeddings(self.lm, batch["ids"], batch["soft"], soft))
+        soft = self.prompt(alpha * x + sigma * eps, alpha[:, 0] ** 2)
+        emb = spliced_embeddings(self.lm, batch["ids"], batch["soft"], soft)
+        if extra:
+            cache = new_cache(self.lm.config)
+            h = self.hidden(inputs_embeds=emb, use_cache=True, **{cache_keyword(self.lm.base_model): cache})
+        else:
+            h = self.hidden(inputs_embeds=emb)
         logits = self.lm.get_output_embeddings()(h[:, :-1])
         nll = F.cross_entropy(logits.float().transpose(1, 2), batch["ids"][:, 1:], reduction="none")
         keep = batch["target"][:, 1:]
         nll = (nll * keep).sum() / keep.sum().clamp(min=1)
-        at_soft = h[batch["soft"]].view(len(x), self.soft_tokens, -1)
-        v_hat = self.head(soft, at_soft, logsnr, null)
-        per_row = sigmoid_weight(logsnr) * (v_hat - (alpha * eps - sigma * x)).pow(2).mean(-1)
+        v_loss = self._v_loss(soft, h[batch["soft"]].view(len(x), self.soft_tokens, -1), x, logsnr, eps, null)
+        if extra:
+            B, T, k = len(x), batch["ids"].shape[1], self.soft_tokens
+            start = batch["soft"].float().argmax(-1)  # the prefix's length = where the soft tokens start
+            prefix_mask = (torch.arange(T, device=x.device)[None] < start[:, None]).long()
+            mask = torch.cat([prefix_mask, torch.ones((B, k), dtype=torch.long, device=x.device)], 1)
+            positions = start[:, None] + torch.arange(k, device=x.device)
+            layers = [(layer.keys, layer.values) for layer in cache.layers]
+            for t_r, eps_r, null_r in extra:
+                lam = logsnr_cosine(t_r)
+                a, s = (u[:, None] for u in alpha_sigma(lam))
+                soft_r = self.prompt(a * x + s * eps_r, a[:, 0] ** 2)
+                draw_cache = new_cache(self.lm.config)
+                for i, (key, value) in enumerate(layers):
+                    draw_cache.update(key, value, i)
+                h_r = self.hidden(inputs_embeds=soft_r.to(emb.dtype), attention_mask=mask, position_ids=positions,
+                                  use_cache=True, **{cache_keyword(self.lm.base_model): draw_cache})
+                v_loss = v_loss + self._v_loss(soft_r, h_r, x, lam, eps_r, null_r)
+            v_loss = v_loss / (1 + len(extra))
         if diffusion_rows is not None:
-            per_row = per_row * diffusion_rows
-            return nll, per_row.sum() / diffusion_rows.sum().clamp(min=1), soft
-        return nll, per_row.mean(), soft
+            return nll, (v_loss * diffusion_rows).sum() / diffusion_rows.sum().clamp(min=1), soft
+        return nll, v_loss.mean(), soft
+
+    def _v_loss(self, soft, hidden, x, logsnr, eps, null) -> torch.Tensor:
+        """Sigmoid-weighted v-MSE per row."""
+        alpha, sigma = (s[:, None] for s in alpha_sigma(logsnr))
+        v_hat = self.head(soft, hidden, logsnr, null)
+        return sigmoid_weight(logsnr) * (v_hat - (alpha * eps - sigma * x)).pow(2).mean(-1)
 
 
 # ----------------------------------------------------------------------------- thinking with a cached prefix

@@ -64,6 +64,20 @@ def test_both_losses_train_and_the_null_rows_do_not_see_the_lm():
     assert torch.isfinite(masked)
 
 
+def test_extra_noise_draws_against_the_cached_prefix_score_as_full_passes_would():
+    model = _model()
+    P, C = [[0, 5, 6, 7], [8, 9]], [[10, 11, 12], [13, 14, 15, 16]]  # ragged: right padding in the batch
+    batch = training_batch(P, C, 3, 0, train_prefix=False)
+    x = torch.randn(2, D)
+    draws = [(torch.tensor([0.3, 0.6]), torch.randn(2, D), torch.tensor([False, True])),
+             (torch.tensor([0.8, 0.1]), torch.randn(2, D), torch.tensor([False, False]))]
+    with torch.no_grad():
+        alone = [model.losses(batch, x, *d)[1] for d in draws]
+        together = model.losses(batch, x, *draws[0], extra=[draws[1]])
+    assert torch.allclose(together[1], (alone[0] + alone[1]) / 2, atol=1e-5)
+    assert torch.allclose(together[0], model.losses(batch, x, *draws[0])[0])  # the NLL is the main draw's
+
+
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
 def test_a_thought_with_the_cached_prefix_is_the_uncached_thought(cfg_scale):
     model = _model()
