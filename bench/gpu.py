@@ -22,6 +22,8 @@ BPE tokenizer trained on them, held-out source texts for the annotator, and a co
              generator on spliced [prefix][k soft][continuation] batches, noised plans) at the demo's tiny shape and
              gpt2-124m, the plan prior (v-MSE + AdamW + EMA), and generation: plans/s of guided DDPM-50 sampling
              (gradient through the prior) and continuation tokens/s with the KV cache.
+  star       STAR-LDM (issue 17): joint training steps/s (NLL + v-loss) at the tiny shape and gpt2-124m, and a
+             15-step thought with the prefix cached and uncached against writing 8 tokens.
 
 Each part's figures go to ``--out/gpu.json`` as they are measured; a table is printed at the end.
 """
@@ -329,6 +331,56 @@ def bench_encoder(device, batch: int, iters: int) -> dict:
     return {"batch": batch, "texts_per_s": round(batch * _rate(fwd, 3, iters, device))}
 
 
+def bench_star(device, shape: str, batch: int, iters: int, think_steps: int = 15, soft_tokens: int = 8) -> dict:
+    """STAR-LDM (issue 17): training steps/s of the joint loss (NLL + v-loss, one pass) and the cost of a thought
+    (``think_steps`` denoising steps over the soft tokens) with the cached prefix, without it, and of writing 8 tokens."""
+    import torch
+
+    from models.lmlm import build_model
+    from models.plan_lm import PlanPromptGenerator, sample_continuations, token_rms, training_batch
+    from models.star import PrefixState, ScoreHead, StarLDM, think
+    from models.train import adamw
+
+    torch.manual_seed(0)
+    vocab = 50_257 if shape.startswith("gpt2") else 4_096
+    lm = build_model(shape, vocab, context_length=128, eos_token_id=0).to(device)
+    d = lm.config.hidden_size
+    model = StarLDM(lm, PlanPromptGenerator(384, soft_tokens, 256, 2, 4, d, token_rms(lm)),
+                    ScoreHead(d, soft_tokens, 384, 256, 2, 4)).to(device)
+    opt = adamw(model, lr=1e-4, weight_decay=1e-4, betas=(0.9, 0.99))
+    prefixes = torch.randint(1, vocab, (batch, 48)).tolist()
+    b = {k: v.to(device) for k, v in training_batch(prefixes, torch.randint(1, vocab, (batch, 32)).tolist(), soft_tokens, 0).items()}
+    plans = torch.randn(batch, 384, device=device)
+
+    def step():
+        t, eps = torch.rand(batch, device=device), torch.randn(batch, 384, device=device)
+        with _autocast(device):
+            nll, v_loss, _ = model.losses(b, plans, t, eps, torch.zeros(batch, dtype=torch.bool, device=device))
+            loss = nll + 5 * v_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    steps_s = _rate(step, 3, iters, device)
+    model.eval()
+
+    def thought(cached: bool):
+        def run():
+            with torch.no_grad(), _autocast(device):
+                think(model, PrefixState(model, prefixes, 0), steps=think_steps, cached=cached)
+        return run
+
+    def write():
+        with torch.no_grad(), _autocast(device):
+            sample_continuations(lm, prefixes, None, max_new_tokens=8, pad_id=0)
+
+    cached, uncached, tokens8 = (1 / _rate(fn, 1, 3, device) for fn in (thought(True), thought(False), write))
+    return {"shape": shape, "batch": batch, "steps_per_s": round(steps_s, 2), "examples_per_s": round(steps_s * batch),
+            "think_steps": think_steps, "thought_cached_s": round(cached, 4), "thought_uncached_s": round(uncached, 4),
+            "write_8_tokens_s": round(tokens8, 4), "thought_over_8_tokens": round(cached / tokens8, 2)}
+
+
 def run(args) -> None:
     import torch
 
@@ -385,6 +437,11 @@ def run(args) -> None:
     attempt("guided_prior_demo", lambda: bench_guided_prior(device, 64 if toy else 512, 2 if toy else 4, 16 if toy else 256,
                                                             2 if toy else 100, 4 if toy else 1024))
 
+    attempt("star_tiny", lambda: bench_star(device, "micro" if toy else "tiny", 4 if toy else 64, 2 if toy else 50,
+                                            3 if toy else 15))
+    if not toy:
+        attempt("star_gpt2-124m", lambda: bench_star(device, "gpt2-124m", 64, 30))
+
     def annotate() -> dict:
         cmd = [sys.executable, str(ROOT / "bench" / "annotate.py"), "--checkpoint", str(data / "annotator"),
                "--texts", str(data / ANNOTATE_TEXTS), "--docs", "8" if toy else "128", "--step-docs", "2" if toy else "6",
@@ -421,7 +478,7 @@ def main() -> None:
     r = sub.add_parser("run", help="measure on the GPU")
     r.add_argument("--data", default=".gpu")
     r.add_argument("--out", default=os.environ.get("OUT", "bench/out/gpu"))
-    r.add_argument("--only", default="pretrain,encoder,autoencoder,diffusion,guided,annotate",
+    r.add_argument("--only", default="pretrain,encoder,autoencoder,diffusion,guided,star,annotate",
                    help="comma-separated prefixes of the figures' names (e.g. pretrain_gpt2-124m_compiled,annotate)")
     r.add_argument("--budget-s", type=float, default=420, help="parts not started by then are skipped")
     r.add_argument("--device", default="cuda")

@@ -76,15 +76,20 @@ def star_training(config: StarFlowConfig = StarFlowConfig(), stages: list[str] |
 
 
 def _pm(figure: dict, digits: int = 3) -> str:
+    """mean ± std over draws; the value alone (one draw) when there was one."""
+    if len(figure["draws"]) == 1:
+        return f"{figure['mean']:.{digits}f}"
     return f"{figure['mean']:.{digits}f} ± {figure['std']:.{digits}f}"
 
 
 def open_ended_table(open_ended: dict) -> str:
-    head = ["system", "perplexity (reference LM)", "MAUVE", "dist-1", "dist-2", "dist-3", "diversity", "seconds per draw"]
+    head = ["system", "draws", "perplexity (reference LM)", "MAUVE", "dist-1", "dist-2", "dist-3", "diversity",
+            "seconds per draw"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, f in open_ended["systems"].items():
-        lines.append("| " + " | ".join([name, _pm(f["perplexity"], 2), _pm(f["mauve"]), _pm(f["dist_1"]), _pm(f["dist_2"]),
-                                        _pm(f["dist_3"]), _pm(f["diversity"]), f"{f['seconds']['mean']:.1f}"]) + " |")
+        lines.append("| " + " | ".join([name, str(len(f["mauve"]["draws"])), _pm(f["perplexity"], 2), _pm(f["mauve"]),
+                                        _pm(f["dist_1"]), _pm(f["dist_2"]), _pm(f["dist_3"]), _pm(f["diversity"]),
+                                        f"{f['seconds']['mean']:.1f}"]) + " |")
     return "\n".join(lines)
 
 

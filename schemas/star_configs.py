@@ -62,7 +62,7 @@ class NoisyClassifierConfig(Config):
     width: int = Field(384, ge=16)
     blocks: int = Field(4, ge=1)
     train: TrainingBudget = Field(default_factory=lambda: TrainingBudget(
-        steps=800, batch_size=256, lr=1e-3, warmup_steps=50, weight_decay=1e-4, checkpoint_every=800, log_every=200))
+        steps=400, batch_size=256, lr=1e-3, warmup_steps=50, weight_decay=1e-4, checkpoint_every=400, log_every=200))
     seed: int = Field(0)
 
 
@@ -82,7 +82,7 @@ class StarSamplingConfig(GuidedSamplingConfig):
 class StarEvaluationConfig(Config):
     """STAR-LDM's tables: control beside DGLM, open-ended quality against the plain LM, ablations."""
 
-    guidance_scales: list[NonNegativeFloat] = Field([0.0, 3.0, 10.0], description="STAR-LDM guidance scales swept "
+    guidance_scales: list[NonNegativeFloat] = Field([0.0, 1.0, 3.0, 10.0], description="STAR-LDM guidance scales swept "
                                                     "(reference example 3)")
     compare_dglm: bool = Field(True, description="DGLM's rows on the same prefixes when the workdir has a trained DGLM "
                                "(plan_lm, prior, classifiers)")
