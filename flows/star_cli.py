@@ -55,7 +55,7 @@ def cmd_star_train(args) -> None:
     stages = None if not args.stage or "all" in args.stage else list(dict.fromkeys(args.stage))
     _print_training(star_training(config, stages))
     print(f'try:          lmlm star generate --workdir {config.workdir} "We booked a table for two." '
-          "--think every-sentence --attribute sentiment=positive --scale 3")
+          "--attribute topic=restaurant --scale 1")
 
 
 def cmd_star_evaluate(args) -> None:
