@@ -217,6 +217,25 @@ def write_folder_atomic(final: str, write: Callable[[str], None]) -> str:
     return final
 
 
+def save_lm_folder(out: str, lm, tokenizer, modules: dict[str, torch.nn.Module], meta: dict, trainer_state: dict) -> None:
+    """Atomically write a fine-tuned causal LM with its tokenizer (``lm/``), extra modules (``<name>.safetensors``),
+    ``config.json`` (``meta`` and the step) and the trainer state (with ``meta``, to refuse resuming other settings)."""
+    import json
+
+    from models.tokenizer import save_tokenizer
+
+    def write(tmp: str) -> None:
+        with quiet_progress():
+            lm.save_pretrained(os.path.join(tmp, "lm"), safe_serialization=True)
+        save_tokenizer(tokenizer, os.path.join(tmp, "lm"))
+        for name, module in modules.items():
+            save_module(module, os.path.join(tmp, f"{name}.safetensors"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({**meta, "step": trainer_state["step"]}, f, indent=2)
+        save_trainer_state(tmp, {**trainer_state, "meta": meta})
+    write_folder_atomic(out, write)
+
+
 def save_module(module: torch.nn.Module, path: str) -> None:
     """The weights of a plain ``nn.Module`` as safetensors (shared tensors handled)."""
     from safetensors.torch import save_model

@@ -51,6 +51,7 @@ from models.train import (
     load_module,
     load_trainer_state,
     quiet_progress,
+    save_lm_folder,
     save_module,
     save_trainer_state,
     write_folder_atomic,
@@ -133,7 +134,7 @@ def train_soft_prompt_lm(kind: str, config: GuidedFlowConfig, *, device: str | t
     noised plans) or ``class`` (one control vector per attribute, the class-conditional reference)."""
     from transformers import AutoModelForCausalLM
 
-    from models.tokenizer import load_tokenizer, save_tokenizer
+    from models.tokenizer import load_tokenizer
 
     if kind not in ("plan", "class"):
         raise UserInputError(f"soft-prompt LM kind {kind!r}: use plan or class")
@@ -197,15 +198,7 @@ def train_soft_prompt_lm(kind: str, config: GuidedFlowConfig, *, device: str | t
         return mean_nll(model.lm, batch, soft)
 
     def save(_kind: str, trainer_state: dict) -> None:
-        def write(tmp: str) -> None:
-            with quiet_progress():
-                model.lm.save_pretrained(os.path.join(tmp, "lm"), safe_serialization=True)
-            save_tokenizer(tokenizer, os.path.join(tmp, "lm"))
-            save_module(model.prompt, os.path.join(tmp, "prompt.safetensors"))
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump({**meta, "step": trainer_state["step"]}, f, indent=2)
-            save_trainer_state(tmp, {**trainer_state, "meta": meta})
-        write_folder_atomic(out, write)
+        save_lm_folder(out, model.lm, tokenizer, {"prompt": model.prompt}, meta, trainer_state)
 
     what = "plan-conditioned LM" if kind == "plan" else "class-conditional LM"
     log(f"{what}: {n_lm:,} LM + {n_prompt:,} prompt parameters, k = {k}, {len(train_rows)} training examples on {device}")

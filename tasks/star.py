@@ -47,9 +47,7 @@ from models.train import (
     load_module,
     load_trainer_state,
     quiet_progress,
-    save_module,
-    save_trainer_state,
-    write_folder_atomic,
+    save_lm_folder,
 )
 from schemas.errors import UserInputError
 from schemas.star_configs import StarFlowConfig, StarSamplingConfig
@@ -89,7 +87,7 @@ def train_star(config: StarFlowConfig, *, device: str | torch.device = "auto", l
     example. Returns a report dict (parameters, steps, seconds, final losses)."""
     from transformers import AutoModelForCausalLM
 
-    from models.tokenizer import load_tokenizer, save_tokenizer
+    from models.tokenizer import load_tokenizer
 
     out, cfg = folder(config.workdir, "star"), config.star
     data = load_plan_data(folder(config.workdir, "plans"))
@@ -144,16 +142,7 @@ def train_star(config: StarFlowConfig, *, device: str | torch.device = "auto", l
         return loss
 
     def save(_kind: str, trainer_state: dict) -> None:
-        def write(tmp: str) -> None:
-            with quiet_progress():
-                model.lm.save_pretrained(os.path.join(tmp, "lm"), safe_serialization=True)
-            save_tokenizer(tokenizer, os.path.join(tmp, "lm"))
-            save_module(model.prompt, os.path.join(tmp, "prompt.safetensors"))
-            save_module(model.head, os.path.join(tmp, "head.safetensors"))
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump({**meta, "step": trainer_state["step"]}, f, indent=2)
-            save_trainer_state(tmp, {**trainer_state, "meta": meta})
-        write_folder_atomic(out, write)
+        save_lm_folder(out, model.lm, tokenizer, {"prompt": model.prompt, "head": model.head}, meta, trainer_state)
 
     def log_parts(message: str) -> None:
         if parts["nll"]:
