@@ -143,9 +143,8 @@ def open_ended(config: StarFlowConfig, s: Star, base, ref, data, log=logger.info
     reference LM, MAUVE against the real continuations (reference-LM features), distinct-n, diversity."""
     sev, sampling = config.star_evaluation, config.star_sampling
     rows = data.rows("holdout")[:sev.open_prefixes]
-    prefix_ids = [data.column("prefix_ids")[r] for r in rows]
-    prefix_text = [data.column("prefix_text")[r] for r in rows]
-    real = [data.column("continuation_text")[r] for r in rows]
+    prefix_ids, prefix_text, real = ([column[r] for r in rows] for column in (
+        data.column("prefix_ids"), data.column("prefix_text"), data.column("continuation_text")))
     featurize = lambda texts: lm_features(texts, ref)  # noqa: E731
     real_features = featurize(real)
     systems = {"plain LM": lambda seed: write_continuations(base, prefix_ids, None, config.sampling, eos=s.eos, amp=s.amp,
@@ -199,7 +198,8 @@ def thought_cost(config: StarFlowConfig, s: Star, data, repeats: int = 3) -> dic
     the prefix, at batch ``cost_batch``; the ratios the issue asks for."""
     sev, sampling = config.star_evaluation, config.star_sampling
     rows = data.rows("holdout")[:sev.cost_batch]
-    prefixes = [data.column("prefix_ids")[r] for r in rows]
+    column = data.column("prefix_ids")
+    prefixes = [column[r] for r in rows]
 
     def timed(fn) -> float:
         fn()  # warm-up

@@ -295,10 +295,12 @@ def star_guidance(s: Star, wanted: dict[str, str | list[str]], scales: dict[str,
     return NoisyGuidance(terms) if terms else None
 
 
-def _rows(guidance: NoisyGuidance | None, i: int, j: int) -> NoisyGuidance | None:
+def _rows(guidance: NoisyGuidance | None, rows) -> NoisyGuidance | None:
+    """The guidance of some rows (a slice or a list of row numbers): per-row targets selected, shared ones kept."""
     if guidance is None:
         return None
-    return NoisyGuidance([(a, t[i:j] if t.dim() else t, s)
+    index = rows if isinstance(rows, slice) else torch.tensor(rows)
+    return NoisyGuidance([(a, t[index] if t.dim() else t, s)
                           for a, t, s in zip(guidance.attributes, guidance.targets, guidance.scales)])
 
 
@@ -355,7 +357,7 @@ def star_continuations(s: Star, prefixes: list[list[int]], sampling: StarSamplin
     N, out = sampling.max_new_tokens, []
     for i in range(0, len(prefixes), sampling.batch_size):
         j = min(i + sampling.batch_size, len(prefixes))
-        part, g = prefixes[i:j], _rows(guidance, i, j)
+        part, g = prefixes[i:j], _rows(guidance, slice(i, j))
         if sampling.think == "off":
             out += _write(s, part, None, sampling, N, gen)
             continue
@@ -372,7 +374,7 @@ def star_continuations(s: Star, prefixes: list[list[int]], sampling: StarSamplin
                 break
             rows_prefix = [part[r] + written[r] for r in todo]
             if any(written[r] for r in todo):  # a new thought for every row still writing
-                sub = None if g is None else _rows_index(g, todo)
+                sub = _rows(g, todo)
                 plans_now = think_plans(s, rows_prefix, sampling, sub, generator=gen, steps=steps)
             else:
                 plans_now = plans[todo]
@@ -384,12 +386,6 @@ def star_continuations(s: Star, prefixes: list[list[int]], sampling: StarSamplin
                 written[r] += toks if cut is None else toks[:cut]
         out += written
     return out
-
-
-def _rows_index(guidance: NoisyGuidance, rows: list[int]) -> NoisyGuidance:
-    index = torch.tensor(rows)
-    return NoisyGuidance([(a, t[index] if t.dim() else t, s)
-                          for a, t, s in zip(guidance.attributes, guidance.targets, guidance.scales)])
 
 
 def generate(workdir: str, prefix: str, n: int = 5, attributes: dict[str, str] | None = None,
