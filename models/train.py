@@ -236,6 +236,25 @@ def save_lm_folder(out: str, lm, tokenizer, modules: dict[str, torch.nn.Module],
     write_folder_atomic(out, write)
 
 
+def load_lm_folder(path: str, missing: str):
+    """(config.json as a dict, the causal LM) of a folder :func:`save_lm_folder` wrote; ``missing`` is the one-line
+    error (what is not there and how to make it) when the folder holds none."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from schemas.errors import UserInputError
+
+    meta_path = os.path.join(path, "config.json")
+    if not os.path.isfile(meta_path):
+        raise UserInputError(f"{path}: {missing}")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    with quiet_progress():
+        lm = AutoModelForCausalLM.from_pretrained(os.path.join(path, "lm"))
+    return meta, lm
+
+
 def save_module(module: torch.nn.Module, path: str) -> None:
     """The weights of a plain ``nn.Module`` as safetensors (shared tensors handled)."""
     from safetensors.torch import save_model

@@ -48,6 +48,7 @@ from models.train import (
     autocast_dtype,
     fit,
     latest_checkpoint,
+    load_lm_folder,
     load_module,
     load_trainer_state,
     quiet_progress,
@@ -115,14 +116,7 @@ def _prompt_module(kind: str, meta: dict, lm) -> nn.Module:
 
 def load_soft_prompt_lm(path: str, device: str | torch.device = "auto") -> tuple[SoftPromptLM, dict]:
     """(model in eval mode on ``device``, its config.json) of a folder :func:`train_soft_prompt_lm` wrote."""
-    from transformers import AutoModelForCausalLM
-
-    meta_path = os.path.join(path, "config.json")
-    if not os.path.isfile(meta_path):
-        raise UserInputError(f"{path}: no soft-prompt LM here; run `lmlm guided train` first")
-    meta = json.load(open(meta_path))
-    with quiet_progress():
-        lm = AutoModelForCausalLM.from_pretrained(os.path.join(path, "lm"))
+    meta, lm = load_lm_folder(path, "no soft-prompt LM here; run `lmlm guided train` first")
     model = SoftPromptLM(lm, _prompt_module(meta["kind"], meta, lm)).to(resolve_device(device))
     load_module(model.prompt, os.path.join(path, "prompt.safetensors"))
     return model.eval(), meta

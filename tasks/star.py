@@ -44,6 +44,7 @@ from models.train import (
     autocast,
     autocast_dtype,
     fit,
+    load_lm_folder,
     load_module,
     load_trainer_state,
     quiet_progress,
@@ -158,14 +159,7 @@ def train_star(config: StarFlowConfig, *, device: str | torch.device = "auto", l
 
 
 def load_star(path: str, device: str | torch.device = "auto") -> StarLDM:
-    from transformers import AutoModelForCausalLM
-
-    meta_path = os.path.join(path, "config.json")
-    if not os.path.isfile(meta_path):
-        raise UserInputError(f"{path}: no STAR-LDM model here; run `lmlm star train` first")
-    meta = json.load(open(meta_path))
-    with quiet_progress():
-        lm = AutoModelForCausalLM.from_pretrained(os.path.join(path, "lm"))
+    meta, lm = load_lm_folder(path, "no STAR-LDM model here; run `lmlm star train` first")
     model = _build(meta, lm).to(resolve_device(device))
     load_module(model.prompt, os.path.join(path, "prompt.safetensors"))
     load_module(model.head, os.path.join(path, "head.safetensors"))
