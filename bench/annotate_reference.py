@@ -127,7 +127,9 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=EncoderFinetuneConfig().batch_tokens)
     ap.add_argument("--budget-clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: the budget counts process CPU seconds per thread (fair on a machine shared with other jobs)")
-    ap.add_argument("--frozen-layers", type=int, default=0)
+    ap.add_argument("--frozen-layers", type=int, default=EncoderFinetuneConfig().frozen_layers)
+    ap.add_argument("--relation-grad", type=float, default=EncoderFinetuneConfig().relation_grad,
+                    help="share of the relation decoder's loss gradient that trains the encoder")
     ap.add_argument("--value-bias", type=float, default=0.0, help="added to the log-probability of a value start")
     ap.add_argument("--docs", type=int, default=830, help="Wikipedia documents to annotate and score")
     ap.add_argument("--threads", type=int, default=2)
@@ -149,7 +151,7 @@ def main() -> None:
                                   threads=args.threads, encoder=EncoderFinetuneConfig(
                                       epochs=args.epochs, window=args.window, lr=args.lr, head_lr=args.head_lr,
                                       batch_tokens=args.batch_tokens, budget_clock=args.budget_clock,
-                                      frozen_layers=args.frozen_layers))
+                                      frozen_layers=args.frozen_layers, relation_grad=args.relation_grad))
     load, cpu0 = os.getloadavg(), time.process_time()
     report = finetune_annotator([shard], cfg, os.path.join(args.out, "annotator"))
     cpu_s = (time.process_time() - cpu0) / args.threads

@@ -226,6 +226,8 @@ class EncoderFinetuneConfig(Config):
     warmup_steps: int = Field(30, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     decoder_layers: int = Field(2, ge=1, description="blocks of the relation-name decoder")
+    relation_grad: float = Field(0.3, ge=0, le=1, description="share of the relation decoder's loss gradient that "
+                                 "trains the encoder (0: the decoder reads the encoder without training it)")
     frozen_layers: int = Field(3, ge=0, le=12, description="bottom encoder layers kept as pretrained: 3 of MiniLM's 6 "
                                "make a step ~40% cheaper (0.40 vs 0.67 s at 1,024 word pieces on 2 cores)")
     budget_clock: Literal["wall", "cpu"] = Field(

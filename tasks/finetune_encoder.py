@@ -68,7 +68,7 @@ def finetune_encoder_annotator(annotated_shards: list[str], cfg: AnnotatorFinetu
     torch.manual_seed(cfg.seed)
     model, tokenizer, names = build_span_annotator(
         enc.base, [pc.call.relation for _, a in train for pc in a.calls],
-        SpanAnnotatorConfig(window=enc.window, decoder_layers=enc.decoder_layers))
+        SpanAnnotatorConfig(window=enc.window, decoder_layers=enc.decoder_layers, relation_grad=enc.relation_grad))
     examples = build_examples(tokenizer, [a for _, a in train], model.cfg)
     n_calls = sum(len(a.calls) for _, a in train)
     n_used = sum(len(e.calls) for e in examples)

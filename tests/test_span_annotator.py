@@ -14,7 +14,7 @@ from models.span_annotator import (
     save_span_annotator,
 )
 from models.span_annotator_decode import AnnotateStats, annotate_texts
-from models.span_annotator_finetune import train_span_annotator
+from models.span_annotator_finetune import collate, train_span_annotator
 from models.span_examples import build_examples, call_targets, encode_texts, snap_to_words, windows_of
 from schemas import markup
 from test_annotator_model import FACTS, TEXTS, annotated
@@ -70,6 +70,23 @@ def test_training_targets_locate_values_and_entities_in_the_text():
     assert DOCS[0].text[enc.offsets[a][0]:enc.offsets[b][1]] == "Tampere"
     assert first.entity and DOCS[0].text[enc.offsets[first.entity[0][0]][0]:enc.offsets[first.entity[0][1]][1]] == "Ada Varga"
     assert detokenize(tok, tok("Annie (2014) co-founder", add_special_tokens=False)["input_ids"]) == "annie (2014) co-founder"
+
+
+def test_relation_grad_sets_how_much_the_relation_loss_trains_the_encoder():
+    """relation_grad 0: the relation decoder reads the encoder without training it; 0.3: the encoder's gradient from
+    the relation loss is 0.3 x the full one (the forward pass, and so the loss, is the same)."""
+    loss, grad = {}, {}
+    for g in (0.0, 0.3, 1.0):
+        torch.manual_seed(0)
+        model, tok, _ = build_span_annotator(None, [pc.call.relation for d in DOCS for pc in d.calls],
+                                             SpanAnnotatorConfig(relation_grad=g, dropout=0.0))
+        index = {int(t): k for k, t in enumerate(model.relation_vocab.tolist())}
+        losses = model(collate(build_examples(tok, DOCS, model.cfg), index, "cpu"))
+        losses["relation"].backward()
+        loss[g], grad[g] = float(losses["relation"].detach()), model.encoder.encoder.layer[-1].output.dense.weight.grad
+    assert loss[0.0] == pytest.approx(loss[1.0]) and loss[0.3] == pytest.approx(loss[1.0])
+    assert grad[0.0] is None or not grad[0.0].any()
+    assert grad[1.0].abs().sum() > 0 and torch.allclose(grad[0.3], 0.3 * grad[1.0], rtol=1e-4, atol=1e-9)
 
 
 def test_fine_tuned_model_writes_the_seed_calls_and_preserves_the_source(trained):
