@@ -32,10 +32,12 @@ REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 
 def document_subject(text: str) -> str:
     """The document's title: a Wikipedia text's first line ("Ralph Earl\n\nRalph Earl (May 11, ..."), a SQuAD
-    context's prefix ("Arsenal_F.C.: Arsenal began ...")."""
+    context's prefix ("Arsenal_F.C.: Arsenal began ...", underscores read as spaces)."""
     if "\n\n" in text[:200]:
         return text.split("\n\n", 1)[0].strip()
-    return text.split(": ", 1)[0].strip() if ": " in text[:100] else " ".join(text.split()[:2])
+    if ": " in text[:100]:  # SQuAD writes a title's spaces as underscores
+        return text.split(": ", 1)[0].replace("_", " ").strip()
+    return " ".join(text.split()[:2])
 
 
 def score(pairs, predicted) -> dict:
