@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from models.autoencoder import MLP, Attention
 from models.diffusion import alpha_sigma, logsnr_cosine, timestep_embedding
 from models.kv_cache import cache_keyword, new_cache
+from models.train import per_token_nll
 
 REFERENCE_SHIFT = 2 * math.log(3)  # the reference decoder stage's log-SNR shift of the training noise levels
 
@@ -220,7 +221,7 @@ def token_nll(lm, batch: dict[str, torch.Tensor], soft: torch.Tensor | None) -> 
     on the LM's device, with ``soft`` (B, k, d_lm) spliced in (None: the batch was built with k = 0)."""
     emb = spliced_embeddings(lm, batch["ids"], batch["soft"], soft)
     logits = lm(inputs_embeds=emb).logits[:, :-1]
-    nll = F.cross_entropy(logits.float().transpose(1, 2), batch["ids"][:, 1:], reduction="none")
+    nll = per_token_nll(logits, batch["ids"][:, 1:])
     return nll, batch["target"][:, 1:]
 
 
@@ -234,14 +235,17 @@ def mean_nll(lm, batch: dict[str, torch.Tensor], soft: torch.Tensor | None) -> t
 
 def nucleus(probs: torch.Tensor, top_p: float, candidates: int = 64) -> torch.Tensor:
     """``probs`` (B, V) restricted to each row's smallest set of most likely tokens reaching ``top_p`` (not
-    renormalised: multinomial does not need it). The set is looked for among the ``candidates`` most likely tokens
-    first, which holds it whenever they reach ``top_p`` (almost every step of a trained LM) and avoids sorting the
-    whole vocabulary; otherwise the whole vocabulary is sorted. Same result either way."""
+    renormalised: multinomial does not need it). A row's set is looked for among its ``candidates`` most likely
+    tokens, which hold it whenever they reach ``top_p`` (most rows at most steps of a trained LM); only the other
+    rows sort the whole vocabulary. Same set either way, up to the order of equally likely tokens at the cut."""
     top, order = probs.topk(min(candidates, probs.shape[-1]), dim=-1)
-    if not bool((top.sum(-1) >= top_p).all()):
-        top, order = probs.sort(dim=-1, descending=True)
-    drop = top.cumsum(-1) - top > top_p  # keep the smallest set reaching top_p
-    return torch.zeros_like(probs).scatter(1, order, top.masked_fill(drop, 0.0))
+    out = torch.zeros_like(probs).scatter(1, order, top.masked_fill(top.cumsum(-1) - top > top_p, 0.0))
+    short = (top.sum(-1) < top_p).nonzero().squeeze(1)
+    if len(short):
+        top, order = probs[short].sort(dim=-1, descending=True)
+        drop = top.cumsum(-1) - top > top_p  # keep the smallest set reaching top_p
+        out[short] = torch.zeros_like(top).scatter(1, order, top.masked_fill(drop, 0.0))
+    return out
 
 
 @torch.no_grad()

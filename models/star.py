@@ -31,6 +31,7 @@ from models.diffusion import LatentDiffusion, alpha_sigma, timestep_embedding
 from models.kv_cache import cache_keyword, new_cache
 from models.plan_lm import FiLMBlock, PlanPromptGenerator, spliced_embeddings
 from models.plan_prior import FiLMResBlock
+from models.train import per_token_nll
 
 
 def sigmoid_weight(logsnr: torch.Tensor) -> torch.Tensor:
@@ -102,7 +103,7 @@ class StarLDM(nn.Module):
         else:
             h = self.hidden(inputs_embeds=emb)
         logits = self.lm.get_output_embeddings()(h[:, :-1])
-        nll = F.cross_entropy(logits.float().transpose(1, 2), batch["ids"][:, 1:], reduction="none")
+        nll = per_token_nll(logits, batch["ids"][:, 1:])
         keep = batch["target"][:, 1:]
         nll = (nll * keep).sum() / keep.sum().clamp(min=1)
         v_loss = self._v_loss(soft, h[batch["soft"]].view(len(x), self.soft_tokens, -1), x, logsnr, eps, null)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from models.train import per_token_nll
 from schemas.reports import Interval
 from tasks.diffusion import SENTENCE_BOUNDARY
 from tasks.evaluate_diffusion import TextClassifier, distinct_n, words
@@ -159,7 +160,7 @@ def conditional_nll(ref, prefixes: list[str], continuations: list[str], batch_si
             target[r, max(len(p), 1):len(f)] = True
         ids, target = ids.to(device), target.to(device)
         logits = model(input_ids=ids).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none") * target[:, 1:]
+        nll = per_token_nll(logits, ids[:, 1:]) * target[:, 1:]
         sums[i:i + len(full)] = nll.sum(1).double().cpu().numpy()
         counts[i:i + len(full)] = target[:, 1:].sum(1).cpu().numpy()
     return sums, counts

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from models.device import device_of, resolve_device
+from models.train import per_token_nll
 from schemas.errors import UserInputError
 
 
@@ -85,7 +86,7 @@ def perplexity(texts: list[str], lm: str | ReferenceLM, batch_size: int = 16) ->
                             max_length=context).to(device)
             labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)[:, 1:]
             logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+            loss = per_token_nll(logits, labels).sum()
             total, count = total + float(loss), count + int((labels != -100).sum())
     return math.exp(total / count) if count else float("nan")
 

@@ -214,9 +214,11 @@ def test_plan_space_round_trips_unit_embeddings():
     assert torch.allclose(space.embedding(off).norm(dim=-1), torch.ones(50)) and torch.allclose(space.project(off), off, atol=1e-4)
 
 
-@pytest.mark.parametrize("sharpness", [0.3, 3.0, 30.0])  # nucleus within the 64 candidates, or the whole vocabulary
+# nucleus within the 64 candidates, the whole vocabulary, or a batch mixing rows of both kinds
+@pytest.mark.parametrize("sharpness", [[0.3], [3.0], [30.0], [0.3, 30.0]])
 def test_nucleus_keeps_the_smallest_most_likely_set_reaching_top_p(sharpness):
-    probs = torch.softmax(sharpness * torch.randn(32, 3000, generator=torch.Generator().manual_seed(1)), dim=-1)
+    scale = torch.tensor(sharpness).repeat(32 // len(sharpness))[:, None]
+    probs = torch.softmax(scale * torch.randn(32, 3000, generator=torch.Generator().manual_seed(1)), dim=-1)
     kept = nucleus(probs, 0.9)
     for row, k in zip(probs, kept):
         order = row.argsort(descending=True)
