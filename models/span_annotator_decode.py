@@ -1,7 +1,7 @@
 """Annotating with the encoder annotator (``models/span_annotator.py``): documents read in length-sorted batches of
-windows under ``torch.inference_mode``, value spans from the BIO tags (snapped to whole words), one entity span
-per value from the pointer, relation names decoded greedily; calls placed before their value's mention, so the
-output strips back to the source by construction.
+windows under ``torch.inference_mode``, value spans from the most likely valid BIO sequence (snapped to whole
+words), one entity span per value from the pointer, relation names decoded greedily; calls placed before their
+value's mention, so the output strips back to the source by construction.
 """
 
 from __future__ import annotations
@@ -46,17 +46,42 @@ def line_ids(w: Window, enc: Encoded, text: str) -> list[int]:
     return out
 
 
-def _value_spans(tag_logp: torch.Tensor, w: Window, lines: list[int]) -> list[tuple[int, int]]:
-    """[first, last] window positions of the value spans (B I*, or an I that follows no span; within one line)
-    that start in the window's core."""
-    labels = tag_logp.argmax(-1).tolist()  # (T,)
+def bio_viterbi(logp: torch.Tensor, lines: torch.Tensor, taggable: torch.Tensor) -> torch.Tensor:
+    """(B, T) the most likely O/B/I sequence of each window under BIO's rule: an I continues a B or an I on the same
+    line. ``logp`` (B, T, 3) tag log-probabilities, ``lines`` (B, T) line ids, ``taggable`` (B, T) positions that
+    may hold a value (the window's body; specials, the repeated head and padding are O). Per-token argmax instead
+    cuts values in two ("New" | "Connecticut" for "New Haven, Connecticut") and starts values at a stray I."""
+    B, T, _ = logp.shape
+    neg = torch.tensor(-1e9, dtype=logp.dtype)
+    lp = torch.where(taggable[..., None], logp, torch.tensor([0.0, -1e9, -1e9], dtype=logp.dtype))
+    score = lp[:, 0].clone()
+    score[:, TAG_I] = neg  # nothing before the first position to continue
+    back = torch.zeros((B, T, 3), dtype=torch.long)
+    for t in range(1, T):
+        best, arg = score.max(-1)  # O and B may follow anything
+        i_from = torch.where(score[:, TAG_B] >= score[:, TAG_I], TAG_B, TAG_I)
+        cont = torch.where(lines[:, t] == lines[:, t - 1], torch.maximum(score[:, TAG_B], score[:, TAG_I]), neg)
+        new = torch.empty_like(score)
+        new[:, TAG_O], new[:, TAG_B], new[:, TAG_I] = best + lp[:, t, TAG_O], best + lp[:, t, TAG_B], cont + lp[:, t, TAG_I]
+        back[:, t, TAG_O], back[:, t, TAG_B], back[:, t, TAG_I] = arg, arg, i_from
+        score = new
+    labels = torch.zeros((B, T), dtype=torch.long)
+    state = score.argmax(-1)
+    for t in range(T - 1, -1, -1):
+        labels[:, t] = state
+        state = back[:, t].gather(1, state[:, None]).squeeze(1)
+    return labels
+
+
+def _value_spans(labels: list[int], w: Window) -> list[tuple[int, int]]:
+    """[first, last] window positions of the value spans (B I*) of a window's BIO labels that start in its core."""
     spans, k, n = [], w.body, len(w.ids) - 1
     while k < n:
-        if labels[k] == TAG_O:
+        if labels[k] != TAG_B:
             k += 1
             continue
         j = k
-        while j + 1 < n and labels[j + 1] == TAG_I and lines[j + 1] == lines[k]:
+        while j + 1 < n and labels[j + 1] == TAG_I:
             j += 1
         if w.core[0] <= w.pos[k] < w.core[1]:
             spans.append((k, j))
@@ -149,7 +174,9 @@ def annotate_texts(model: SpanAnnotator, tokenizer, names: RelationNames, texts:
         logp = model.tag(h).float().log_softmax(-1).cpu()
         logp[..., TAG_B] += opts.value_bias
         lines = [line_ids(w, encs[w.doc], texts[w.doc]) + [-1] * (T - len(w.ids)) for w in batch]
-        spans = [(r, a, b) for r, w in enumerate(batch) for a, b in _value_spans(logp[r], w, lines[r])]
+        taggable = torch.tensor([[w.body <= k < len(w.ids) - 1 and w.pos[k] >= 0 for k in range(T)] for w in batch])
+        labels = bio_viterbi(logp, torch.tensor(lines), taggable).tolist()
+        spans = [(r, a, b) for r, w in enumerate(batch) for a, b in _value_spans(labels[r], w)]
         if not spans:
             continue
         win = torch.tensor([s[0] for s in spans], device=device)

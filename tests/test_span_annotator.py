@@ -13,7 +13,7 @@ from models.span_annotator import (
     load_span_annotator,
     save_span_annotator,
 )
-from models.span_annotator_decode import AnnotateStats, annotate_texts
+from models.span_annotator_decode import AnnotateStats, annotate_texts, bio_viterbi
 from models.span_annotator_finetune import collate, train_span_annotator
 from models.span_examples import build_examples, call_targets, encode_texts, snap_to_words, windows_of
 from schemas import markup
@@ -70,6 +70,20 @@ def test_training_targets_locate_values_and_entities_in_the_text():
     assert DOCS[0].text[enc.offsets[a][0]:enc.offsets[b][1]] == "Tampere"
     assert first.entity and DOCS[0].text[enc.offsets[first.entity[0][0]][0]:enc.offsets[first.entity[0][1]][1]] == "Ada Varga"
     assert detokenize(tok, tok("Annie (2014) co-founder", add_special_tokens=False)["input_ids"]) == "annie (2014) co-founder"
+
+
+def test_value_tags_are_decoded_as_the_most_likely_valid_bio_sequence():
+    """Per-token argmax would read B O I as two values ("New" and "Connecticut"); the most likely sequence where an
+    I continues a B or I on the same line reads one. An I never starts a value, never crosses a line, and positions
+    outside the window's body stay O."""
+    p = torch.tensor([[[0.1, 0.6, 0.3], [0.45, 0.15, 0.4], [0.25, 0.15, 0.6]]]).log()  # rows: O, B, I probabilities
+    assert p.argmax(-1).tolist() == [[1, 0, 2]]
+    everywhere = torch.ones((1, 3), dtype=torch.bool)
+    assert bio_viterbi(p, torch.tensor([[1, 1, 1]]), everywhere).tolist() == [[1, 2, 2]]
+    assert bio_viterbi(p, torch.tensor([[1, 2, 2]]), everywhere).tolist() == [[1, 0, 0]]  # a line break after "New"
+    assert bio_viterbi(p, torch.tensor([[1, 1, 1]]), torch.tensor([[False, True, True]])).tolist() == [[0, 0, 0]]
+    stray = torch.tensor([[[0.3, 0.1, 0.6]]]).log()  # an I with nothing before it to continue
+    assert bio_viterbi(stray, torch.tensor([[1]]), torch.ones((1, 1), dtype=torch.bool)).tolist() == [[0]]
 
 
 def test_relation_grad_sets_how_much_the_relation_loss_trains_the_encoder():
