@@ -46,6 +46,25 @@ def line_ids(w: Window, enc: Encoded, text: str) -> list[int]:
     return out
 
 
+def heading(text: str, longest: int = 100) -> tuple[int, int] | None:
+    """Characters of the document's title when it opens with one: a first line of at most ``longest`` characters,
+    not ending like a sentence or clause, followed by a blank line (how Wikipedia dumps, the LMLM corpus, write a
+    page's title), else None. A short opening paragraph ends with its punctuation, so it is not taken for a title."""
+    end = text.find("\n\n", 0, longest + 2)
+    if end <= 0 or "\n" in text[:end]:
+        return None
+    start, end = snap_to_words(text, 0, end)
+    return (start, end) if end > start and text[end - 1] not in ".!?;:," else None
+
+
+def whole_heading(text: str, start: int, end: int) -> tuple[int, int]:
+    """An entity span inside the document's title widened to the whole title: a page's subject is its title, and the
+    pointer, which scores a span's two ends apart, often stops inside it ("European Athletics Championships" of
+    "Ireland at the 2014 European Athletics Championships")."""
+    h = heading(text)
+    return h if h and h[0] <= start and end <= h[1] else (start, end)
+
+
 def bio_viterbi(logp: torch.Tensor, lines: torch.Tensor, taggable: torch.Tensor) -> torch.Tensor:
     """(B, T) the most likely O/B/I sequence of each window under BIO's rule: an I continues a B or an I on the same
     line. ``logp`` (B, T, 3) tag log-probabilities, ``lines`` (B, T) line ids, ``taggable`` (B, T) positions that
@@ -192,7 +211,7 @@ def annotate_texts(model: SpanAnnotator, tokenizer, names: RelationNames, texts:
             w = batch[r]
             enc, text = encs[w.doc], texts[w.doc]
             vs, ve = snap_to_words(text, enc.offsets[w.pos[a]][0], enc.offsets[w.pos[b]][1])
-            es, ee = snap_to_words(text, enc.offsets[w.pos[ea]][0], enc.offsets[w.pos[eb]][1]) \
+            es, ee = whole_heading(text, *snap_to_words(text, enc.offsets[w.pos[ea]][0], enc.offsets[w.pos[eb]][1])) \
                 if w.pos[ea] >= 0 and w.pos[eb] >= 0 else (0, 0)
             relation = names.spell(detokenize(tokenizer, rel), text) if rel else ""
             try:

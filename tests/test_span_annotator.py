@@ -13,7 +13,7 @@ from models.span_annotator import (
     load_span_annotator,
     save_span_annotator,
 )
-from models.span_annotator_decode import AnnotateStats, annotate_texts, bio_viterbi
+from models.span_annotator_decode import AnnotateStats, annotate_texts, bio_viterbi, heading, whole_heading
 from models.span_annotator_finetune import collate, train_span_annotator
 from models.span_examples import build_examples, call_targets, encode_texts, snap_to_words, windows_of
 from schemas import markup
@@ -84,6 +84,18 @@ def test_value_tags_are_decoded_as_the_most_likely_valid_bio_sequence():
     assert bio_viterbi(p, torch.tensor([[1, 1, 1]]), torch.tensor([[False, True, True]])).tolist() == [[0, 0, 0]]
     stray = torch.tensor([[[0.3, 0.1, 0.6]]]).log()  # an I with nothing before it to continue
     assert bio_viterbi(stray, torch.tensor([[1]]), torch.ones((1, 1), dtype=torch.bool)).tolist() == [[0]]
+
+
+def test_an_entity_inside_the_pages_title_line_is_widened_to_the_whole_title():
+    text = "Ireland at the 2014 European Athletics Championships\n\nIreland competed at the 2014 championships."
+    title = "Ireland at the 2014 European Athletics Championships"
+    part = text.index("European")
+    assert text[slice(*whole_heading(text, part, part + 8))] == title
+    assert text[slice(*whole_heading(text, 54, 61))] == "Ireland"  # a mention in the body stays as it is
+    assert heading("Matter: Matter should not be confused with mass.") is None  # no title line
+    assert heading("First line\nsecond line\n\nbody") is None  # a paragraph, not a title
+    assert heading(title + " " * 100 + "\n\nbody") is None  # too long to be a title
+    assert heading("Edward Villa is a prosecutor who was born in Kevinland.\n\nHe ...") is None  # a short paragraph
 
 
 def test_relation_grad_sets_how_much_the_relation_loss_trains_the_encoder():
