@@ -57,12 +57,11 @@ def heading(text: str, longest: int = 100) -> tuple[int, int] | None:
     return (start, end) if end > start and text[end - 1] not in ".!?;:," else None
 
 
-def whole_heading(text: str, start: int, end: int) -> tuple[int, int]:
-    """An entity span inside the document's title widened to the whole title: a page's subject is its title, and the
-    pointer, which scores a span's two ends apart, often stops inside it ("European Athletics Championships" of
-    "Ireland at the 2014 European Athletics Championships")."""
-    h = heading(text)
-    return h if h and h[0] <= start and end <= h[1] else (start, end)
+def whole_heading(title: tuple[int, int] | None, start: int, end: int) -> tuple[int, int]:
+    """An entity span inside the document's title (:func:`heading`) widened to the whole title: a page's subject is its
+    title, and the pointer, which scores a span's two ends apart, often stops inside it ("European Athletics
+    Championships" of "Ireland at the 2014 European Athletics Championships")."""
+    return title if title and title[0] <= start and end <= title[1] else (start, end)
 
 
 def bio_viterbi(logp: torch.Tensor, lines: torch.Tensor, taggable: torch.Tensor) -> torch.Tensor:
@@ -173,6 +172,7 @@ def annotate_texts(model: SpanAnnotator, tokenizer, names: RelationNames, texts:
     if next(model.parameters()).dtype != dtype:
         model.to(dtype)
     encs = encode_texts(tokenizer, texts)
+    titles = [heading(t) for t in texts]  # once per document, not per call
     windows = [w for d, e in enumerate(encs) for w in windows_of(d, e.ids, model.cfg, tokenizer.cls_token_id,
                                                                  tokenizer.sep_token_id)]
     order = sorted(windows, key=lambda w: len(w.ids))
@@ -211,7 +211,7 @@ def annotate_texts(model: SpanAnnotator, tokenizer, names: RelationNames, texts:
             w = batch[r]
             enc, text = encs[w.doc], texts[w.doc]
             vs, ve = snap_to_words(text, enc.offsets[w.pos[a]][0], enc.offsets[w.pos[b]][1])
-            es, ee = whole_heading(text, *snap_to_words(text, enc.offsets[w.pos[ea]][0], enc.offsets[w.pos[eb]][1])) \
+            es, ee = whole_heading(titles[w.doc], *snap_to_words(text, enc.offsets[w.pos[ea]][0], enc.offsets[w.pos[eb]][1])) \
                 if w.pos[ea] >= 0 and w.pos[eb] >= 0 else (0, 0)
             relation = names.spell(detokenize(tokenizer, rel), text) if rel else ""
             try:

@@ -16,6 +16,7 @@ position); checkpoint folders are written whole or not at all.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -35,6 +36,7 @@ from models.device import device_of
 from models.tokenizer import save_tokenizer
 from schemas import progress
 from schemas.diffusion_configs import TrainingBudget
+from schemas.errors import UserInputError
 
 TRAINER_STATE = "trainer_state.pt"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -229,8 +231,6 @@ def per_token_nll(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 def save_lm_folder(out: str, lm, tokenizer, modules: dict[str, torch.nn.Module], meta: dict, trainer_state: dict) -> None:
     """Atomically write a fine-tuned causal LM with its tokenizer (``lm/``), extra modules (``<name>.safetensors``),
     ``config.json`` (``meta`` and the step) and the trainer state (with ``meta``, to refuse resuming other settings)."""
-    import json
-
     from models.tokenizer import save_tokenizer
 
     def write(tmp: str) -> None:
@@ -248,11 +248,7 @@ def save_lm_folder(out: str, lm, tokenizer, modules: dict[str, torch.nn.Module],
 def load_lm_folder(path: str, missing: str):
     """(config.json as a dict, the causal LM) of a folder :func:`save_lm_folder` wrote; ``missing`` is the one-line
     error (what is not there and how to make it) when the folder holds none."""
-    import json
-
     from transformers import AutoModelForCausalLM
-
-    from schemas.errors import UserInputError
 
     meta_path = os.path.join(path, "config.json")
     if not os.path.isfile(meta_path):

@@ -90,8 +90,8 @@ def test_an_entity_inside_the_pages_title_line_is_widened_to_the_whole_title():
     text = "Ireland at the 2014 European Athletics Championships\n\nIreland competed at the 2014 championships."
     title = "Ireland at the 2014 European Athletics Championships"
     part = text.index("European")
-    assert text[slice(*whole_heading(text, part, part + 8))] == title
-    assert text[slice(*whole_heading(text, 54, 61))] == "Ireland"  # a mention in the body stays as it is
+    assert text[slice(*whole_heading(heading(text), part, part + 8))] == title
+    assert text[slice(*whole_heading(heading(text), 54, 61))] == "Ireland"  # a mention in the body stays as it is
     assert heading("Matter: Matter should not be confused with mass.") is None  # no title line
     assert heading("First line\nsecond line\n\nbody") is None  # a paragraph, not a title
     assert heading(title + " " * 100 + "\n\nbody") is None  # too long to be a title
