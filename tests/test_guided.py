@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.kv_cache import decoding_attention
 from models.lmlm import build_model
 from models.plan_lm import (
     ClassPrompt,
@@ -22,6 +23,7 @@ from models.plan_lm import (
     noise_plan,
     nucleus,
     sample_continuations,
+    sample_index,
     spliced_embeddings,
     token_nll,
     training_batch,
@@ -243,6 +245,33 @@ def test_batched_left_padded_sampling_equals_one_prefix_at_a_time_and_honours_bi
     banned = sample_continuations(lm, [[1, 2]] * 4, None, max_new_tokens=5, pad_id=0, logit_bias=bias, banned=[42, 0],
                                   generator=gen)
     assert not (banned == 42).any() and not (banned == 0).any()
+
+
+def test_sample_index_draws_each_token_at_its_probability_and_never_a_removed_one():
+    g = torch.Generator().manual_seed(3)
+    probs = torch.rand(3, 50, generator=g) * (torch.rand(3, 50, generator=g) > 0.5)  # unnormalised, half removed
+    rows = probs.repeat(1_000, 1)  # row i is probs[i % 3]
+    draws = torch.cat([sample_index(rows, g) for _ in range(15)])
+    for r in range(3):
+        got = torch.bincount(draws[r::3, 0], minlength=50).double()
+        want = probs[r].double() / probs[r].sum()
+        assert got[want == 0].sum() == 0
+        n_r = got.sum()
+        assert ((got / n_r - want).abs() <= 5 * (want * (1 - want) / n_r).sqrt() + 1e-9).all()
+
+
+def test_eager_attention_for_bf16_cpu_decoding_gives_sdpa_logits_and_restores_the_model():
+    lm = _lm()
+    before = lm.config._attn_implementation
+    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = lm(input_ids=ids, attention_mask=mask).logits.float()
+        with decoding_attention(lm):
+            inside = lm.config._attn_implementation
+            eager = lm(input_ids=ids, attention_mask=mask).logits.float()
+    assert inside == ("eager" if before == "sdpa" else before) and lm.config._attn_implementation == before
+    assert torch.allclose(plain[mask.bool()], eager[mask.bool()], atol=0.1, rtol=0.05)
 
 
 # ----------------------------------------------------------------------------- prior and guidance
