@@ -98,7 +98,9 @@ def summary_lines(report: dict) -> list[str]:
     lines = [f"a thought ({c['steps']} denoising steps over {c['soft_tokens']} soft tokens, prefix cached, batch "
              f"{c['batch']}) takes {c['thought_cached_s']:.3f} s = {c['thought_over_8_tokens']:.2f}x writing 8 tokens "
              f"({c['write_8_tokens_s']:.3f} s; one denoising step {c['step_over_8_tokens']:.2f}x); without the cache "
-             f"{c['uncached_over_cached']:.2f}x longer",
+             f"{c['uncached_over_cached']:.2f}x longer; thinking then writing 8 tokens, the writing reusing the "
+             f"thought's encoding of the prefix, takes {c['think_then_write_8_tokens_s']:.3f} s: the thought adds "
+             f"{c['added_by_thought_over_8_tokens']:.2f}x the 8 tokens' time",
              f"open-ended ({o['prefixes']} held-out prefixes x {o['draws']} draws): thinking beats thinking off on MAUVE: "
              f"{o['goal']['thinking_beats_off_on_mauve']}; perplexity no worse: {o['goal']['perplexity_no_worse']}"]
     for name, goals in report["control"]["goals"].items():

@@ -263,8 +263,12 @@ def sample_index(probs: torch.Tensor, generator: torch.Generator | None = None) 
 def sample_continuations(lm, prefixes: list[list[int]], soft: torch.Tensor | None, *, max_new_tokens: int,
                          pad_id: int, top_p: float = 0.9, temperature: float = 1.0, repetition_penalty: float = 1.2,
                          logit_bias: torch.Tensor | None = None, banned: list[int] = (),
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+                         generator: torch.Generator | None = None, prefix_state=None) -> torch.Tensor:
     """``max_new_tokens`` sampled tokens (B, N) after each ``[prefix][soft]`` (left-padded, KV cache).
+
+    ``prefix_state``: the same prefixes already encoded (``models.star.PrefixState``: left-padded ``ids`` and
+    ``mask``, per-layer ``layers`` of keys and values), e.g. by the thought before the writing; the first pass then
+    runs over the soft prompt only, against a copy of those keys and values (the prefix never attends to it).
 
     Per step: repetition penalty (CTRL's: positive logits divided, negative multiplied, over the prefix and the
     tokens so far), then ``logit_bias`` added ((V,) or (B, V): attribute-word boosting), ``banned`` ids removed
@@ -287,8 +291,18 @@ def sample_continuations(lm, prefixes: list[list[int]], soft: torch.Tensor | Non
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache, cache_arg = new_cache(lm.config, growing=True), cache_keyword(lm)
     with decoding_attention(lm):
-        out = lm(inputs_embeds=spliced_embeddings(lm, ids, soft_mask, soft), attention_mask=mask, position_ids=positions,
-                 use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+        if prefix_state is None:
+            out = lm(inputs_embeds=spliced_embeddings(lm, ids, soft_mask, soft), attention_mask=mask,
+                     position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+        else:
+            P = L - k
+            if k == 0 or prefix_state.ids.shape != (B, P) or not (torch.equal(prefix_state.ids, ids[:, :P])
+                                                                   and torch.equal(prefix_state.mask, mask[:, :P])):
+                raise ValueError("prefix_state must hold these prefixes, and a soft prompt must follow them")
+            for i, (key, value) in enumerate(prefix_state.layers):
+                cache.update(key, value, i)
+            out = lm(inputs_embeds=soft.to(lm.get_input_embeddings().weight.dtype), attention_mask=mask,
+                     position_ids=positions[:, P:], use_cache=True, logits_to_keep=1, **{cache_arg: cache})
         tokens = []
         for _ in range(max_new_tokens):
             logits = out.logits[:, -1].float()

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from models.device import resolve_device
-from models.plan_lm import sample_continuations
+from models.plan_lm import noise_plan, sample_continuations
 from models.star import PrefixState, think
 from models.train import autocast, latest_checkpoint
 from schemas.star_configs import StarFlowConfig
@@ -194,8 +194,10 @@ def open_ended(config: StarFlowConfig, s: Star, base, ref, data, log=logger.info
 @torch.no_grad()
 def thought_cost(config: StarFlowConfig, s: Star, data, repeats: int = 3) -> dict:
     """Median seconds of a thought (``sampling.steps`` denoising steps) with the cached prefix and with the full
-    [prefix][soft] pass at every step (the reference), of one cached denoising step, and of writing 8 tokens after
-    the prefix, at batch ``cost_batch``; the ratios the issue asks for."""
+    [prefix][soft] pass at every step (the reference), of one cached denoising step, of writing 8 tokens after
+    the prefix, and of thinking then writing 8 tokens as generation does (the writing reusing the thought's encoding
+    of the prefix), at batch ``cost_batch``; the ratios the issue asks for. What a thought adds to generation is
+    the last minus writing alone."""
     sev, sampling = config.star_evaluation, config.star_sampling
     rows = data.rows("holdout")[:sev.cost_batch]
     column = data.column("prefix_ids")
@@ -225,14 +227,29 @@ def thought_cost(config: StarFlowConfig, s: Star, data, repeats: int = 3) -> dic
                                      generator=torch.Generator(s.device).manual_seed(0))
         return run
 
+    def think_then_write(n: int):  # what generation does: the writing reuses the thought's encoding of the prefix
+        def run():
+            gen = torch.Generator(s.device).manual_seed(0)
+            with autocast(s.device, s.amp):
+                state = PrefixState(s.model, prefixes, s.eos)
+                x = think(s.model, state, steps=sampling.steps, sampler=sampling.sampler, cfg_scale=sampling.cfg_scale,
+                          logsnr_shift=sampling.logsnr_shift, generator=gen)
+                a2 = torch.full((len(prefixes),), sampling.inference_alpha2, device=s.device)
+                soft = s.model.prompt(noise_plan(s.space.project(x.float()), a2, generator=gen), a2)
+                sample_continuations(s.model.lm, prefixes, soft, max_new_tokens=n, pad_id=s.eos, generator=gen,
+                                     prefix_state=state)
+        return run
+
     cached, uncached = timed(thought(True, sampling.steps)), timed(thought(False, sampling.steps))
     one_step = timed(thought(True, 1))
-    tokens8, token1 = timed(write(8)), timed(write(1))
+    tokens8, token1, both = timed(write(8)), timed(write(1)), timed(think_then_write(8))
+    added = max(both - tokens8, 0.0)
     return {"batch": len(prefixes), "steps": sampling.steps, "soft_tokens": s.model.soft_tokens,
             "thought_cached_s": round(cached, 4), "thought_uncached_s": round(uncached, 4),
             "one_step_cached_s": round(one_step, 4), "write_8_tokens_s": round(tokens8, 4),
-            "write_1_token_s": round(token1, 4),
+            "write_1_token_s": round(token1, 4), "think_then_write_8_tokens_s": round(both, 4),
             "thought_over_8_tokens": round(cached / tokens8, 3), "step_over_8_tokens": round(one_step / tokens8, 3),
+            "added_by_thought_over_8_tokens": round(added / tokens8, 3),
             "uncached_over_cached": round(uncached / cached, 3),
             "thought_in_tokens": round(cached / max((tokens8 - token1) / 7, 1e-9), 1)}
 

@@ -300,14 +300,14 @@ def _rows(guidance: NoisyGuidance | None, rows) -> NoisyGuidance | None:
 
 @torch.no_grad()
 def think_plans(s: Star, prefixes: list[list[int]], sampling: StarSamplingConfig, guidance: NoisyGuidance | None = None,
-                *, generator: torch.Generator, steps: int | None = None) -> torch.Tensor:
-    """Clean standardised plans (B, D), put back on the sphere, of one thought per prefix (a null plan's clean
-    stand-in is never needed: ``think: off`` skips this)."""
+                *, generator: torch.Generator, steps: int | None = None) -> tuple[torch.Tensor, PrefixState]:
+    """(clean standardised plans (B, D), put back on the sphere, of one thought per prefix; the prefixes' encoding,
+    which the writing reuses). A null plan's clean stand-in is never needed: ``think: off`` skips this."""
     with autocast(s.device, s.amp):
         state = PrefixState(s.model, prefixes, s.eos)
         x = think(s.model, state, steps=steps or sampling.steps, sampler=sampling.sampler, cfg_scale=sampling.cfg_scale,
                   logsnr_shift=sampling.logsnr_shift, guidance=guidance, generator=generator)
-    return s.space.project(x.float())
+    return s.space.project(x.float()), state
 
 
 def _soft(s: Star, plans: torch.Tensor | None, n: int, alpha2: float, generator: torch.Generator) -> torch.Tensor:
@@ -322,13 +322,14 @@ def _soft(s: Star, plans: torch.Tensor | None, n: int, alpha2: float, generator:
 
 
 def _write(s: Star, prefixes: list[list[int]], plans: torch.Tensor | None, sampling: StarSamplingConfig, n_tokens: int,
-           gen: torch.Generator) -> list[list[int]]:
+           gen: torch.Generator, state: PrefixState | None = None) -> list[list[int]]:
+    """Write after each prefix and its plan's soft prompt; ``state``: the thought's encoding of the prefixes (reused)."""
     with torch.no_grad(), autocast(s.device, s.amp):
         soft = _soft(s, plans, len(prefixes), sampling.inference_alpha2, gen)
         return sample_continuations(s.model.lm, prefixes, soft, max_new_tokens=n_tokens, pad_id=s.eos,
                                     top_p=sampling.top_p, temperature=sampling.temperature,
                                     repetition_penalty=sampling.repetition_penalty, banned=[s.eos],
-                                    generator=gen).tolist()
+                                    generator=gen, prefix_state=state).tolist()
 
 
 def sentence_end(tokenizer, tokens: list[int], min_tokens: int) -> int | None:
@@ -355,11 +356,11 @@ def star_continuations(s: Star, prefixes: list[list[int]], sampling: StarSamplin
         if sampling.think == "off":
             out += _write(s, part, None, sampling, N, gen)
             continue
-        plans = think_plans(s, part, sampling, g, generator=gen, steps=steps)
+        plans, state = think_plans(s, part, sampling, g, generator=gen, steps=steps)
         if plans_out is not None:
             plans_out.append(plans.cpu())
         if sampling.think == "once":
-            out += _write(s, part, plans, sampling, N, gen)
+            out += _write(s, part, plans, sampling, N, gen, state)
             continue
         written = [[] for _ in part]
         while True:
@@ -368,12 +369,11 @@ def star_continuations(s: Star, prefixes: list[list[int]], sampling: StarSamplin
                 break
             rows_prefix = [part[r] + written[r] for r in todo]
             if any(written[r] for r in todo):  # a new thought for every row still writing
-                sub = _rows(g, todo)
-                plans_now = think_plans(s, rows_prefix, sampling, sub, generator=gen, steps=steps)
+                plans_now, state = think_plans(s, rows_prefix, sampling, _rows(g, todo), generator=gen, steps=steps)
             else:
-                plans_now = plans[todo]
+                plans_now = plans[todo]  # the first pass: every row, the first thought's encoding
             budget = max(N - len(written[r]) for r in todo)
-            new = _write(s, rows_prefix, plans_now, sampling, budget, gen)
+            new = _write(s, rows_prefix, plans_now, sampling, budget, gen, state)
             for r, toks in zip(todo, new):
                 toks = toks[:N - len(written[r])]
                 cut = sentence_end(s.tokenizer, toks, sampling.min_sentence_tokens)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models.lmlm import build_model
-from models.plan_lm import PlanPromptGenerator, PlanSpace, training_batch
+from models.plan_lm import PlanPromptGenerator, PlanSpace, sample_continuations, training_batch
 from models.star import (
     NoisyAttribute,
     NoisyGuidance,
@@ -93,6 +93,20 @@ def test_a_thought_with_the_cached_prefix_is_the_uncached_thought(cfg_scale):
         other = think(model, PrefixState(model, [[0, 40, 41], [0, 42], [43]], 0), steps=6, cfg_scale=cfg_scale,
                       generator=torch.Generator().manual_seed(3))
     assert not torch.allclose(plans[0], other, atol=1e-3)
+
+
+def test_writing_after_a_thought_reuses_its_prefix_encoding_and_writes_what_a_fresh_pass_would():
+    model = _model()
+    prefixes = [[0, 5, 6, 7, 8, 9], [0, 11, 12], [20, 21, 22, 23]]
+    state = PrefixState(model, prefixes, pad_id=0)
+    soft = torch.randn(3, 3, model.lm.config.hidden_size)
+    greedy = dict(max_new_tokens=6, pad_id=0, top_p=1e-6, repetition_penalty=1.2)
+    fresh = sample_continuations(model.lm, prefixes, soft, **greedy)
+    reused = [sample_continuations(model.lm, prefixes, soft, prefix_state=state, **greedy) for _ in range(2)]
+    assert torch.equal(fresh, reused[0]) and torch.equal(fresh, reused[1])  # the state is left as it was
+    with pytest.raises(ValueError, match="prefix_state"):
+        sample_continuations(model.lm, [[0, 5, 6, 7, 8, 9], [0, 11, 13], [20, 21, 22, 23]], soft, prefix_state=state,
+                             **greedy)
 
 
 def test_a_single_prefix_thinks_the_same_alone_as_in_a_padded_batch():
