@@ -92,8 +92,11 @@ class PlanLMConfig(Config):
     prefix_dropout_mode: Literal["start", "swap"] = Field("swap", description="start: the prefix becomes the document "
                                                          "start (end-of-text alone); swap: another example's prefix, so "
                                                          "the model learns to follow the prompt where the prefix disagrees")
-    prompt_lr_scale: float = Field(3.0, gt=0, description="learning rate of the soft-prompt module (generator or control "
-                                   "vectors) as a multiple of train.lr (that of the pretrained LM)")
+    prompt_lr_scale: float = Field(1.0, gt=0, description="learning rate of the plan's soft-prompt generator as a "
+                                   "multiple of train.lr (that of the pretrained LM). At 3x, a fresh demo workdir's "
+                                   "FiLM generator blew up at step ~110 (gradient norm 0.8 -> 1e7, attention and "
+                                   "time-MLP weights first; with the global clip the LM then stopped learning, loss "
+                                   "2.90 -> 3.28 instead of 2.42); at 1x the norm stays below 1.3")
     train: TrainingBudget = Field(default_factory=lambda: TrainingBudget(
         steps=350, batch_size=32, lr=1e-3, warmup_steps=30, weight_decay=0.01, checkpoint_every=100, log_every=50))
     seed: int = Field(0)
@@ -185,6 +188,9 @@ class GuidedFlowConfig(Config):
                                                checkpoint_every=100, log_every=50),
         description="the class-conditional reference model: the pretrained LM fine-tuned with one control vector per "
                     "attribute where the plan's soft prompt goes (same budget as the plan fine-tune)")
+    class_prompt_lr_scale: float = Field(3.0, gt=0, description="learning rate of the class-conditional reference's "
+                                         "control vectors (embedding tables, nothing to blow up) as a multiple of "
+                                         "class_lm.lr")
     class_label_dropout: float = Field(0.3, ge=0, lt=1, description="each attribute's label of a training example is "
                                        "replaced by 'unknown' with this probability while the class-conditional reference "
                                        "trains: the evaluation passes 'unknown' for every attribute but the one it steers, "

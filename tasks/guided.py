@@ -197,7 +197,7 @@ def train_soft_prompt_lm(kind: str, config: GuidedFlowConfig, *, device: str | t
     what = "plan-conditioned LM" if kind == "plan" else "class-conditional LM"
     log(f"{what}: {n_lm:,} LM + {n_prompt:,} prompt parameters, k = {k}, {len(train_rows)} training examples on {device}")
     result = fit(model, batch_loss, budget, save=save, resume_state=state, amp=amp, log=log, label=f"{kind} LM",
-                 lr_scales={"prompt": config.plan_lm.prompt_lr_scale})
+                 lr_scales={"prompt": config.plan_lm.prompt_lr_scale if kind == "plan" else config.class_prompt_lr_scale})
     return SoftPromptLMReport(**report, steps=result["step"], train_seconds=round(result["train_seconds"], 1),
                               final_loss=_final(result["history"]), reused=False, history=result["history"])
 
