@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from models.device import resolve_device
-from models.plan_lm import noise_plan, sample_continuations
+from models.plan_lm import sample_continuations
 from models.star import PrefixState, think
 from models.train import autocast, latest_checkpoint
 from schemas.star_configs import StarFlowConfig
@@ -46,6 +46,8 @@ from tasks.star import (
     load_star_workdir,
     star_continuations,
     star_guidance,
+    think_plans,
+    write_after_thought,
 )
 
 logger = logging.getLogger(f"lmlm.{__name__}")
@@ -227,17 +229,11 @@ def thought_cost(config: StarFlowConfig, s: Star, data, repeats: int = 3) -> dic
                                      generator=torch.Generator(s.device).manual_seed(0))
         return run
 
-    def think_then_write(n: int):  # what generation does: the writing reuses the thought's encoding of the prefix
+    def think_then_write(n: int):  # generation's own path: the writing reuses the thought's encoding of the prefix
         def run():
             gen = torch.Generator(s.device).manual_seed(0)
-            with autocast(s.device, s.amp):
-                state = PrefixState(s.model, prefixes, s.eos)
-                x = think(s.model, state, steps=sampling.steps, sampler=sampling.sampler, cfg_scale=sampling.cfg_scale,
-                          logsnr_shift=sampling.logsnr_shift, generator=gen)
-                a2 = torch.full((len(prefixes),), sampling.inference_alpha2, device=s.device)
-                soft = s.model.prompt(noise_plan(s.space.project(x.float()), a2, generator=gen), a2)
-                sample_continuations(s.model.lm, prefixes, soft, max_new_tokens=n, pad_id=s.eos, generator=gen,
-                                     prefix_state=state)
+            plans, state = think_plans(s, prefixes, sampling, generator=gen)
+            write_after_thought(s, prefixes, plans, sampling, n, gen, state)
         return run
 
     cached, uncached = timed(thought(True, sampling.steps)), timed(thought(False, sampling.steps))

@@ -321,8 +321,8 @@ def _soft(s: Star, plans: torch.Tensor | None, n: int, alpha2: float, generator:
     return s.model.prompt(z, a2)
 
 
-def _write(s: Star, prefixes: list[list[int]], plans: torch.Tensor | None, sampling: StarSamplingConfig, n_tokens: int,
-           gen: torch.Generator, state: PrefixState | None = None) -> list[list[int]]:
+def write_after_thought(s: Star, prefixes: list[list[int]], plans: torch.Tensor | None, sampling: StarSamplingConfig,
+                        n_tokens: int, gen: torch.Generator, state: PrefixState | None = None) -> list[list[int]]:
     """Write after each prefix and its plan's soft prompt; ``state``: the thought's encoding of the prefixes (reused)."""
     with torch.no_grad(), autocast(s.device, s.amp):
         soft = _soft(s, plans, len(prefixes), sampling.inference_alpha2, gen)
@@ -354,13 +354,13 @@ def star_continuations(s: Star, prefixes: list[list[int]], sampling: StarSamplin
         j = min(i + sampling.batch_size, len(prefixes))
         part, g = prefixes[i:j], _rows(guidance, slice(i, j))
         if sampling.think == "off":
-            out += _write(s, part, None, sampling, N, gen)
+            out += write_after_thought(s, part, None, sampling, N, gen)
             continue
         plans, state = think_plans(s, part, sampling, g, generator=gen, steps=steps)
         if plans_out is not None:
             plans_out.append(plans.cpu())
         if sampling.think == "once":
-            out += _write(s, part, plans, sampling, N, gen, state)
+            out += write_after_thought(s, part, plans, sampling, N, gen, state)
             continue
         written = [[] for _ in part]
         while True:
@@ -373,7 +373,7 @@ def star_continuations(s: Star, prefixes: list[list[int]], sampling: StarSamplin
             else:
                 plans_now = plans[todo]  # the first pass: every row, the first thought's encoding
             budget = max(N - len(written[r]) for r in todo)
-            new = _write(s, rows_prefix, plans_now, sampling, budget, gen, state)
+            new = write_after_thought(s, rows_prefix, plans_now, sampling, budget, gen, state)
             for r, toks in zip(todo, new):
                 toks = toks[:N - len(written[r])]
                 cut = sentence_end(s.tokenizer, toks, sampling.min_sentence_tokens)
