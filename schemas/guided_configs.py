@@ -50,12 +50,16 @@ def _lm(seed: int) -> PretrainConfig:
 
 
 class PlanDataConfig(Config):
-    """(prefix, continuation) examples cut from documents at random token positions, as the reference cuts chunks."""
+    """(prefix, continuation) examples cut from documents at random token positions, as the reference cuts chunks, half
+    of them moved to the nearest sentence start (a prompt of whole sentences is what users and the evaluation give)."""
 
     continuation_tokens: int = Field(32, ge=4, description="tokens of a continuation (the text a plan embeds)")
     min_prefix_tokens: int = Field(8, ge=1)
     max_prefix_tokens: int = Field(48, ge=1)
     examples_per_doc: int = Field(2, ge=1, description="split points drawn per document")
+    sentence_start_fraction: float = Field(0.5, ge=0, le=1, description="share of split points moved to the nearest "
+                                           "sentence start, so the continuation opens a sentence as it does after a "
+                                           "prompt of whole sentences (0: random token positions only, as the reference cuts)")
     max_examples: int | None = Field(None, ge=1, description="cap on training examples (a seeded sample)")
     judge_fraction: float = Field(0.3, gt=0, lt=1, description="training documents whose continuations train the "
                                   "evaluation's judges, never the guidance classifiers")
@@ -151,9 +155,8 @@ class GuidedEvaluationConfig(Config):
     samples_per_prefix: int = Field(10, ge=1)
     max_prefix_tokens: int = Field(40, ge=4, description="longest evaluation prefix (whole sentences)")
     prefixes_per_doc: int = Field(2, ge=1)
-    guidance_scales: list[NonNegativeFloat] = Field([0.0, 16.0, 64.0], description="DGLM guidance scales swept (on "
-                                                    "the demo, topic rate 0.23 / 0.46 / 0.60 / 0.74 at scales 0 / 4 / "
-                                                    "16 / 64, perplexity flat)")
+    guidance_scales: list[NonNegativeFloat] = Field([0.0, 16.0, 64.0, 256.0], description="DGLM guidance scales swept "
+                                                    "(on the demo the rate grows up to 256 and the perplexity does not)")
     boost_deltas: list[NonNegativeFloat] = Field([2.0, 4.0, 6.0], description="attribute-word logit boosts swept")
     boost_words: int = Field(40, ge=1, description="words per attribute value boosted (top log-odds in the labelled text)")
     bootstrap: int = Field(1000, ge=10, description="bootstrap resamples of the prefixes for the 95% intervals")

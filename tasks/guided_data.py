@@ -3,7 +3,8 @@
     document shards -> documents with attribute labels (a column, or a key of the metadata JSON)
     -> roles by doc_id hash: holdout (never trained on: evaluation prefixes, sanity checks), judge (trains the
        evaluation's judges only), train
-    -> (prefix, continuation) examples cut at random token positions (continuation: the next N tokens)
+    -> (prefix, continuation) examples cut at random token positions (continuation: the next N tokens), a share of
+       them moved to sentence starts
     -> frozen all-MiniLM-L6-v2 embeddings of every continuation (the plan) and prefix (the prior's condition)
     -> the plan space's standardisation statistics (training continuations)
 
@@ -30,6 +31,7 @@ from schemas import progress
 from schemas.errors import UserInputError
 from schemas.guided_configs import AttributeConfig, PlanDataConfig
 from schemas.reports import PlanDataReport
+from tasks.diffusion import SENTENCE_BOUNDARY
 from tasks.pretrain import is_holdout
 from tasks.shardio import read_table
 
@@ -82,16 +84,36 @@ def read_documents(shards: list[str], attributes: list[AttributeConfig], holdout
     return docs
 
 
-def cut_examples(ids: list[int], rng: np.random.Generator, cfg: PlanDataConfig, eos: int) -> list[tuple[list[int], list[int]]]:
+def sentence_starts(text: str, offsets: list[tuple[int, int]]) -> list[int]:
+    """Token indices at which a sentence of ``text`` starts (after its first): the first token past the sentence's
+    closing punctuation, kept when that token does not also hold the punctuation."""
+    starts, j = [], 0
+    for m in SENTENCE_BOUNDARY.finditer(text):
+        while j < len(offsets) and offsets[j][1] <= m.start():
+            j += 1
+        if j < len(offsets) and offsets[j][0] >= m.start():
+            starts.append(j)
+    return starts
+
+
+def cut_examples(ids: list[int], rng: np.random.Generator, cfg: PlanDataConfig, eos: int,
+                 starts: list[int] | None = None) -> list[tuple[list[int], list[int]]]:
     """(prefix, continuation) pairs of one tokenized document: a split point s uniform over the positions that leave
     ``continuation_tokens`` after it, a prefix of uniform length in [min, max] before it (starting with end-of-text
-    when it reaches the document's start, as documents follow one in pretraining)."""
+    when it reaches the document's start, as documents follow one in pretraining). With ``sentence_start_fraction``
+    f > 0 and the document's sentence starts (token indices) given, each split point moves with probability f to
+    the nearest sentence start in range, so the continuation opens a sentence, as after a prompt of whole sentences."""
     C = cfg.continuation_tokens
     last = len(ids) - C
     if last < cfg.min_prefix_tokens:
         return []
+    snap = [t for t in starts or [] if cfg.min_prefix_tokens <= t <= last] if cfg.sentence_start_fraction > 0 else []
+    points = rng.integers(cfg.min_prefix_tokens, last + 1, size=cfg.examples_per_doc).tolist()
+    if snap:
+        move = rng.random(len(points)) < cfg.sentence_start_fraction
+        points = [min(snap, key=lambda t: (abs(t - s), t)) if m else s for s, m in zip(points, move)]
     out = []
-    for s in sorted(set(rng.integers(cfg.min_prefix_tokens, last + 1, size=cfg.examples_per_doc).tolist())):
+    for s in sorted(set(points)):
         P = int(rng.integers(cfg.min_prefix_tokens, cfg.max_prefix_tokens + 1))
         prefix = ids[s - P:s] if s > P else [eos] + ids[:s]
         out.append((prefix, ids[s:s + C]))
@@ -140,9 +162,10 @@ def prepare_plan_data(shards: list[str], attributes: list[AttributeConfig], cfg:
     docs = read_documents(shards, attributes, holdout_fraction, cfg.judge_fraction)
     rng = np.random.default_rng(cfg.seed)
     rows = []
-    encoded = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
-    for doc, ids in zip(docs, encoded):
-        for prefix, cont in cut_examples(ids, rng, cfg, tokenizer.eos_token_id):
+    encoded = tokenizer([d.text for d in docs], add_special_tokens=False, return_offsets_mapping=True)
+    for doc, ids, offsets in zip(docs, encoded["input_ids"], encoded["offset_mapping"]):
+        starts = sentence_starts(doc.text, offsets) if cfg.sentence_start_fraction > 0 else None
+        for prefix, cont in cut_examples(ids, rng, cfg, tokenizer.eos_token_id, starts):
             rows.append({"doc_id": doc.doc_id, "role": doc.role, "prefix_ids": prefix, "continuation_ids": cont,
                          **{f"label_{k}": v for k, v in doc.labels.items()}})
     if cfg.max_examples is not None:

@@ -363,6 +363,28 @@ def test_sentence_windows_are_whole_sentences_that_leave_room_for_a_continuation
         (0, "Aa bb."), (0, "Aa bb. Cc dd ee."), (17, "Ff gg hh ii.")]
 
 
+def test_split_points_move_to_sentence_starts_at_the_configured_share():
+    from schemas.guided_configs import PlanDataConfig
+    from tasks.guided_data import cut_examples, sentence_starts
+
+    text = "Aa bb cc. Dd ee ff gg. Hh ii! Jj kk ll mm nn. Oo pp qq rr ss tt. Uu vv ww xx."
+    words = [(m.start(), m.end()) for m in __import__("re").finditer(r"\w+|[.!]", text)]  # word and punctuation tokens
+    starts = sentence_starts(text, words)
+    assert [text[words[i][0]:words[i][1]] for i in starts] == ["Dd", "Hh", "Jj", "Oo", "Uu"]
+    ids = list(range(len(words)))
+    rng_cfg = dict(continuation_tokens=4, min_prefix_tokens=2, max_prefix_tokens=6, examples_per_doc=6)
+    always = PlanDataConfig(**rng_cfg, sentence_start_fraction=1.0)
+    for seed in range(20):
+        for prefix, cont in cut_examples(ids, np.random.default_rng(seed), always, eos=-1, starts=starts):
+            assert cont[0] in starts and prefix[-1] == cont[0] - 1
+    never = PlanDataConfig(**rng_cfg, sentence_start_fraction=0.0)  # the reference's random cuts, drawn as before
+    assert cut_examples(ids, np.random.default_rng(3), never, -1, starts) == cut_examples(ids, np.random.default_rng(3), never, -1)
+    half = PlanDataConfig(**rng_cfg, sentence_start_fraction=0.5)
+    opened = [c[0] in starts for seed in range(200)
+              for _, c in cut_examples(ids, np.random.default_rng(seed), half, -1, starts)]
+    assert 0.5 < np.mean(opened) < 0.9  # half moved, and some random cuts land on a start by chance (5 of 20 places)
+
+
 def test_bootstrap_intervals_contain_the_value_and_perplexity_pools_tokens():
     stats = gm.prefix_stats(["a b c", "a a a", "d e f", "d e f"], [True, False, True, True], None,
                             np.array([2.0, 4.0, 1.0, 1.0]), np.array([2, 2, 2, 2]), per_prefix=2)
