@@ -513,6 +513,18 @@ def test_plan_fine_tune_resumes_exactly_after_an_interruption(trained, tmp_path)
     assert run(tmp_path / "resumed", 3).reused
 
 
+def test_about_half_of_the_plan_examples_open_a_sentence_with_the_real_tokenizer(trained):
+    from tasks.guided import folder
+    from tasks.guided_data import load_plan_data
+
+    config, _ = trained
+    data = load_plan_data(folder(config.workdir, "plans"))
+    prefixes, conts = data.column("prefix_text"), data.column("continuation_text")
+    opens = [p.rstrip()[-1:] in ".!?" and c[:1].isspace() and c.lstrip()[:1].isupper() for p, c in zip(prefixes, conts)]
+    assert config.data.sentence_start_fraction == 0.5
+    assert 0.4 <= np.mean(opens) <= 0.8  # random cuts alone: 0.09 on the demo corpus
+
+
 def test_a_new_attribute_costs_one_classifier_fit_and_no_lm_training(trained):
     """The biography's field (the category column: nothing was trained to steer it) becomes steerable."""
     from tasks import guided
