@@ -155,8 +155,9 @@ class GuidedEvaluationConfig(Config):
     samples_per_prefix: int = Field(10, ge=1)
     max_prefix_tokens: int = Field(40, ge=4, description="longest evaluation prefix (whole sentences)")
     prefixes_per_doc: int = Field(2, ge=1)
-    guidance_scales: list[NonNegativeFloat] = Field([0.0, 16.0, 64.0, 256.0], description="DGLM guidance scales swept "
-                                                    "(on the demo the rate grows up to 256 and the perplexity does not)")
+    guidance_scales: list[NonNegativeFloat] = Field([0.0, 64.0, 256.0, 1024.0], description="DGLM guidance scales "
+                                                    "swept (on the demo the rate grows up to ~1024 and the perplexity "
+                                                    "does not; 16 sits halfway between 0 and 64)")
     boost_deltas: list[NonNegativeFloat] = Field([2.0, 4.0, 6.0], description="attribute-word logit boosts swept")
     boost_words: int = Field(40, ge=1, description="words per attribute value boosted (top log-odds in the labelled text)")
     bootstrap: int = Field(1000, ge=10, description="bootstrap resamples of the prefixes for the 95% intervals")
