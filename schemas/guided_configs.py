@@ -56,7 +56,9 @@ class PlanDataConfig(Config):
     continuation_tokens: int = Field(32, ge=4, description="tokens of a continuation (the text a plan embeds)")
     min_prefix_tokens: int = Field(8, ge=1)
     max_prefix_tokens: int = Field(48, ge=1)
-    examples_per_doc: int = Field(2, ge=1, description="split points drawn per document")
+    examples_per_doc: int = Field(4, ge=1, description="split points drawn per document (4: on the demo, twice 2's "
+                                  "examples trained for 700 steps held-out NLL with the true plan at 0.92 against "
+                                  "0.97, at the same attribute rates)")
     sentence_start_fraction: float = Field(0.5, ge=0, le=1, description="share of split points moved to the nearest "
                                            "sentence start, so the continuation opens a sentence as it does after a "
                                            "prompt of whole sentences (0: random token positions only, as the reference cuts)")
@@ -102,7 +104,9 @@ class PlanLMConfig(Config):
                                    "time-MLP weights first; with the global clip the LM then stopped learning, loss "
                                    "2.90 -> 3.28 instead of 2.42); at 1x it stays below 1.3 (below 2.9 with seed 1)")
     train: TrainingBudget = Field(default_factory=lambda: TrainingBudget(
-        steps=350, batch_size=32, lr=1e-3, warmup_steps=30, weight_decay=0.01, checkpoint_every=100, log_every=50))
+        steps=700, batch_size=32, lr=1e-3, warmup_steps=30, weight_decay=0.01, checkpoint_every=100, log_every=50),
+        description="the plan fine-tune's budget: on the demo 350 steps steered sentiment to 0.67, 700 to 0.88 and "
+                    "1400 to 0.97, the last with held-out NLL rising (README)")
     seed: int = Field(0)
 
     @model_validator(mode="after")
@@ -188,7 +192,7 @@ class GuidedFlowConfig(Config):
     data: PlanDataConfig = Field(default_factory=PlanDataConfig)
     plan_lm: PlanLMConfig = Field(default_factory=PlanLMConfig)
     class_lm: TrainingBudget = Field(
-        default_factory=lambda: TrainingBudget(steps=350, batch_size=32, lr=1e-3, warmup_steps=30, weight_decay=0.01,
+        default_factory=lambda: TrainingBudget(steps=700, batch_size=32, lr=1e-3, warmup_steps=30, weight_decay=0.01,
                                                checkpoint_every=100, log_every=50),
         description="the class-conditional reference model: the pretrained LM fine-tuned with one control vector per "
                     "attribute where the plan's soft prompt goes (same budget as the plan fine-tune)")
