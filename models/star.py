@@ -34,9 +34,14 @@ from models.plan_prior import FiLMResBlock
 from models.train import per_token_nll
 
 
-def sigmoid_weight(logsnr: torch.Tensor) -> torch.Tensor:
-    """v-space weight of the sigmoid weighting under the cosine schedule: (π/2)·sech(λ/2) (mean 1 for t ~ U(0, 1))."""
-    return (math.pi / 2) / torch.cosh(logsnr.float() / 2)
+def sigmoid_weight(logsnr: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
+    """v-space weight of the sigmoid weighting under the cosine schedule: (π/2)·sech(λ/2) (mean 1 for t ~ U(0, 1)).
+    ``shift``: λ was drawn from the cosine schedule shifted by it, whose density is sech((λ − shift)/2) up to the
+    same constant; the weight is multiplied by the ratio of the densities, cosh((λ − shift)/2) / cosh(λ/2), so the
+    loss's expectation is the unshifted one (mean 1 again) while the draws fall where the shift puts them."""
+    lam = logsnr.float()
+    w = (math.pi / 2) / torch.cosh(lam / 2)
+    return w if not shift else w * torch.cosh((lam - shift) / 2) / torch.cosh(lam / 2)
 
 
 class ScoreHead(nn.Module):
@@ -83,9 +88,11 @@ class StarLDM(nn.Module):
 
     def losses(self, batch: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                null: torch.Tensor, diffusion_rows: torch.Tensor | None = None,
-               extra: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               extra: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = (), noise_shift: float = 0.0,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean NLL of the target tokens, weighted v-MSE, the soft prompt) of a ``plan_lm.training_batch`` with clean
-        plans ``x`` (B, D) noised at t (B,) with noise ``eps`` (B, D) (cosine schedule, unshifted); ``null`` (B,) rows
+        plans ``x`` (B, D) noised at t (B,) with noise ``eps`` (B, D) (cosine schedule, shifted by ``noise_shift``,
+        the v-loss importance-weighted back to the unshifted schedule's objective); ``null`` (B,) rows
         give the head the null features; ``diffusion_rows`` (B,) bool: rows whose v-loss counts (all if None).
 
         ``extra``: more (t, eps, null) draws of the same plans for the v-loss alone. Each runs the LM over the k soft
@@ -93,7 +100,7 @@ class StarLDM(nn.Module):
         tokens, so this is what a full pass would give): more diffusion samples per example for a fraction of a pass."""
         from models.diffusion import logsnr_cosine
 
-        logsnr = logsnr_cosine(t)
+        logsnr = logsnr_cosine(t, shift=noise_shift)
         alpha, sigma = (s[:, None] for s in alpha_sigma(logsnr))
         soft = self.prompt(alpha * x + sigma * eps, alpha[:, 0] ** 2)
         emb = spliced_embeddings(self.lm, batch["ids"], batch["soft"], soft)
@@ -106,7 +113,8 @@ class StarLDM(nn.Module):
         nll = per_token_nll(logits, batch["ids"][:, 1:])
         keep = batch["target"][:, 1:]
         nll = (nll * keep).sum() / keep.sum().clamp(min=1)
-        v_loss = self._v_loss(soft, h[batch["soft"]].view(len(x), self.soft_tokens, -1), x, logsnr, eps, null)
+        v_loss = self._v_loss(soft, h[batch["soft"]].view(len(x), self.soft_tokens, -1), x, logsnr, eps, null,
+                              noise_shift)
         if extra:
             B, T, k = len(x), batch["ids"].shape[1], self.soft_tokens
             start = batch["soft"].float().argmax(-1)  # the prefix's length = where the soft tokens start
@@ -115,7 +123,7 @@ class StarLDM(nn.Module):
             positions = start[:, None] + torch.arange(k, device=x.device)
             layers = [(layer.keys, layer.values) for layer in cache.layers]
             for t_r, eps_r, null_r in extra:
-                lam = logsnr_cosine(t_r)
+                lam = logsnr_cosine(t_r, shift=noise_shift)
                 a, s = (u[:, None] for u in alpha_sigma(lam))
                 soft_r = self.prompt(a * x + s * eps_r, a[:, 0] ** 2)
                 draw_cache = new_cache(self.lm.config)
@@ -123,17 +131,17 @@ class StarLDM(nn.Module):
                     draw_cache.update(key, value, i)
                 h_r = self.hidden(inputs_embeds=soft_r.to(emb.dtype), attention_mask=mask, position_ids=positions,
                                   use_cache=True, **{cache_keyword(self.lm.base_model): draw_cache})
-                v_loss = v_loss + self._v_loss(soft_r, h_r, x, lam, eps_r, null_r)
+                v_loss = v_loss + self._v_loss(soft_r, h_r, x, lam, eps_r, null_r, noise_shift)
             v_loss = v_loss / (1 + len(extra))
         if diffusion_rows is not None:
             return nll, (v_loss * diffusion_rows).sum() / diffusion_rows.sum().clamp(min=1), soft
         return nll, v_loss.mean(), soft
 
-    def _v_loss(self, soft, hidden, x, logsnr, eps, null) -> torch.Tensor:
-        """Sigmoid-weighted v-MSE per row."""
+    def _v_loss(self, soft, hidden, x, logsnr, eps, null, noise_shift: float = 0.0) -> torch.Tensor:
+        """Sigmoid-weighted v-MSE per row (λ drawn from the cosine schedule shifted by ``noise_shift``)."""
         alpha, sigma = (s[:, None] for s in alpha_sigma(logsnr))
         v_hat = self.head(soft, hidden, logsnr, null)
-        return sigmoid_weight(logsnr) * (v_hat - (alpha * eps - sigma * x)).pow(2).mean(-1)
+        return sigmoid_weight(logsnr, noise_shift) * (v_hat - (alpha * eps - sigma * x)).pow(2).mean(-1)
 
 
 # ----------------------------------------------------------------------------- thinking with a cached prefix

@@ -35,6 +35,10 @@ class StarModelConfig(Config):
                                    "over the k soft tokens against the prefix's cached keys and values (cheap next to "
                                    "the full pass; 0: one draw, as the reference). Measured with 3: 1.7x the training "
                                    "time, and thoughts no closer to the real continuation (MiniLM cosine 0.349 vs 0.343)")
+    noise_shift: float = Field(0.0, description="log-SNR shift of the training noise levels, seen by the writer and the "
+                               "v-loss alike (0: the unshifted cosine schedule, as the reference; 2 ln 3 draws mostly mild "
+                               "noise, as DGLM's writer trains); the v-loss is importance-weighted back to the unshifted "
+                               "schedule's objective, so only where the draws fall changes")
     null_share: float = Field(0.1, ge=0, lt=1, description="examples whose LM features the head sees replaced by the "
                               "learned null (classifier-free guidance; reference 0.1)")
     prefix_dropout: float = Field(0.5, ge=0, lt=1, description="share of examples whose prefix is another example's "

@@ -132,7 +132,7 @@ def train_star(config: StarFlowConfig, *, device: str | torch.device = "auto", l
         consistent = torch.tensor([u is o or u == o for u, o in zip(used, own)], device=device)
         extra = [(torch.rand(len(idx), generator=gen, device=device), torch.randn(x.shape, generator=gen, device=device),
                   torch.rand(len(idx), generator=gen, device=device) < cfg.null_share) for _ in range(cfg.extra_noise_draws)]
-        nll, v_loss, soft = model.losses(batch, x, t, eps, null, consistent, extra)
+        nll, v_loss, soft = model.losses(batch, x, t, eps, null, consistent, extra, noise_shift=cfg.noise_shift)
         parts["nll"].append(float(nll.detach()))
         parts["v"].append(float(v_loss.detach()))
         loss = nll + cfg.diffusion_weight * v_loss

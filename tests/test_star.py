@@ -44,6 +44,18 @@ def test_the_sigmoid_weighting_averages_one_over_uniform_time_and_peaks_at_equal
     assert float(sigmoid_weight(torch.tensor([10.0]))) < 0.03 and float(sigmoid_weight(torch.tensor([-10.0]))) < 0.03
 
 
+def test_a_shifted_training_schedule_keeps_the_v_loss_objective_of_the_unshifted_one():
+    from models.diffusion import logsnr_cosine
+
+    t = (torch.arange(200_000) + 0.5) / 200_000
+    shift = 2 * math.log(3)
+    plain, shifted = logsnr_cosine(t), logsnr_cosine(t, shift=shift)
+    assert float(torch.sigmoid(shifted).median()) > 0.85 > float(torch.sigmoid(plain).median())  # mostly mild noise
+    for f in (lambda lam: torch.ones_like(lam), torch.sigmoid, lambda lam: lam.clamp(-5, 5) ** 2):
+        expected = float((sigmoid_weight(plain) * f(plain)).mean())
+        assert float((sigmoid_weight(shifted, shift) * f(shifted)).mean()) == pytest.approx(expected, rel=0.02)
+
+
 def test_both_losses_train_and_the_null_rows_do_not_see_the_lm():
     model = _model().train()
     P, C = [[0, 5, 6, 7], [8, 9]], [[10, 11, 12], [13, 14, 15, 16]]
