@@ -113,7 +113,7 @@ def add_star_commands(sub) -> None:
         common(e)
         e.add_argument("--prefixes", type=int, help="neutral prefixes per attribute in the control table (default 200)")
         e.add_argument("--samples", type=int, help="continuations per prefix in the control table (default 10)")
-        e.add_argument("--open-prefixes", type=int, help="held-out prefixes of the open-ended comparison (default 300)")
+        e.add_argument("--open-prefixes", type=int, help="held-out prefixes of the open-ended comparison (default 1000)")
         e.set_defaults(func=func)
     g = ssub.add_parser("generate", help="continue a prefix: think (optionally steered toward attributes), then write")
     g.add_argument("prefix", help="the text to continue")
