@@ -8,9 +8,15 @@ import time
 from flows.cli_config import load_config_file, validated, with_overrides
 from flows.guided_cli import pairs, parse_scales
 from schemas.errors import UserInputError
-from schemas.star_configs import THINK_MODES, StarFlowConfig
+from schemas.guided_configs import GuidedEvaluationConfig
+from schemas.star_configs import THINK_MODES, StarEvaluationConfig, StarFlowConfig
 
 STAGES = ("star", "star_classifiers")
+
+
+def _default(config: type, field: str):
+    """A config field's default, for help texts that must not drift from the config."""
+    return config.model_fields[field].default
 
 
 def _config(args) -> StarFlowConfig:
@@ -111,9 +117,12 @@ def add_star_commands(sub) -> None:
                                  ("demo", "train, then evaluate (make demo-star)", cmd_star_demo)):
         e = ssub.add_parser(name, help=helptext)
         common(e)
-        e.add_argument("--prefixes", type=int, help="neutral prefixes per attribute in the control table (default 200)")
-        e.add_argument("--samples", type=int, help="continuations per prefix in the control table (default 10)")
-        e.add_argument("--open-prefixes", type=int, help="held-out prefixes of the open-ended comparison (default 1000)")
+        e.add_argument("--prefixes", type=int, help="neutral prefixes per attribute in the control table (default "
+                       f"{_default(GuidedEvaluationConfig, 'prefixes')})")
+        e.add_argument("--samples", type=int, help="continuations per prefix in the control table (default "
+                       f"{_default(GuidedEvaluationConfig, 'samples_per_prefix')})")
+        e.add_argument("--open-prefixes", type=int, help="held-out prefixes of the open-ended comparison (default "
+                       f"{_default(StarEvaluationConfig, 'open_prefixes')})")
         e.set_defaults(func=func)
     g = ssub.add_parser("generate", help="continue a prefix: think (optionally steered toward attributes), then write")
     g.add_argument("prefix", help="the text to continue")

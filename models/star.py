@@ -40,8 +40,7 @@ def sigmoid_weight(logsnr: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
     same constant; the weight is multiplied by the ratio of the densities, cosh((λ − shift)/2) / cosh(λ/2), so the
     loss's expectation is the unshifted one (mean 1 again) while the draws fall where the shift puts them."""
     lam = logsnr.float()
-    w = (math.pi / 2) / torch.cosh(lam / 2)
-    return w if not shift else w * torch.cosh((lam - shift) / 2) / torch.cosh(lam / 2)
+    return (math.pi / 2) * torch.cosh((lam - shift) / 2) / torch.cosh(lam / 2) ** 2
 
 
 class ScoreHead(nn.Module):
