@@ -146,9 +146,12 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"MiniLM cosine of DGLM text to its own plan {cos['own_plan']:.3f} vs a shuffled plan "
                      f"{cos['shuffled_plan']:.3f} (own closer for {cos['own_closer_share']:.0%} of {cos['texts']})")
     for name, g in report["goals"].items():
-        lines.append(f"{name}: DGLM dominates logit boosting at {g['boost_points_dominated']} boost points; best DGLM rate "
-                     f"{g['best_dglm_rate']} = {g['share_of_class_conditional']} of the class-conditional model's "
-                     f"{g['class_conditional_rate']}")
+        within = "" if g.get("real_text_rate") is None else (
+            f" ({g['dominated_within_real_text']} of those not above real text's {g['real_text_rate']:.3f} under the "
+            "same judge)")
+        lines.append(f"{name}: DGLM dominates logit boosting at {g['boost_points_dominated']} boost points{within}; best "
+                     f"DGLM rate {g['best_dglm_rate']} = {g['share_of_class_conditional']} of the class-conditional "
+                     f"model's {g['class_conditional_rate']}")
     return lines
 
 

@@ -1,7 +1,7 @@
 """The STAR-LDM flows (issue 17): training, evaluation, and the demo that chains them.
 
-    DGLM's shared stages when missing (tokenizer, LM || reference LM, plans: the guided-training flow, stages lm and
-    plans) -> joint STAR-LDM training -> noise-conditioned classifiers -> evaluation (control table beside DGLM when
+    DGLM's shared stages when missing (tokenizer, LM || reference LM, plans and, for star.init plan_lm, the plan
+    fine-tune: the guided-training flow's stages) -> joint STAR-LDM training -> noise-conditioned classifiers -> evaluation (control table beside DGLM when
     the workdir has one, open-ended comparison with the plain LM and the ablations, a thought's cost) -> report
 
 Outputs under ``workdir``: DGLM's shared folders, ``star/``, ``star_classifiers/``, ``star-training-report.json``,
@@ -23,7 +23,7 @@ from flows.artifacts import publish_links
 from schemas.star_configs import StarFlowConfig
 from tasks.diffusion_texts import document_shards
 from tasks.evaluate_star import evaluate_star
-from tasks.star import folder, train_noisy_classifiers, train_star
+from tasks.star import folder, plan_lm_done, train_noisy_classifiers, train_star
 
 STAR_STAGES = ("star", "star_classifiers")
 star_model_task = task(train_star, name="train-star-ldm", cache_policy=NO_CACHE)
@@ -39,6 +39,8 @@ def _shared_stages_missing(config: StarFlowConfig) -> list[str]:
         missing.append("lm")
     if not os.path.isfile(os.path.join(folder(config.workdir, "plans"), "examples.parquet")):
         missing.append("plans")
+    if config.star.init == "plan_lm" and not plan_lm_done(config):
+        missing.append("plan_lm")
     return missing
 
 

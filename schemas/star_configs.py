@@ -23,6 +23,12 @@ THINK_MODES = ("once", "every-sentence", "off")
 class StarModelConfig(Config):
     """The joint model: the pretrained LM, DGLM's soft-prompt generator and a score head on [soft ; LM features]."""
 
+    init: Literal["lm", "plan_lm"] = Field("plan_lm", description="what the joint training starts from. plan_lm: "
+                                           "DGLM's plan-conditioned LM and its generator, a writer that already reads "
+                                           "plans (the generator's shape must be DGLM's; DGLM's plan_lm stage is "
+                                           "trained first when missing). lm: the pretrained plain LM and a new "
+                                           "generator, as the reference starts from GPT-2; in 600 steps its writer "
+                                           "barely learned to read a plan (README)")
     soft_tokens: int = Field(8, ge=1, description="k: soft tokens of the plan (reference 8)")
     width: int = Field(256, ge=16, description="width of the soft-prompt generator")
     layers: int = Field(2, ge=1, description="FiLM transformer layers of the generator")
@@ -35,10 +41,11 @@ class StarModelConfig(Config):
                                    "over the k soft tokens against the prefix's cached keys and values (cheap next to "
                                    "the full pass; 0: one draw, as the reference). Measured with 3: 1.7x the training "
                                    "time, and thoughts no closer to the real continuation (MiniLM cosine 0.349 vs 0.343)")
-    noise_shift: float = Field(0.0, description="log-SNR shift of the training noise levels, seen by the writer and the "
-                               "v-loss alike (0: the unshifted cosine schedule, as the reference; 2 ln 3 draws mostly mild "
-                               "noise, as DGLM's writer trains); the v-loss is importance-weighted back to the unshifted "
-                               "schedule's objective, so only where the draws fall changes")
+    noise_shift: float = Field(2 * math.log(3), description="log-SNR shift of the training noise levels, seen by the "
+                               "writer and the v-loss alike (2 ln 3: mostly mild noise, as DGLM's writer, where "
+                               "star.init plan_lm starts, was trained; 0: the unshifted cosine schedule, as the "
+                               "reference); the v-loss is importance-weighted back to the unshifted schedule's "
+                               "objective, so only where the draws fall changes")
     null_share: float = Field(0.1, ge=0, lt=1, description="examples whose LM features the head sees replaced by the "
                               "learned null (classifier-free guidance; reference 0.1)")
     prefix_dropout: float = Field(0.5, ge=0, lt=1, description="share of examples whose prefix is another example's "
@@ -46,8 +53,8 @@ class StarModelConfig(Config):
                                   "train the NLL only, not the v-loss (their prefix says nothing of the plan)")
     bag_of_words_weight: NonNegativeFloat = Field(0.3, description="DGLM's auxiliary loss reading each soft vector as "
                                                   "the continuation's bag of words (0: NLL and v-loss alone)")
-    prompt_lr_scale: float = Field(3.0, gt=0, description="learning rate of the generator and the head as a multiple of "
-                                   "train.lr (that of the pretrained LM)")
+    prompt_lr_scale: float = Field(1.0, gt=0, description="learning rate of the generator and the head as a multiple of "
+                                   "train.lr (that of the LM); with noise_shift 2 ln 3, 3x made the training diverge")
     train: TrainingBudget = Field(default_factory=lambda: TrainingBudget(
         steps=600, batch_size=32, lr=1e-3, warmup_steps=50, weight_decay=1e-4, checkpoint_every=100, log_every=50))
     seed: int = Field(0)

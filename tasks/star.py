@@ -1,7 +1,7 @@
 """STAR-LDM (issue 17), training and generation as plain functions over a DGLM-shaped workdir.
 
     DGLM's stages (tasks.guided): tokenizer, pretrained LM, reference LM, plan examples          <workdir>/...
-    -> joint training: the pretrained LM + soft-prompt generator + score head, NLL + w·v-loss     <workdir>/star
+    -> joint training: DGLM's plan LM and its generator (star.init) + score head, NLL + w·v-loss  <workdir>/star
     -> noise-conditioned attribute classifiers on z_t, one per attribute                        <workdir>/star_classifiers
     generation: encode the prefix once (KV cache) -> think: denoising steps over the k soft tokens
     (steered by the classifiers' gradients when attributes are asked for) -> the plan on the sphere, re-noised
@@ -83,16 +83,48 @@ def _build(meta: dict, lm) -> StarLDM:
     return StarLDM(lm, prompt, head)
 
 
+GENERATOR_SHAPE = ("soft_tokens", "width", "layers", "heads")
+
+
+def plan_lm_done(config: StarFlowConfig) -> bool:
+    """Whether DGLM's plan LM (the start of ``star.init: plan_lm``) has finished its fine-tune."""
+    path = os.path.join(folder(config.workdir, "plan"), "config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("step", 0) >= config.plan_lm.train.steps
+
+
+def starting_point(config: StarFlowConfig) -> tuple[str, str | None]:
+    """(the LM the joint training starts from, the folder whose ``prompt.safetensors`` starts the soft-prompt generator,
+    or None for a new one) as ``star.init`` says; a plan LM of another generator shape is one error line."""
+    if config.star.init == "lm":
+        return base_lm_checkpoint(config.workdir), None
+    plan = folder(config.workdir, "plan")
+    if not plan_lm_done(config):
+        raise UserInputError(f"{plan}: no finished DGLM plan LM to start STAR-LDM from (star.init: plan_lm); run "
+                             "`lmlm guided train --stage plan_lm` or set star.init: lm")
+    with open(os.path.join(plan, "config.json")) as f:
+        theirs = json.load(f)["plan_lm"]
+    for key in GENERATOR_SHAPE:
+        if theirs[key] != getattr(config.star, key):
+            raise UserInputError(f"star.{key} is {getattr(config.star, key)} but DGLM's plan LM in {plan} has {theirs[key]}: "
+                                 f"star.init: plan_lm needs DGLM's generator shape (set star.{key}: {theirs[key]}, or star.init: lm)")
+    return os.path.join(plan, "lm"), plan
+
+
 def train_star(config: StarFlowConfig, *, device: str | torch.device = "auto", log=logger.info) -> dict:
-    """The joint fine-tune from the pretrained LM: next-token NLL + w · sigmoid-weighted v-MSE at one noise level per
-    example. Returns a report dict (parameters, steps, seconds, final losses)."""
+    """The joint fine-tune from the pretrained LM (or DGLM's plan LM and its generator, ``star.init``): next-token
+    NLL + w · sigmoid-weighted v-MSE at one noise level per example. Returns a report dict (parameters, steps,
+    seconds, final losses)."""
     from transformers import AutoModelForCausalLM
 
     from models.tokenizer import load_tokenizer
 
     out, cfg = folder(config.workdir, "star"), config.star
     data = load_plan_data(folder(config.workdir, "plans"))
-    meta = {"plan_dim": data.space.dim, "base": base_lm_checkpoint(config.workdir), "star": cfg.model_dump(mode="json")}
+    base, generator = starting_point(config)
+    meta = {"plan_dim": data.space.dim, "base": base, "star": cfg.model_dump(mode="json")}
     state = load_trainer_state(out)
     if state is not None and state.get("meta") != meta:
         raise UserInputError(f"{out} holds a STAR-LDM model trained with other settings or another base LM; use a new "
@@ -105,6 +137,8 @@ def train_star(config: StarFlowConfig, *, device: str | torch.device = "auto", l
     n_lm = sum(p.numel() for p in {id(p): p for p in lm.parameters()}.values())
     n_new = sum(p.numel() for m in (model.prompt, model.head) for p in m.parameters())
     report = {"folder": out, "lm_parameters": n_lm, "new_parameters": n_new, "soft_tokens": cfg.soft_tokens}
+    if state is None and generator is not None:
+        load_module(model.prompt, os.path.join(generator, "prompt.safetensors"))
     if state is not None:
         load_module(model.prompt, os.path.join(out, "prompt.safetensors"))
         load_module(model.head, os.path.join(out, "head.safetensors"))

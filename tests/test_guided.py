@@ -401,6 +401,24 @@ def test_dominance_needs_a_higher_rate_at_no_more_than_five_percent_more_perplex
     assert checks[0]["dglm_rate"] == 0.8  # 12.0 <= 1.05 * 11.5
 
 
+def test_goals_count_apart_the_boost_points_that_score_above_real_text():
+    from schemas.reports import GuidedRow, Interval
+    from tasks.evaluate_guided import measured_goals
+
+    def row(system, ppl, rate):
+        i = lambda v: Interval(value=v, low=v, high=v)  # noqa: E731
+        return GuidedRow(attribute="sentiment", system=system, setting="", knob=None, continuations=10,
+                         attribute_rate=i(rate), perplexity=i(ppl), dist_1=i(0.5), dist_2=i(0.5), dist_3=i(0.5), seconds=0)
+
+    rows = [row("DGLM", 2.5, 0.91), row("logit boost", 3.9, 0.68), row("logit boost", 8.5, 0.90),
+            row("logit boost", 78.0, 0.999), row("class-conditional", 2.7, 0.89)]
+    goals = measured_goals(rows, real_text_rate=0.97)
+    assert goals["boost_points_dominated"] == "2/3" and not goals["dominates_boosting"]  # the plain count is kept
+    assert goals["dominated_within_real_text"] == "2/2"
+    assert [c["above_real_text"] for c in goals["dominance"]] == [False, False, True]
+    assert "real_text_rate" not in measured_goals(rows)  # STAR-LDM's rows are counted without it
+
+
 def test_attribute_words_are_the_words_typical_of_the_value():
     texts = ["the soup was cold and bland"] * 6 + ["the soup was hot and lovely"] * 6
     labels = ["negative"] * 6 + ["positive"] * 6

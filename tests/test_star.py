@@ -192,7 +192,7 @@ from test_guided import TINY as GUIDED_TINY  # noqa: E402  (tests/ is on sys.pat
 from test_guided import train_shared_stages
 
 TINY = {
-    **{k: v for k, v in GUIDED_TINY.items() if k not in ("plan_lm", "class_lm", "prior")},
+    **{k: v for k, v in GUIDED_TINY.items() if k not in ("class_lm", "prior")},
     "star": {"soft_tokens": 3, "width": 32, "layers": 1, "heads": 2, "head_width": 32, "head_layers": 1,
              "train": {"steps": 6, "batch_size": 4, "warmup_steps": 1, "log_every": 100, "checkpoint_every": 100}},
     "star_classifier": {"width": 32, "blocks": 1, "train": {"steps": 20, "batch_size": 32, "warmup_steps": 2,
@@ -211,10 +211,11 @@ def _quiet(_):
 def star_workdir(tmp_path_factory):
     """A STAR-LDM workdir trained by the stage functions alone (no Prefect)."""
     from schemas.star_configs import StarFlowConfig
-    from tasks import star
+    from tasks import guided, star
 
     config = StarFlowConfig.model_validate({**TINY, "workdir": str(tmp_path_factory.mktemp("star"))})
     shards = train_shared_stages(config)
+    guided.train_soft_prompt_lm("plan", config, device="cpu", log=_quiet)  # where star.init (plan_lm) starts
     star.train_star(config, device="cpu", log=_quiet)
     star.train_noisy_classifiers(config, device="cpu", log=_quiet)
     return config, shards
@@ -235,7 +236,7 @@ def test_star_training_resumes_exactly_after_an_interruption(star_workdir, tmp_p
     def run(folder: Path, checkpoint_every: int, crash_at: int | None = None):
         cfg = config.model_copy(update={"workdir": str(folder), "star": config.star.model_copy(
             update={"train": config.star.train.model_copy(update={"checkpoint_every": checkpoint_every})})})
-        for sub in ("tokenizer", "lm", "plans"):
+        for sub in ("tokenizer", "lm", "plans", "plan_lm"):
             if not (folder / sub).exists():
                 (folder / sub).parent.mkdir(parents=True, exist_ok=True)
                 (folder / sub).symlink_to(work / sub)
@@ -259,6 +260,57 @@ def test_star_training_resumes_exactly_after_an_interruption(star_workdir, tmp_p
     for name in ("prompt.safetensors", "head.safetensors", "lm/model.safetensors"):
         assert _sha(tmp_path / "straight" / "star" / name) == _sha(tmp_path / "resumed" / "star" / name), name
     assert run(tmp_path / "resumed", 3)["reused"]
+
+
+def test_star_starts_from_dglms_plan_lm_and_says_what_is_missing_or_mismatched(star_workdir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from flows.star import _shared_stages_missing
+    from schemas.errors import UserInputError
+    from schemas.star_configs import StarFlowConfig
+    from tasks import guided, star
+
+    config, _ = star_workdir
+    for sub in ("tokenizer", "lm", "reference_lm", "plans"):
+        (tmp_path / sub).symlink_to(Path(config.workdir) / sub)
+    cfg = StarFlowConfig.model_validate({**TINY, "workdir": str(tmp_path)})  # star.init: plan_lm, the default
+    assert cfg.star.init == "plan_lm"
+    assert _shared_stages_missing(cfg) == ["plan_lm"]  # the flow trains DGLM's plan LM first
+    with pytest.raises(UserInputError, match="no finished DGLM plan LM.*lmlm guided train --stage plan_lm"):
+        star.train_star(cfg, device="cpu", log=_quiet)
+    guided.train_soft_prompt_lm("plan", cfg, device="cpu", log=_quiet)
+    assert _shared_stages_missing(cfg) == []
+    wider = cfg.model_copy(update={"star": cfg.star.model_copy(update={"width": 64})})
+    with pytest.raises(UserInputError, match="star.width is 64 but DGLM's plan LM .* has 32"):
+        star.train_star(wider, device="cpu", log=_quiet)
+
+    def start_of(c) -> dict:  # the weights the joint training starts from
+        seen, original = {}, star.fit
+
+        def first_weights(model, *a, **kw):
+            seen.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+            return original(model, *a, **kw)
+
+        star.fit = first_weights
+        try:
+            star.train_star(c, device="cpu", log=_quiet)
+        finally:
+            star.fit = original
+        return seen
+
+    seen = start_of(cfg)
+    plan_lm, _ = guided.load_soft_prompt_lm(guided.folder(str(tmp_path), "plan"), "cpu")
+    for name, w in {**{f"lm.{k}": v for k, v in plan_lm.lm.state_dict().items()},
+                    **{f"prompt.{k}": v for k, v in plan_lm.prompt.state_dict().items()}}.items():
+        assert torch.equal(seen[name], w), name
+    (tmp_path / "plain").mkdir()
+    for sub in ("tokenizer", "lm", "plans"):
+        (tmp_path / "plain" / sub).symlink_to(Path(config.workdir) / sub)
+    plain = start_of(cfg.model_copy(update={"workdir": str(tmp_path / "plain"),
+                                            "star": cfg.star.model_copy(update={"init": "lm"})}))
+    base = AutoModelForCausalLM.from_pretrained(guided.base_lm_checkpoint(config.workdir)).state_dict()
+    assert all(torch.equal(plain[f"lm.{k}"], v) for k, v in base.items())  # init: lm, the pretrained plain LM
+    assert not all(torch.equal(plain[f"lm.{k}"], v) for k, v in plan_lm.lm.state_dict().items())
 
 
 @pytest.mark.parametrize("mode", ["once", "every-sentence", "off"])
