@@ -157,16 +157,27 @@ class PlanGuidance(nn.Module):
         self.scales = [float(s) for _, _, s in terms]
 
     def forward(self, x_hat, logsnr):
-        B, D = x_hat.shape[0], x_hat.shape[-1]
-        alpha, sigma = alpha_sigma(logsnr)
-        spread = (sigma / alpha)[:, None, None]
-        noise = torch.randn((B, self.samples, D), generator=self.generator, device=x_hat.device)
-        e = self.space.embedding(x_hat[:, :1] + spread * noise)  # (B, S, D) posterior samples on the sphere
-        loss = torch.zeros(B, device=x_hat.device)
-        for attribute, target, scale in zip(self.attributes, self.targets, self.scales):
-            t = target.to(x_hat.device).reshape(-1, 1) if target.dim() else target.to(x_hat.device)
-            log_p = attribute.log_prob(e, t)  # (B, S)
-            loss = loss - scale * (torch.logsumexp(log_p, dim=1) - math.log(self.samples))
+        """The posterior samples x₀ = x̂₀ + (σ/α)·n_s, s = 1..S, share their S draws n_s across the rows of the batch
+        (each row's estimate has the distribution of independent draws), and the linear classifiers are read in closed
+        form: with u = unstandardise(x̂₀) and c_s = std ∘ n_s, the sample's embedding is (u + r·c_s) / |u + r·c_s|, so
+        W·e_s = (W·u + r·W·c_s) / sqrt(|u|² + 2r·u·c_s + r²·|c_s|²). Nothing of size (B, S, D) is made, and the draws
+        are S·D numbers per step instead of B·S·D: the same loss as normalising every sample, at a fraction of the cost."""
+        device = x_hat.device
+        with torch.autocast(device.type, enabled=False):
+            alpha, sigma = alpha_sigma(logsnr.float())
+            r = (sigma / alpha)[:, None]  # (B, 1)
+            std, mean = self.space.std.to(device), self.space.mean.to(device)
+            u = x_hat[:, 0].float() * std + mean  # (B, D)
+            c = torch.randn((self.samples, x_hat.shape[-1]), generator=self.generator, device=device) * std  # (S, D)
+            sq = (u * u).sum(-1, keepdim=True) + 2 * r * (u @ c.T) + r * r * (c * c).sum(-1)  # (B, S)
+            norm = sq.clamp_min(1e-24).sqrt()[..., None]
+            loss = torch.zeros(len(u), device=device)
+            for attribute, target, scale in zip(self.attributes, self.targets, self.scales):
+                w, b = attribute.weight, attribute.bias
+                logits = ((u @ w.T)[:, None] + r[..., None] * (c @ w.T)[None]) / norm + b  # (B, S, C)
+                t = target.to(device).reshape(-1, 1) if target.dim() else target.to(device)
+                log_p = F.log_softmax(logits, dim=-1).gather(-1, t.expand(logits.shape[:-1])[..., None])[..., 0]
+                loss = loss - scale * (torch.logsumexp(log_p, dim=1) - math.log(self.samples))
         return loss
 
     @torch.no_grad()

@@ -319,6 +319,25 @@ def test_guidance_moves_the_plan_toward_the_class_more_with_a_larger_scale():
     assert _p(a, _sample(prior, [(a, torch.tensor(0), 20.0)]), "no") > 0.9  # and toward the other class
 
 
+def test_the_closed_form_guidance_loss_is_the_loss_of_normalising_every_posterior_sample():
+    from models.diffusion import alpha_sigma
+
+    g = torch.Generator().manual_seed(5)
+    space = PlanSpace(torch.randn(D, generator=g) * 0.1, torch.rand(D, generator=g) + 0.5)
+    a = _attribute("a", 0)
+    x = torch.randn(6, 1, D, generator=g, requires_grad=True)
+    lam, target, S = torch.linspace(-4, 4, 6), torch.tensor([0, 1, 1, 0, 1, 0]), 16
+    fast = PlanGuidance(space, [(a, target, 3.0)], samples=S, generator=torch.Generator().manual_seed(9))(x, lam)
+    noise = torch.randn((S, D), generator=torch.Generator().manual_seed(9))  # the draws it shares across rows
+    alpha, sigma = alpha_sigma(lam)
+    e = space.embedding(x + (sigma / alpha)[:, None, None] * noise[None])  # (B, S, D): every sample normalised
+    slow = -3.0 * (torch.logsumexp(a.log_prob(e, target[:, None]), dim=1) - math.log(S))
+    assert torch.allclose(fast, slow, atol=1e-4)
+    grad_fast, = torch.autograd.grad(fast.sum(), x)
+    grad_slow, = torch.autograd.grad(slow.sum(), x)
+    assert torch.allclose(grad_fast, grad_slow, atol=1e-4)
+
+
 def test_attributes_compose_by_summing_their_losses():
     prior, a, b = _prior(), _attribute("a", 0), _attribute("b", 1)
     space = PlanSpace(torch.zeros(D), torch.ones(D))
