@@ -20,6 +20,11 @@ from schemas.errors import UserInputError
 DEFAULT_DB = os.environ.get("LMLM_WAREHOUSE", "out/demo/warehouse.duckdb")
 
 
+def config_default(config: type[BaseModel], field: str):
+    """A config field's default, for CLI defaults and help texts that must not drift from the config."""
+    return config.model_fields[field].default
+
+
 def load_config_file(path: str | None, model: type[BaseModel]) -> dict:
     """The mapping a JSON or YAML file holds ({} without a file); a syntax error is one line with file:line:column."""
     if not path:

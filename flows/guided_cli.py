@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 
-from flows.cli_config import load_config_file, validated, with_overrides
+from flows.cli_config import config_default, load_config_file, validated, with_overrides
 from schemas.errors import UserInputError
-from schemas.guided_configs import GuidedFlowConfig
+from schemas.guided_configs import GuidedEvaluationConfig, GuidedFlowConfig, GuidedSamplingConfig
 
 STAGES = ("lm", "plans", "plan_lm", "class_lm", "prior", "classifiers")
 
@@ -153,8 +153,10 @@ def add_guided_commands(sub) -> None:
     t.set_defaults(func=cmd_guided_train)
     e = gsub.add_parser("evaluate", help="the comparison table on held-out neutral prefixes, with bootstrap intervals")
     common(e)
-    e.add_argument("--prefixes", type=int, help="neutral prefixes per attribute (default 200)")
-    e.add_argument("--samples", type=int, help="continuations per prefix (default 10)")
+    e.add_argument("--prefixes", type=int, help="neutral prefixes per attribute (default "
+                   f"{config_default(GuidedEvaluationConfig, 'prefixes')})")
+    e.add_argument("--samples", type=int, help="continuations per prefix (default "
+                   f"{config_default(GuidedEvaluationConfig, 'samples_per_prefix')})")
     e.set_defaults(func=cmd_guided_evaluate)
     d = gsub.add_parser("demo", help="train every stage, then evaluate (make demo-guided)")
     common(d)
@@ -167,8 +169,9 @@ def add_guided_commands(sub) -> None:
     g.add_argument("--attribute", action="append", metavar="NAME=VALUE", help="steer toward it (repeat to compose)")
     g.add_argument("--scale", action="append", metavar="S|NAME=S", help="guidance scale, for every attribute or one")
     g.add_argument("--n", type=int, default=5, help="continuations (default 5)")
-    g.add_argument("--steps", type=int, default=50, help="plan denoising steps (default 50)")
-    g.add_argument("--alpha2", type=float, default=0.95, help="the plan is re-noised to this alpha^2 (default 0.95)")
+    steps, alpha2 = config_default(GuidedSamplingConfig, "steps"), config_default(GuidedSamplingConfig, "inference_alpha2")
+    g.add_argument("--steps", type=int, default=steps, help=f"plan denoising steps (default {steps})")
+    g.add_argument("--alpha2", type=float, default=alpha2, help=f"the plan is re-noised to this alpha^2 (default {alpha2})")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")

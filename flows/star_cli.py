@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import time
 
+from flows.cli_config import config_default as _default
 from flows.cli_config import load_config_file, validated, with_overrides
 from flows.guided_cli import pairs, parse_scales
 from schemas.errors import UserInputError
 from schemas.guided_configs import GuidedEvaluationConfig
-from schemas.star_configs import THINK_MODES, StarEvaluationConfig, StarFlowConfig
+from schemas.star_configs import THINK_MODES, StarEvaluationConfig, StarFlowConfig, StarSamplingConfig
 
 STAGES = ("star", "star_classifiers")
-
-
-def _default(config: type, field: str):
-    """A config field's default, for help texts that must not drift from the config."""
-    return config.model_fields[field].default
 
 
 def _config(args) -> StarFlowConfig:
@@ -132,8 +128,9 @@ def add_star_commands(sub) -> None:
     g.add_argument("--attribute", action="append", metavar="NAME=VALUE", help="steer the thought toward it (repeat to compose)")
     g.add_argument("--scale", action="append", metavar="S|NAME=S", help="guidance scale, for every attribute or one")
     g.add_argument("--n", type=int, default=5, help="continuations (default 5)")
-    g.add_argument("--steps", type=int, default=15, help="denoising steps of a thought (default 15)")
-    g.add_argument("--alpha2", type=float, default=0.95, help="the plan is re-noised to this alpha^2 (default 0.95)")
+    steps, alpha2 = _default(StarSamplingConfig, "steps"), _default(StarSamplingConfig, "inference_alpha2")
+    g.add_argument("--steps", type=int, default=steps, help=f"denoising steps of a thought (default {steps})")
+    g.add_argument("--alpha2", type=float, default=alpha2, help=f"the plan is re-noised to this alpha^2 (default {alpha2})")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
