@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import time
 
-from flows.cli_config import config_default as _default
-from flows.cli_config import load_config_file, validated, with_overrides
+from flows.cli_config import config_default, load_config_file, validated, with_overrides
 from flows.guided_cli import pairs, parse_scales
 from schemas.errors import UserInputError
 from schemas.guided_configs import GuidedEvaluationConfig
@@ -114,11 +113,11 @@ def add_star_commands(sub) -> None:
         e = ssub.add_parser(name, help=helptext)
         common(e)
         e.add_argument("--prefixes", type=int, help="neutral prefixes per attribute in the control table (default "
-                       f"{_default(GuidedEvaluationConfig, 'prefixes')})")
+                       f"{config_default(GuidedEvaluationConfig, 'prefixes')})")
         e.add_argument("--samples", type=int, help="continuations per prefix in the control table (default "
-                       f"{_default(GuidedEvaluationConfig, 'samples_per_prefix')})")
+                       f"{config_default(GuidedEvaluationConfig, 'samples_per_prefix')})")
         e.add_argument("--open-prefixes", type=int, help="held-out prefixes of the open-ended comparison (default "
-                       f"{_default(StarEvaluationConfig, 'open_prefixes')})")
+                       f"{config_default(StarEvaluationConfig, 'open_prefixes')})")
         e.set_defaults(func=func)
     g = ssub.add_parser("generate", help="continue a prefix: think (optionally steered toward attributes), then write")
     g.add_argument("prefix", help="the text to continue")
@@ -128,7 +127,7 @@ def add_star_commands(sub) -> None:
     g.add_argument("--attribute", action="append", metavar="NAME=VALUE", help="steer the thought toward it (repeat to compose)")
     g.add_argument("--scale", action="append", metavar="S|NAME=S", help="guidance scale, for every attribute or one")
     g.add_argument("--n", type=int, default=5, help="continuations (default 5)")
-    steps, alpha2 = _default(StarSamplingConfig, "steps"), _default(StarSamplingConfig, "inference_alpha2")
+    steps, alpha2 = config_default(StarSamplingConfig, "steps"), config_default(StarSamplingConfig, "inference_alpha2")
     g.add_argument("--steps", type=int, default=steps, help=f"denoising steps of a thought (default {steps})")
     g.add_argument("--alpha2", type=float, default=alpha2, help=f"the plan is re-noised to this alpha^2 (default {alpha2})")
     g.add_argument("--max-new-tokens", type=int, default=32)

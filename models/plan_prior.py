@@ -142,7 +142,12 @@ class LinearAttribute(nn.Module):
 
     def log_prob(self, e, target: torch.Tensor):
         """log p(target | e) for e (..., D) and targets broadcastable to e's leading shape."""
-        return F.log_softmax(self(e), dim=-1).gather(-1, target.expand(e.shape[:-1])[..., None])[..., 0]
+        return self.target_log_prob(self(e), target)
+
+    @staticmethod
+    def target_log_prob(logits, target: torch.Tensor):
+        """log softmax(logits)[target] for logits (..., C) and targets broadcastable to their leading shape."""
+        return F.log_softmax(logits, dim=-1).gather(-1, target.expand(logits.shape[:-1])[..., None])[..., 0]
 
 
 class PlanGuidance(nn.Module):
@@ -176,7 +181,7 @@ class PlanGuidance(nn.Module):
                 w, b = attribute.weight, attribute.bias
                 logits = ((u @ w.T)[:, None] + r[..., None] * (c @ w.T)[None]) / norm + b  # (B, S, C)
                 t = target.to(device).reshape(-1, 1) if target.dim() else target.to(device)
-                log_p = F.log_softmax(logits, dim=-1).gather(-1, t.expand(logits.shape[:-1])[..., None])[..., 0]
+                log_p = attribute.target_log_prob(logits, t)  # (B, S)
                 loss = loss - scale * (torch.logsumexp(log_p, dim=1) - math.log(self.samples))
         return loss
 

@@ -86,13 +86,19 @@ def _build(meta: dict, lm) -> StarLDM:
 GENERATOR_SHAPE = ("soft_tokens", "width", "layers", "heads")
 
 
-def plan_lm_done(config: StarFlowConfig) -> bool:
-    """Whether DGLM's plan LM (the start of ``star.init: plan_lm``) has finished its fine-tune."""
+def _finished_plan_lm(config: StarFlowConfig) -> dict | None:
+    """The config.json of DGLM's plan LM (the start of ``star.init: plan_lm``) when its fine-tune has finished."""
     path = os.path.join(folder(config.workdir, "plan"), "config.json")
     if not os.path.isfile(path):
-        return False
+        return None
     with open(path) as f:
-        return json.load(f).get("step", 0) >= config.plan_lm.train.steps
+        meta = json.load(f)
+    return meta if meta.get("step", 0) >= config.plan_lm.train.steps else None
+
+
+def plan_lm_done(config: StarFlowConfig) -> bool:
+    """Whether DGLM's plan LM (the start of ``star.init: plan_lm``) has finished its fine-tune."""
+    return _finished_plan_lm(config) is not None
 
 
 def starting_point(config: StarFlowConfig) -> tuple[str, str | None]:
@@ -100,12 +106,11 @@ def starting_point(config: StarFlowConfig) -> tuple[str, str | None]:
     or None for a new one) as ``star.init`` says; a plan LM of another generator shape is one error line."""
     if config.star.init == "lm":
         return base_lm_checkpoint(config.workdir), None
-    plan = folder(config.workdir, "plan")
-    if not plan_lm_done(config):
+    plan, meta = folder(config.workdir, "plan"), _finished_plan_lm(config)
+    if meta is None:
         raise UserInputError(f"{plan}: no finished DGLM plan LM to start STAR-LDM from (star.init: plan_lm); run "
                              "`lmlm guided train --stage plan_lm` or set star.init: lm")
-    with open(os.path.join(plan, "config.json")) as f:
-        theirs = json.load(f)["plan_lm"]
+    theirs = meta["plan_lm"]
     for key in GENERATOR_SHAPE:
         if theirs[key] != getattr(config.star, key):
             raise UserInputError(f"star.{key} is {getattr(config.star, key)} but DGLM's plan LM in {plan} has {theirs[key]}: "
@@ -137,7 +142,7 @@ def train_star(config: StarFlowConfig, *, device: str | torch.device = "auto", l
     n_lm = sum(p.numel() for p in {id(p): p for p in lm.parameters()}.values())
     n_new = sum(p.numel() for m in (model.prompt, model.head) for p in m.parameters())
     report = {"folder": out, "lm_parameters": n_lm, "new_parameters": n_new, "soft_tokens": cfg.soft_tokens}
-    if state is None and generator is not None:
+    if state is None and generator is not None:  # a fresh start from DGLM's generator; a resume loads its own below
         load_module(model.prompt, os.path.join(generator, "prompt.safetensors"))
     if state is not None:
         load_module(model.prompt, os.path.join(out, "prompt.safetensors"))
