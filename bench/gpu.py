@@ -23,7 +23,9 @@ BPE tokenizer trained on them, held-out source texts for the annotator, and a co
              gpt2-124m, the plan prior (v-MSE + AdamW + EMA), and generation: plans/s of guided DDPM-50 sampling
              (gradient through the prior) and continuation tokens/s with the KV cache.
   star       STAR-LDM (issue 17): joint training steps/s (NLL + v-loss) at the tiny shape and gpt2-124m, and a
-             15-step thought with the prefix cached and uncached against writing 8 tokens.
+             15-step thought with the prefix cached and uncached against writing 8 tokens; with a trained demo model
+             (``prepare --star-workdir out/guided-demo``), the evaluation's own ``thought_cost`` on it at batch 1
+             and 16 and 5 / 8 / 15 steps.
 
 Each part's figures go to ``--out/gpu.json`` as they are measured; a table is printed at the end.
 """
@@ -46,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 CORPUS = "corpus.parquet"  # annotated synthetic documents (column annotated_text)
 ANNOTATE_TEXTS = "annotate_texts.json"  # held-out source texts for the annotator bench
+STAR_WORKDIR = "star_workdir"  # a trained STAR-LDM (star/, tokenizer/, plans/ without the plan arrays)
 
 
 # ----------------------------------------------------------------------------- prepare (here)
@@ -75,6 +78,13 @@ def prepare(args) -> None:
     (data / ANNOTATE_TEXTS).write_text(json.dumps(texts))
     if args.annotator:
         shutil.copytree(args.annotator, data / "annotator", dirs_exist_ok=True)
+    if args.star_workdir:  # the trained model, its tokenizer, plan space and held-out prefixes; not its optimiser
+        src, dst = Path(args.star_workdir), data / STAR_WORKDIR
+        shutil.copytree(src / "star", dst / "star", dirs_exist_ok=True, ignore=shutil.ignore_patterns("trainer_state.pt"))
+        shutil.copytree(src / "tokenizer", dst / "tokenizer", dirs_exist_ok=True)
+        (dst / "plans").mkdir(parents=True, exist_ok=True)
+        for name in ("plan_space.safetensors", "examples.parquet"):
+            shutil.copy2(src / "plans" / name, dst / "plans" / name)
     shutil.rmtree(work), shutil.rmtree(held)
     size = sum(f.stat().st_size for f in data.rglob("*") if f.is_file())
     print(f"prepared {data}: {table.num_rows} annotated documents, tokenizer, {len(texts)} held-out texts"
@@ -365,20 +375,48 @@ def bench_star(device, shape: str, batch: int, iters: int, think_steps: int = 15
     steps_s = _rate(step, 3, iters, device)
     model.eval()
 
-    def thought(cached: bool):
+    def thought(cached: bool, graphs: bool | None = None):
         def run():
             with torch.no_grad(), _autocast(device):
-                think(model, PrefixState(model, prefixes, 0), steps=think_steps, cached=cached)
+                think(model, PrefixState(model, prefixes, 0), steps=think_steps, cached=cached, graphs=graphs)
         return run
 
     def write():
         with torch.no_grad(), _autocast(device):
             sample_continuations(lm, prefixes, None, max_new_tokens=8, pad_id=0)
 
-    cached, uncached, tokens8 = (1 / _rate(fn, 1, 3, device) for fn in (thought(True), thought(False), write))
+    cached, eager, uncached, tokens8 = (1 / _rate(fn, 1, 3, device)
+                                        for fn in (thought(True), thought(True, False), thought(False), write))
     return {"shape": shape, "batch": batch, "steps_per_s": round(steps_s, 2), "examples_per_s": round(steps_s * batch),
-            "think_steps": think_steps, "thought_cached_s": round(cached, 4), "thought_uncached_s": round(uncached, 4),
+            "think_steps": think_steps, "thought_cached_s": round(cached, 4), "thought_cached_eager_s": round(eager, 4),
+            "thought_uncached_s": round(uncached, 4),
             "write_8_tokens_s": round(tokens8, 4), "thought_over_8_tokens": round(cached / tokens8, 2)}
+
+
+def bench_star_demo(device, workdir: Path, batches=(1, 16), steps=(5, 8, 15)) -> dict:
+    """``lmlm star evaluate``'s ``thought_cost`` on a trained model: thoughts with the cached and uncached prefix
+    against writing 8 tokens, at each batch and step count."""
+    import pyarrow.parquet as pq
+
+    from models.tokenizer import load_tokenizer
+    from models.train import autocast_dtype
+    from schemas.star_configs import StarFlowConfig
+    from tasks.evaluate_star import thought_cost
+    from tasks.guided_data import PlanData, load_plan_space
+    from tasks.star import Star, load_star
+
+    space = load_plan_space(str(workdir / "plans"))
+    s = Star(load_star(str(workdir / "star"), device), space, {}, load_tokenizer(str(workdir / "tokenizer")), device,
+             autocast_dtype("auto", device))
+    data = PlanData(pq.read_table(workdir / "plans" / "examples.parquet"), None, None, space, str(workdir / "plans"))
+    out = {}
+    for batch in batches:
+        for n in steps:
+            config = StarFlowConfig(workdir=str(workdir), star_evaluation={"cost_batch": batch},
+                                    star_sampling={"steps": n})
+            out[f"batch{batch}_steps{n}"] = thought_cost(config, s, data, repeats=7)
+            print(f"star_demo batch {batch}, {n} steps: {out[f'batch{batch}_steps{n}']}", flush=True)
+    return out
 
 
 def run(args) -> None:
@@ -441,6 +479,8 @@ def run(args) -> None:
                                             3 if toy else 15))
     if not toy:
         attempt("star_gpt2-124m", lambda: bench_star(device, "gpt2-124m", 64, 30))
+    if (data / STAR_WORKDIR / "star").is_dir():
+        attempt("star_demo", lambda: bench_star_demo(device, data / STAR_WORKDIR, steps=(2, 5) if toy else (5, 8, 15)))
 
     def annotate() -> dict:
         cmd = [sys.executable, str(ROOT / "bench" / "annotate.py"), "--checkpoint", str(data / "annotator"),
@@ -475,6 +515,7 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--annotate-docs", type=int, default=200)
     p.add_argument("--annotator", help="folder of a fine-tuned annotator to time on the GPU")
+    p.add_argument("--star-workdir", help="a workdir with a trained STAR-LDM (make demo-star) to time its thoughts")
     r = sub.add_parser("run", help="measure on the GPU")
     r.add_argument("--data", default=".gpu")
     r.add_argument("--out", default=os.environ.get("OUT", "bench/out/gpu"))

@@ -22,6 +22,7 @@ Shapes: plans (B, D); soft prompts (B, k, d_lm); prefixes lists of token ids; la
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -193,17 +194,109 @@ class PrefixState:
         return h[:, -k:]
 
 
+class StepGraph:
+    """The conditional denoising step (prompt generator, the LM over the k soft tokens against the prefix cache, the
+    head) over static buffers for one (batch, prefix-length bucket), captured as one CUDA graph and replayed at every
+    step of every thought of that shape. Eager PyTorch launches several hundred small kernels per step, which on a
+    GPU at the demo's size cost more than their arithmetic (a step took 1.8x a written token on an H200); a replay
+    launches them at once. Prefixes are left-padded to the bucket (masked, so the features are the same). Where no
+    graph is captured (a CPU) the same static-buffer step runs eagerly."""
+
+    BUCKET = 32  # prefix positions are padded up to a multiple of this, so graphs are shared across batches
+
+    def __init__(self, model: StarLDM, batch: int, length: int, layers: list[tuple[torch.Tensor, torch.Tensor]]):
+        device = next(model.parameters()).device
+        k = model.soft_tokens
+        self.model, self.length, self.graph, self.out, self.error = model, length, None, None, None
+        self.cache_arg = cache_keyword(model.lm.base_model)
+        self.z = torch.zeros(batch, model.head.proj_out.out_features, device=device)
+        self.logsnr = torch.zeros(batch, device=device)
+        self.layers = [(key.new_zeros(*key.shape[:2], length, key.shape[3]),
+                        value.new_zeros(*value.shape[:2], length, value.shape[3])) for key, value in layers]
+        self.mask = torch.ones(batch, length + k, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch, k, dtype=torch.long, device=device)
+
+    def load(self, state: PrefixState) -> "StepGraph":
+        """Copy ``state``'s prefix cache, mask and soft positions into the static buffers (right-aligned)."""
+        P, L = state.ids.shape[1], self.length
+        for (static_k, static_v), (key, value) in zip(self.layers, state.layers):
+            static_k[:, :, L - P:].copy_(key)
+            static_v[:, :, L - P:].copy_(value)
+        self.mask[:, :L - P] = 0
+        self.mask[:, L - P:L].copy_(state.mask)
+        self.pos.copy_(state.positions[:, -1:] + 1 + torch.arange(self.pos.shape[1], device=self.pos.device))
+        return self
+
+    def _step(self) -> torch.Tensor:
+        soft = self.model.prompt(self.z, torch.sigmoid(self.logsnr))
+        cache = new_cache(self.model.lm.config)
+        for i, (key, value) in enumerate(self.layers):
+            cache.update(key, value, i)
+        hidden = self.model.hidden(inputs_embeds=soft.to(self.model.lm.dtype), attention_mask=self.mask,
+                                   position_ids=self.pos, use_cache=True, **{self.cache_arg: cache})
+        return self.model.head(soft, hidden.to(soft.dtype), self.logsnr)
+
+    def capture(self) -> None:
+        """Warm up on a side stream, then record one step (autocast's weight cache off, as graph capture needs)."""
+        amp = torch.is_autocast_enabled("cuda")
+        with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=amp, cache_enabled=False):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.out = self._step()
+        self.graph = graph
+
+    def __call__(self, z: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+        """v̂ (B, D) of z (B, D) at λ (B,) for the loaded prefixes."""
+        self.z.copy_(z)
+        self.logsnr.copy_(logsnr)
+        if self.graph is None:
+            return self._step()
+        self.graph.replay()
+        return self.out.clone()
+
+
+def step_graph(model: StarLDM, state: PrefixState, capture: bool) -> StepGraph:
+    """The model's step graph for ``state``'s shape (kept on the model, the 8 most recent shapes), loaded with it."""
+    length = -(-state.ids.shape[1] // StepGraph.BUCKET) * StepGraph.BUCKET
+    amp = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+    key = (len(state), length, amp, capture, next(model.parameters()).data_ptr())  # weights moved: a new graph
+    graphs = model.__dict__.setdefault("_step_graphs", {})
+    found = graphs.pop(key, None)
+    if found is None:
+        found = StepGraph(model, len(state), length, state.layers)
+        if capture:
+            try:
+                found.load(state).capture()
+            except Exception as exc:  # a library version whose step cannot be captured: the same step, eagerly
+                found.graph, found.error = None, f"{type(exc).__name__}: {exc}"[:300]
+                warnings.warn(f"STAR-LDM: a thought's step could not be captured as a CUDA graph ({found.error}); "
+                              "thinking eagerly")
+        while len(graphs) >= 8:
+            graphs.pop(next(iter(graphs)))
+    graphs[key] = found  # most recent last
+    return found.load(state)
+
+
 class ThoughtDenoiser(nn.Module):
     """The denoiser ``LatentDiffusion`` samples with: v̂ (B, 1, D) of z (B, 1, D) at λ (B,); ``labels`` (B,) 1 = the
-    cached prefix's features (row i of the prefixes, i counted among the conditional rows), 0 = the null features."""
+    cached prefix's features (row i of the prefixes, i counted among the conditional rows), 0 = the null features.
+    ``graph``: every row conditional (no classifier-free guidance), each step replayed from it."""
 
-    def __init__(self, model: StarLDM, state: PrefixState, cached: bool = True):
+    def __init__(self, model: StarLDM, state: PrefixState, cached: bool = True, graph: StepGraph | None = None):
         super().__init__()
-        self.model, self.state, self.cached = model, state, cached
+        self.model, self.state, self.cached, self.graph = model, state, cached, graph
         self.num_classes = 0  # LatentDiffusion's null class: label 0
 
     def forward(self, z, logsnr, labels, x_self_cond=None):
         z = z[:, 0]
+        if self.graph is not None:
+            return self.graph(z, logsnr)[:, None]
         soft = self.model.prompt(z, torch.sigmoid(logsnr))
         cond = labels.bool()
         hidden = torch.zeros((len(z), self.model.soft_tokens, soft.shape[-1]), device=z.device, dtype=soft.dtype)
@@ -234,9 +327,15 @@ class StarDiffusion(LatentDiffusion):
 
 def think(model: StarLDM, state: PrefixState, *, steps: int = 50, sampler: str = "ddpm", cfg_scale: float = 1.0,
           logsnr_shift: float = 2 * math.log(3), guidance=None, generator: torch.Generator | None = None,
-          cached: bool = True) -> torch.Tensor:
-    """Standardised plans (B, D) for the cached prefixes by ``steps`` denoising steps (not yet projected)."""
-    diffusion = StarDiffusion(ThoughtDenoiser(model, state, cached), logsnr_shift=logsnr_shift)
+          cached: bool = True, graphs: bool | None = None) -> torch.Tensor:
+    """Standardised plans (B, D) for the cached prefixes by ``steps`` denoising steps (not yet projected).
+    ``graphs``: replay each step from a CUDA graph (:class:`StepGraph`); None = on GPUs, for cached thoughts without
+    classifier-free guidance (where every row is conditional); True off a GPU runs the static-buffer step eagerly."""
+    device = state.ids.device
+    if graphs is None:
+        graphs = device.type == "cuda"
+    graph = step_graph(model, state, capture=device.type == "cuda") if graphs and cached and cfg_scale == 1.0 else None
+    diffusion = StarDiffusion(ThoughtDenoiser(model, state, cached, graph), logsnr_shift=logsnr_shift)
     B, D = len(state), model.head.proj_out.out_features
     labels = torch.ones(B, dtype=torch.long, device=state.ids.device)
     x = diffusion.sample((B, 1, D), labels, steps=steps, sampler=sampler, guidance_scale=cfg_scale,

@@ -205,21 +205,28 @@ def thought_cost(config: StarFlowConfig, s: Star, data, repeats: int = 3) -> dic
     column = data.column("prefix_ids")
     prefixes = [column[r] for r in rows]
 
+    def sync() -> None:  # on a GPU, kernels still queued belong to the call that queued them
+        if s.device.type == "cuda":
+            torch.cuda.synchronize(s.device)
+
     def timed(fn) -> float:
         fn()  # warm-up
         times = []
         for _ in range(repeats):
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times.append(time.perf_counter() - t0)
         return float(np.median(times))
 
-    def thought(cached: bool, steps: int):
+    def thought(cached: bool, steps: int, graphs: bool | None = None):
         def run():
             with autocast(s.device, s.amp):
                 state = PrefixState(s.model, prefixes, s.eos)
-                think(s.model, state, steps=steps, sampler=sampling.sampler, cfg_scale=sampling.cfg_scale,
-                      logsnr_shift=sampling.logsnr_shift, generator=torch.Generator(s.device).manual_seed(0), cached=cached)
+                return think(s.model, state, steps=steps, sampler=sampling.sampler, cfg_scale=sampling.cfg_scale,
+                             logsnr_shift=sampling.logsnr_shift, generator=torch.Generator(s.device).manual_seed(0),
+                             cached=cached, graphs=graphs)
         return run
 
     def write(n: int):
@@ -240,7 +247,21 @@ def thought_cost(config: StarFlowConfig, s: Star, data, repeats: int = 3) -> dic
     one_step = timed(thought(True, 1))
     tokens8, token1, both = timed(write(8)), timed(write(1)), timed(think_then_write(8))
     added = max(both - tokens8, 0.0)
-    return {"batch": len(prefixes), "steps": sampling.steps, "soft_tokens": s.model.soft_tokens,
+    gpu = {}
+    if s.device.type == "cuda":  # the default replays each step from a CUDA graph: its first capture, eager, agreement
+        s.model.__dict__.pop("_step_graphs", None)
+        sync()
+        t0 = time.perf_counter()
+        graphed = thought(True, sampling.steps)()
+        sync()
+        graphs = list(s.model.__dict__.get("_step_graphs", {}).values())
+        gpu = {"graph_captured": bool(graphs) and graphs[0].graph is not None,
+               "capture_error": graphs[0].error if graphs else None,
+               "first_thought_with_capture_s": round(time.perf_counter() - t0, 4),
+               "thought_eager_s": round(timed(thought(True, sampling.steps, graphs=False)), 4),
+               "graph_vs_eager_max_abs_diff": float((graphed - thought(True, sampling.steps, graphs=False)()).abs().max())}
+        gpu["eager_over_8_tokens"] = round(gpu["thought_eager_s"] / tokens8, 3)
+    return {"batch": len(prefixes), "steps": sampling.steps, "soft_tokens": s.model.soft_tokens, **gpu,
             "thought_cached_s": round(cached, 4), "thought_uncached_s": round(uncached, 4),
             "one_step_cached_s": round(one_step, 4), "write_8_tokens_s": round(tokens8, 4),
             "write_1_token_s": round(token1, 4), "think_then_write_8_tokens_s": round(both, 4),

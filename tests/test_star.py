@@ -107,6 +107,20 @@ def test_a_thought_with_the_cached_prefix_is_the_uncached_thought(cfg_scale):
     assert not torch.allclose(plans[0], other, atol=1e-3)
 
 
+def test_the_graph_step_thinks_what_the_cached_step_does_and_reloads_every_prefix_batch():
+    """The static-buffer step a GPU replays as a CUDA graph (run eagerly here): prefixes padded to the bucket, the
+    same plans; one step object per shape, reloaded with each batch's prefixes, never the previous batch's."""
+    model = _model()
+    batches = [[[0, 5, 6, 7, 8, 9], [0, 11, 12], [20, 21, 22, 23]], [[0, 40, 41], [0, 42], [43, 44, 45, 46, 47]]]
+    with torch.no_grad():
+        for prefixes in batches + batches[:1]:
+            state = PrefixState(model, prefixes, 0)
+            plain, graph = (think(model, state, steps=6, generator=torch.Generator().manual_seed(3), graphs=g)
+                            for g in (False, True))
+            assert torch.allclose(plain, graph, atol=1e-5)
+    assert len(model._step_graphs) == 1
+
+
 def test_writing_after_a_thought_reuses_its_prefix_encoding_and_writes_what_a_fresh_pass_would():
     model = _model()
     prefixes = [[0, 5, 6, 7, 8, 9], [0, 11, 12], [20, 21, 22, 23]]
