@@ -76,6 +76,18 @@ def _finetunes(config: GuidedFlowConfig, kinds: list[str], device) -> dict[str, 
     return {k: soft_prompt_lm_task(k, config, device=device, log=get_run_logger().info) for k in kinds}
 
 
+def _merged_report(path: str, fresh: dict) -> dict:
+    """This run's report over the workdir's earlier one: stages this run did not train (``lmlm guided train --stage``,
+    or STAR-LDM's training of the shared stages it lacked) keep their earlier entries and seconds."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return fresh
+    merged = {**earlier, **{k: v for k, v in fresh.items() if v is not None}}
+    merged["stage_seconds"] = {**earlier.get("stage_seconds", {}), **fresh.get("stage_seconds", {})}
+    return merged
+
+
 @flow(name="guided-training", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def guided_training(config: GuidedFlowConfig = GuidedFlowConfig(), stages: list[str] | None = None) -> dict:
     """Train every DGLM stage (or the named ``stages``: lm, plans, plan_lm, class_lm, prior, classifiers), reusing
@@ -112,8 +124,9 @@ def guided_training(config: GuidedFlowConfig = GuidedFlowConfig(), stages: list[
         report.classifiers = attribute_classifiers_task(config, log=logger.info)
         seconds["classifiers"] = round(time.perf_counter() - t0, 1)
     path = os.path.join(config.workdir, "training-report.json")
-    Path(path).write_text(report.model_dump_json(indent=1, exclude={"plan_lm": {"history"}, "class_lm": {"history"},
-                                                                    "prior": {"history"}}))
+    fresh = json.loads(report.model_dump_json(exclude={"plan_lm": {"history"}, "class_lm": {"history"},
+                                                       "prior": {"history"}}))
+    Path(path).write_text(json.dumps(_merged_report(path, fresh), indent=1))
     publish_links({"workdir": config.workdir, "report": path}, key="guided-training-outputs")
     return {**report.model_dump(mode="json"), "report": path}
 

@@ -61,7 +61,8 @@ from schemas.errors import UserInputError, report_to_launcher
 from schemas.guided_configs import AttributeConfig, ClassifierConfig, GuidedFlowConfig, GuidedSamplingConfig
 from schemas.reports import AttributeClassifierReport, PlanPriorReport, SoftPromptLMReport
 from tasks.diffusion import step_generators
-from tasks.guided_data import PlanData, class_labels, drop_labels, dropped_prefixes, load_plan_data, load_plan_space
+from tasks.guided_data import (PlanData, class_labels, drop_labels, dropped_prefixes, length_grouped_batch,
+                               load_plan_data, load_plan_space)
 
 logger = logging.getLogger(f"lmlm.{__name__}")
 
@@ -142,6 +143,9 @@ def train_soft_prompt_lm(kind: str, config: GuidedFlowConfig, *, device: str | t
             "classes": classes if kind == "class" else None, "budget": budget.model_dump(mode="json"),
             "label_dropout": config.class_label_dropout if kind == "class" else None,
             "prefix_dropout": [config.plan_lm.prefix_dropout, config.plan_lm.prefix_dropout_mode]}
+    groups = config.plan_lm.length_groups if kind == "plan" else 1  # the class reference: random batches (README)
+    if groups > 1:
+        meta["length_groups"] = groups
     state = load_trainer_state(out)
     if state is not None and state.get("meta") != meta:
         raise UserInputError(f"{out} holds a {kind} LM trained with other settings or another base LM; use a new "
@@ -169,10 +173,12 @@ def train_soft_prompt_lm(kind: str, config: GuidedFlowConfig, *, device: str | t
     labels = class_labels(data, train_rows, classes).to(device) if kind == "class" else None
     unknown = torch.tensor([len(v) for v in classes.values()])
     cfg = config.plan_lm
+    lengths = np.array([len(prefixes[r]) + len(conts[r]) for r in train_rows])
 
     def batch_loss(step: int) -> torch.Tensor:
         rng, gen = step_generators(cfg.seed, step, device)
-        idx = rng.integers(0, len(train_rows), budget.batch_size)
+        idx = (length_grouped_batch(lengths, budget.batch_size, groups, cfg.seed, step) if groups > 1
+               else rng.integers(0, len(train_rows), budget.batch_size))
         rows = train_rows[idx]
         batch = training_batch(dropped_prefixes([prefixes[r] for r in rows], cfg.prefix_dropout, cfg.prefix_dropout_mode,
                                                 pad, rng), [conts[r] for r in rows], k, pad, cfg.train_prefix)

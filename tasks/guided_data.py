@@ -277,3 +277,16 @@ def dropped_prefixes(prefixes: list[list[int]], p: float, mode: str, eos: int, r
         return [[eos] if d else q for q, d in zip(prefixes, drop)]
     shift = rng.permutation(len(prefixes))
     return [prefixes[shift[i]] if d else q for i, (q, d) in enumerate(zip(prefixes, drop))]
+
+
+def length_grouped_batch(lengths: np.ndarray, batch_size: int, groups: int, seed: int, step: int) -> np.ndarray:
+    """Indices into ``lengths`` of training step ``step``'s batch. Every ``groups`` consecutive steps share one draw
+    of ``groups * batch_size`` indices (uniform, with replacement, as random batches are), sorted by length and
+    dealt out in a shuffled order: each batch holds examples of similar length and pads little, while each example
+    is drawn as often as before. A function of (seed, step) alone, so a resumed run redraws the same batches."""
+    group, slot = divmod(step, groups)
+    rng = np.random.default_rng([seed, group, 0x1E46])  # a stream of its own beside step_generators' [seed, step]
+    drawn = rng.integers(0, len(lengths), groups * batch_size)
+    drawn = drawn[np.argsort(lengths[drawn], kind="stable")]
+    chunk = rng.permutation(groups)[slot]
+    return drawn[chunk * batch_size:(chunk + 1) * batch_size]

@@ -193,6 +193,23 @@ def test_prefix_dropout_replaces_a_share_of_prefixes_by_the_document_start_or_an
     moved = [p != q for p, q in zip(swapped, prefixes)]
     assert 0.45 < np.mean(moved) < 0.55 and all(p in prefixes for p in swapped)  # real prefixes, of other rows
 
+def test_length_grouped_batches_pad_little_draw_every_length_as_often_and_redraw_on_resume():
+    from tasks.guided_data import length_grouped_batch
+
+    lengths = np.random.default_rng(0).integers(40, 90, 5000)
+    batches = [length_grouped_batch(lengths, 32, 8, 3, step) for step in range(800)]
+    assert all(len(b) == 32 for b in batches)
+    assert np.array_equal(batches[437], length_grouped_batch(lengths, 32, 8, 3, 437))  # a function of (seed, step)
+    padded = sum(32 * lengths[b].max() for b in batches) / sum(lengths[b].sum() for b in batches) - 1
+    random = [np.random.default_rng(s).integers(0, 5000, 32) for s in range(800)]
+    padded_random = sum(32 * lengths[b].max() for b in random) / sum(lengths[b].sum() for b in random) - 1
+    assert padded < 0.05 < 0.2 < padded_random
+    drawn = np.concatenate(batches)  # sorting and dealing out keeps the draw uniform: no length is favoured
+    assert abs(lengths[drawn].mean() - lengths.mean()) < 0.5
+    assert len(np.unique(drawn)) > 0.95 * (1 - np.exp(-len(drawn) / 5000)) * 5000  # as many rows as random draws reach
+    assert not np.array_equal(batches[0], length_grouped_batch(lengths, 32, 8, 4, 0))  # the seed matters
+
+
 def test_noise_augmentation_is_mostly_mild_variance_preserving_and_exact_at_the_ends():
     g = torch.Generator().manual_seed(0)
     a2 = noise_levels(20_000, generator=g)
@@ -673,6 +690,9 @@ def test_guided_flow_end_to_end(tmp_path, prefect_harness):
     assert (tmp_path / "evaluation" / "table.md").read_text().startswith("| attribute | system")
     again = guided_training(config)
     assert again["plan_lm"]["reused"] and again["prior"]["reused"] and again["plans"]["reused"]
+    guided_training(config, ["classifiers"])  # one stage again: the report keeps the others' entries
+    kept = json.loads((tmp_path / "training-report.json").read_text())
+    assert kept["plan_lm"]["soft_tokens"] == 3 and kept["prior"]["reused"] and "classifiers" in kept["stage_seconds"]
 
 
 def test_train_takes_several_stages_and_all_by_default(monkeypatch, tmp_path):
