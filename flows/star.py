@@ -103,8 +103,10 @@ def summary_lines(report: dict) -> list[str]:
              f"{c['uncached_over_cached']:.2f}x longer; thinking then writing 8 tokens, the writing reusing the "
              f"thought's encoding of the prefix, takes {c['think_then_write_8_tokens_s']:.3f} s: the thought adds "
              f"{c['added_by_thought_over_8_tokens']:.2f}x the 8 tokens' time",
-             f"open-ended ({o['prefixes']} held-out prefixes x {o['draws']} draws): thinking beats thinking off on MAUVE: "
-             f"{o['goal']['thinking_beats_off_on_mauve']}; perplexity no worse: {o['goal']['perplexity_no_worse']}"]
+             f"open-ended ({o['prefixes']} held-out prefixes x {o['draws']} draws): thinking beats thinking off on MAUVE "
+             f"by more than two standard errors: {o['goal']['thinking_beats_off_on_mauve']} (margin "
+             f"{o['goal']['mauve_margin']['margin']:+.3f}, standard error {o['goal']['mauve_margin']['standard_error']}); "
+             f"perplexity no worse: {o['goal']['perplexity_no_worse']}"]
     for name, goals in report["control"]["goals"].items():
         g = goals["STAR-LDM"]
         lines.append(f"{name}: STAR-LDM dominates logit boosting at {g['boost_points_dominated']} points; best rate "

@@ -140,6 +140,16 @@ def _summary(values: list[float]) -> dict:
             "draws": [round(float(v), 4) for v in values]}
 
 
+def margin_over_draws(a: list[float], b: list[float]) -> dict:
+    """Mean of ``a`` minus mean of ``b`` over independent draws, its standard error, and whether it is clear: more than
+    two standard errors, with at least two draws of each (one draw cannot tell a lead from the draw's noise)."""
+    margin = float(np.mean(a) - np.mean(b))
+    if min(len(a), len(b)) < 2:
+        return {"margin": round(margin, 4), "standard_error": None, "clear": False}
+    se = float(np.sqrt(np.var(a, ddof=1) / len(a) + np.var(b, ddof=1) / len(b)))
+    return {"margin": round(margin, 4), "standard_error": round(se, 4), "clear": margin > 2 * se}
+
+
 def open_ended(config: StarFlowConfig, s: Star, base, ref, data, log=logger.info) -> dict:
     """Every open-ended system on the same held-out prefixes, ``draws`` sampling seeds each: perplexity under the
     reference LM, MAUVE against the real continuations (reference-LM features), distinct-n, diversity."""
@@ -184,7 +194,8 @@ def open_ended(config: StarFlowConfig, s: Star, base, ref, data, log=logger.info
             f"{out[system]['perplexity']['std']:.2f}, MAUVE {out[system]['mauve']['mean']:.3f} ± "
             f"{out[system]['mauve']['std']:.3f}, diversity {out[system]['diversity']['mean']:.3f}")
     on, off = out["STAR-LDM, think once"], out["STAR-LDM, thinking off (null plan)"]
-    goal = {"thinking_beats_off_on_mauve": on["mauve"]["mean"] > off["mauve"]["mean"],
+    mauve = margin_over_draws(on["mauve"]["draws"], off["mauve"]["draws"])
+    goal = {"thinking_beats_off_on_mauve": mauve["clear"], "mauve_margin": mauve,
             "perplexity_no_worse": on["perplexity"]["mean"] <= off["perplexity"]["mean"] * 1.05}
     goal["met"] = goal["thinking_beats_off_on_mauve"] and goal["perplexity_no_worse"]
     examples = [{"prefix": prefix_text[i], "real": real[i], **{k: v[i] for k, v in texts_first.items()}} for i in range(3)]

@@ -121,6 +121,16 @@ def test_the_graph_step_thinks_what_the_cached_step_does_and_reloads_every_prefi
     assert len(model._step_graphs) == 1
 
 
+def test_a_mauve_lead_counts_only_beyond_two_standard_errors_of_the_draws():
+    from tasks.evaluate_star import margin_over_draws
+
+    tied = margin_over_draws([0.80, 0.85, 0.76, 0.81], [0.79, 0.84, 0.77, 0.80])  # ahead on the mean, inside the noise
+    assert tied["margin"] > 0 and not tied["clear"]
+    clear = margin_over_draws([0.80, 0.81, 0.79, 0.80], [0.70, 0.71, 0.69, 0.72])
+    assert clear["clear"] and clear["margin"] > 2 * clear["standard_error"]
+    assert not margin_over_draws([0.9], [0.1])["clear"]  # one draw cannot tell
+
+
 def test_writing_after_a_thought_reuses_its_prefix_encoding_and_writes_what_a_fresh_pass_would():
     model = _model()
     prefixes = [[0, 5, 6, 7, 8, 9], [0, 11, 12], [20, 21, 22, 23]]
