@@ -398,17 +398,14 @@ def bench_star_demo(device, workdir: Path, batches=(1, 16), steps=(5, 8, 15)) ->
     against writing 8 tokens, at each batch and step count."""
     import pyarrow.parquet as pq
 
-    from models.tokenizer import load_tokenizer
-    from models.train import autocast_dtype
     from schemas.star_configs import StarFlowConfig
     from tasks.evaluate_star import thought_cost
-    from tasks.guided_data import PlanData, load_plan_space
-    from tasks.star import Star, load_star
+    from tasks.guided_data import PlanData
+    from tasks.star import load_star_workdir
 
-    space = load_plan_space(str(workdir / "plans"))
-    s = Star(load_star(str(workdir / "star"), device), space, {}, load_tokenizer(str(workdir / "tokenizer")), device,
-             autocast_dtype("auto", device))
-    data = PlanData(pq.read_table(workdir / "plans" / "examples.parquet"), None, None, space, str(workdir / "plans"))
+    s = load_star_workdir(str(workdir), device)
+    # the held-out prefixes are all thought_cost reads; the plan arrays stay behind
+    data = PlanData(pq.read_table(workdir / "plans" / "examples.parquet"), None, None, s.space, str(workdir / "plans"))
     out = {}
     for batch in batches:
         for n in steps:

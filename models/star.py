@@ -126,11 +126,7 @@ class StarLDM(nn.Module):
                 lam = logsnr_cosine(t_r, shift=noise_shift)
                 a, s = (u[:, None] for u in alpha_sigma(lam))
                 soft_r = self.prompt(a * x + s * eps_r, a[:, 0] ** 2)
-                draw_cache = new_cache(self.lm.config)
-                for i, (key, value) in enumerate(layers):
-                    draw_cache.update(key, value, i)
-                h_r = self.hidden(inputs_embeds=soft_r.to(emb.dtype), attention_mask=mask, position_ids=positions,
-                                  use_cache=True, **{cache_keyword(self.lm.base_model): draw_cache})
+                h_r = features_after(self, layers, mask, positions, soft_r, cache_keyword(self.lm.base_model))
                 v_loss = v_loss + self._v_loss(soft_r, h_r, x, lam, eps_r, null_r, noise_shift)
             v_loss = v_loss / (1 + len(extra))
         if diffusion_rows is not None:
@@ -145,6 +141,17 @@ class StarLDM(nn.Module):
 
 
 # ----------------------------------------------------------------------------- thinking with a cached prefix
+
+
+def features_after(model: StarLDM, layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor,
+                   positions: torch.Tensor, soft: torch.Tensor, cache_arg: str) -> torch.Tensor:
+    """The LM's final hidden states (B, k, d) at the soft vectors (B, k, d) after a prefix given by its per-layer keys
+    and values; ``mask`` (B, P + k) covers prefix and soft positions, ``positions`` (B, k) are the soft ones'."""
+    cache = new_cache(model.lm.config)
+    for i, (key, value) in enumerate(layers):
+        cache.update(key, value, i)
+    return model.hidden(inputs_embeds=soft.to(model.lm.dtype), attention_mask=mask, position_ids=positions,
+                        use_cache=True, **{cache_arg: cache})
 
 
 class PrefixState:
@@ -173,13 +180,10 @@ class PrefixState:
         """LM features (B', k, d) at k soft vectors (B', k, d) placed after the cached prefixes of ``rows``."""
         k = soft.shape[1]
         select = (lambda t: t) if rows is None else (lambda t: t[rows])
-        cache = new_cache(self.model.lm.config)
-        for i, (key, value) in enumerate(self.layers):
-            cache.update(select(key), select(value), i)
         mask = torch.cat([select(self.mask), torch.ones((soft.shape[0], k), dtype=torch.long, device=soft.device)], 1)
         pos = select(self.positions)[:, -1:] + 1 + torch.arange(k, device=soft.device)
-        return self.model.hidden(inputs_embeds=soft.to(self.model.lm.dtype), attention_mask=mask, position_ids=pos,
-                                 use_cache=True, **{self.cache_arg: cache})
+        return features_after(self.model, [(select(key), select(value)) for key, value in self.layers], mask, pos, soft,
+                              self.cache_arg)
 
     def soft_hidden_uncached(self, soft: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The same features from a full pass over [prefix][soft] (what the reference does at every step)."""
@@ -229,11 +233,7 @@ class StepGraph:
 
     def _step(self) -> torch.Tensor:
         soft = self.model.prompt(self.z, torch.sigmoid(self.logsnr))
-        cache = new_cache(self.model.lm.config)
-        for i, (key, value) in enumerate(self.layers):
-            cache.update(key, value, i)
-        hidden = self.model.hidden(inputs_embeds=soft.to(self.model.lm.dtype), attention_mask=self.mask,
-                                   position_ids=self.pos, use_cache=True, **{self.cache_arg: cache})
+        hidden = features_after(self.model, self.layers, self.mask, self.pos, soft, self.cache_arg)
         return self.model.head(soft, hidden.to(soft.dtype), self.logsnr)
 
     def capture(self) -> None:
@@ -261,16 +261,17 @@ class StepGraph:
         return self.out.clone()
 
 
-def step_graph(model: StarLDM, state: PrefixState, capture: bool) -> StepGraph:
-    """The model's step graph for ``state``'s shape (kept on the model, the 8 most recent shapes), loaded with it."""
+def step_graph(model: StarLDM, state: PrefixState) -> StepGraph:
+    """The model's step graph for ``state``'s shape (kept on the model, the 8 most recent shapes), loaded with it;
+    captured on a GPU, run eagerly elsewhere."""
     length = -(-state.ids.shape[1] // StepGraph.BUCKET) * StepGraph.BUCKET
     amp = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-    key = (len(state), length, amp, capture, next(model.parameters()).data_ptr())  # weights moved: a new graph
+    key = (len(state), length, amp, next(model.parameters()).data_ptr())  # weights moved (another device): a new one
     graphs = model.__dict__.setdefault("_step_graphs", {})
     found = graphs.pop(key, None)
     if found is None:
         found = StepGraph(model, len(state), length, state.layers)
-        if capture:
+        if state.ids.device.type == "cuda":
             try:
                 found.load(state).capture()
             except Exception as exc:  # a library version whose step cannot be captured: the same step, eagerly
@@ -331,10 +332,9 @@ def think(model: StarLDM, state: PrefixState, *, steps: int = 50, sampler: str =
     """Standardised plans (B, D) for the cached prefixes by ``steps`` denoising steps (not yet projected).
     ``graphs``: replay each step from a CUDA graph (:class:`StepGraph`); None = on GPUs, for cached thoughts without
     classifier-free guidance (where every row is conditional); True off a GPU runs the static-buffer step eagerly."""
-    device = state.ids.device
     if graphs is None:
-        graphs = device.type == "cuda"
-    graph = step_graph(model, state, capture=device.type == "cuda") if graphs and cached and cfg_scale == 1.0 else None
+        graphs = state.ids.device.type == "cuda"
+    graph = step_graph(model, state) if graphs and cached and cfg_scale == 1.0 else None
     diffusion = StarDiffusion(ThoughtDenoiser(model, state, cached, graph), logsnr_shift=logsnr_shift)
     B, D = len(state), model.head.proj_out.out_features
     labels = torch.ones(B, dtype=torch.long, device=state.ids.device)

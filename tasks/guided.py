@@ -144,8 +144,6 @@ def train_soft_prompt_lm(kind: str, config: GuidedFlowConfig, *, device: str | t
             "label_dropout": config.class_label_dropout if kind == "class" else None,
             "prefix_dropout": [config.plan_lm.prefix_dropout, config.plan_lm.prefix_dropout_mode]}
     groups = config.plan_lm.length_groups if kind == "plan" else 1  # the class reference: random batches (README)
-    if groups > 1:
-        meta["length_groups"] = groups
     state = load_trainer_state(out)
     if state is not None and state.get("meta") != meta:
         raise UserInputError(f"{out} holds a {kind} LM trained with other settings or another base LM; use a new "
