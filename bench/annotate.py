@@ -99,7 +99,7 @@ def bench_encoder(args) -> None:
     print(f"\nbest: {name}, {tok_s:,.0f} source tokens/s, {doc_s:.1f} documents/s on {where}")
     print(f"the paper's 6.1M documents: {hours:,.0f} h on one such machine; "
           + ", ".join(f"{hours / n:,.1f} h on {n}" for n in (8, 64, 256))
-          + f"; {REFERENCE_DOCS / doc_s / 172_800:,.0f} machines match the paper's ~2 days on 64 GPUs")
+          + f"; {REFERENCE_DOCS / doc_s / 172_800:,.0f} machine(s) match the paper's ~2 days on 64 GPUs")
 
 
 def bench_texts(n: int, out: str) -> list[str]:

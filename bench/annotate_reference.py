@@ -133,6 +133,11 @@ def main() -> None:
     ap.add_argument("--relation-grad", type=float, default=EncoderFinetuneConfig().relation_grad,
                     help="share of the relation decoder's loss gradient that trains the encoder")
     ap.add_argument("--value-bias", type=float, default=0.0, help="added to the log-probability of a value start")
+    ap.add_argument("--continue-bias", type=float, default=None,
+                    help="added to the log-probability of a value going on (default: the decoder's)")
+    ap.add_argument("--subject-margin", type=float, default=None,
+                    help="entity := the title line unless the pointer prefers another span by more than this "
+                         "(default: the decoder's, inf); a negative value: the pointer alone")
     ap.add_argument("--docs", type=int, default=830, help="Wikipedia documents to annotate and score")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/out/annotate-reference")
@@ -166,6 +171,10 @@ def main() -> None:
 
     model, tok, names, _ = load_span_annotator(report.checkpoint, "cpu")
     opts = AnnotateOptions(value_bias=args.value_bias)
+    if args.continue_bias is not None:
+        opts.continue_bias = args.continue_bias
+    if args.subject_margin is not None:
+        opts.subject_margin = None if args.subject_margin < 0 else args.subject_margin
     held = [(d.doc_id, a) for d, a in seed.pairs() if is_holdout(d.doc_id, cfg.holdout_fraction, cfg.seed)]
     results, dumps, examples = {}, {}, {}
     ref = ImportedAnnotations(eval_file)

@@ -27,8 +27,13 @@ class EncoderAnnotator:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.model, self.tokenizer, self.names, meta = load_span_annotator(checkpoint, cfg.device)
-        self.version = meta["version"]
-        self.options = AnnotateOptions(batch_tokens=cfg.batch_tokens)
+        self.options = AnnotateOptions(batch_tokens=cfg.batch_tokens, continue_bias=cfg.continue_bias,
+                                       subject_margin=float("inf") if cfg.entity == "title" else None)
+        # what a shard's completion marker is keyed by: other decoding settings write other calls
+        default = AnnotateOptions()
+        changed = {k: getattr(self.options, k) for k in ("continue_bias", "subject_margin")
+                   if getattr(self.options, k) != getattr(default, k)}
+        self.version = meta["version"] + "".join(f";{k}={v}" for k, v in changed.items())
         self.stats = AnnotateStats()
 
     def annotate(self, docs: list[Document]) -> list[Annotation]:

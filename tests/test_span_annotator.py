@@ -13,7 +13,14 @@ from models.span_annotator import (
     load_span_annotator,
     save_span_annotator,
 )
-from models.span_annotator_decode import AnnotateStats, annotate_texts, bio_viterbi, heading, whole_heading
+from models.span_annotator_decode import (
+    AnnotateOptions,
+    AnnotateStats,
+    annotate_texts,
+    bio_viterbi,
+    heading,
+    whole_heading,
+)
 from models.span_annotator_finetune import collate, train_span_annotator
 from models.span_examples import build_examples, call_targets, encode_texts, snap_to_words, windows_of
 from schemas import markup
@@ -129,6 +136,31 @@ def test_fine_tuned_model_writes_the_seed_calls_and_preserves_the_source(trained
     assert stats.documents == len(DOCS) and stats.calls == len(triplets(DOCS))
 
 
+def test_a_page_that_opens_with_a_title_line_names_its_title_as_every_facts_entity(trained):
+    """By default (on real text the pointer lost to the title) a document with a title line gets its title as each
+    call's entity; subject_margin None leaves the choice to the pointer; a text without a title line is the pointer's
+    either way."""
+    model, tok, names = trained
+    text = "Chiara Lindqvist\n\n" + TEXTS[1]  # Bruno's facts under another page's title
+    titled = annotate_texts(model, tok, names, [text])[0]
+    pointer = annotate_texts(model, tok, names, [text], AnnotateOptions(subject_margin=None))[0]
+    assert [pc.call.value for pc in titled.calls] == [pc.call.value for pc in pointer.calls] == \
+        ["physics", "Ghent University", "Elif Moreau"]
+    assert {pc.call.entity for pc in titled.calls} == {"Chiara Lindqvist"}
+    assert {pc.call.entity for pc in pointer.calls} == {"Bruno Okonkwo"}
+    untitled = [d.text for d in DOCS]
+    assert annotate_texts(model, tok, names, untitled) == \
+        annotate_texts(model, tok, names, untitled, AnnotateOptions(subject_margin=None))
+
+
+def test_continue_bias_makes_values_longer(trained):
+    model, tok, names = trained
+    texts = [d.text for d in DOCS]
+    length = {b: sum(len(pc.call.value) for a in annotate_texts(model, tok, names, texts, AnnotateOptions(continue_bias=b))
+                     for pc in a.calls) for b in (0.0, 12.0)}
+    assert length[12.0] > length[0.0]
+
+
 def test_long_documents_are_annotated_in_windows_and_merged(trained):
     model, tok, names = trained
     long_text = " ".join(TEXTS[:3] * 6)  # ~250 word pieces: several 64-token windows
@@ -169,3 +201,9 @@ def test_bulk_annotation_uses_an_encoder_checkpoint_per_shard(trained, tmp_path)
     assert pq.read_table(first.triplet_shard).num_rows == first.calls
     again = bulk_annotate_shard(shard, cfg, checkpoint, str(tmp_path / "bulk"), "run-2", str(tmp_path / "cache"))
     assert again.skipped
+    # other decoding settings write other calls: the shard is annotated again, under its own version
+    cfg = BulkAnnotationConfig(device="cpu", threads=1, entity="pointer")
+    other = bulk_annotate_shard(shard, cfg, checkpoint, str(tmp_path / "bulk"), "run-3", str(tmp_path / "cache"))
+    assert not other.skipped
+    assert {r["annotator_version"] for r in pq.read_table(other.annotated_shard).to_pylist()} == \
+        {"enc-test-v1;subject_margin=None"}
