@@ -183,10 +183,11 @@ class SpanAnnotator(nn.Module):
     def relation_scores(self, states, h, ids):
         """(log p_vocab over relation_vocab (C, L, Vr), log copy attention (C, L, T), log g, log 1-g (C, L, 1));
         ``h`` and ``ids`` per call (:meth:`call_memory`)."""
-        # one 2-D matmul: a batched one (``states @ W.T``, or F.linear on 3-D bfloat16 input on CPUs) copies W to
-        # (C, d, Vr), 70% of annotation time at 4,000 relation word pieces
-        flat = F.linear(states.flatten(0, -2), self.word_embeddings[self.relation_vocab])
-        vocab = F.log_softmax(flat.view(*states.shape[:-1], -1).float(), dim=-1)
+        # contiguous: on CPUs a linear layer on a strided 3-D view (the decoder's last position, states[:, -1:]) runs
+        # as a batched matmul that copies its weight once per call (12x slower in float32, ~400x in bfloat16; the
+        # 4,011-piece vocabulary's copies were 70% of annotation time)
+        states = states.contiguous()
+        vocab = F.log_softmax(F.linear(states, self.word_embeddings[self.relation_vocab]).float(), dim=-1)
         copy = torch.einsum("cld,ctd->clt", self.copy_q(states), h).float() / math.sqrt(h.shape[-1])
         copy = F.log_softmax(copy.masked_fill(~self.token_mask(ids)[:, None, :], -1e4), dim=-1)
         g = self.gate(states).float()

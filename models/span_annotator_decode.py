@@ -123,8 +123,7 @@ def _greedy_relations(model: SpanAnnotator, h, mask, ids, win, bos) -> list[list
     sep = model.sep_id
     kvs, mask_c, h_c, ids_c = model.call_memory(h, mask, ids, win)  # once, not per decoding step
     for step in range(model.cfg.max_relation_tokens + 1):
-        # contiguous: a linear layer on a strided 3-D bfloat16 view copies its weight per call on CPUs
-        states = model.decode_relation(kvs, mask_c, bos, out)[:, -1:].contiguous()
+        states = model.decode_relation(kvs, mask_c, bos, out)[:, -1:]
         vocab, copy, log_g, log_ng = model.relation_scores(states, h_c, ids_c)
         p = torch.zeros((C, V), device=h.device)
         p.index_add_(1, model.relation_vocab, (vocab[:, 0] + log_g[:, 0]).exp())
@@ -161,10 +160,15 @@ def _best_entities(start: torch.Tensor, end: torch.Tensor, lines: torch.Tensor,
 
 
 def _title_tokens(enc: Encoded, title: tuple[int, int] | None) -> tuple[int, int] | None:
-    """[first, last] document tokens of the title (:func:`heading`), or None."""
+    """[first, last] document tokens of the title (:func:`heading`, which opens the document), or None."""
     if title is None:
         return None
-    inside = [k for k, (a, b) in enumerate(enc.offsets) if a >= title[0] and b <= title[1] and b > a]
+    inside = []
+    for k, (a, b) in enumerate(enc.offsets):
+        if b > title[1]:
+            break
+        if a >= title[0] and b > a:
+            inside.append(k)
     return (inside[0], inside[-1]) if inside else None
 
 
@@ -173,16 +177,13 @@ def _prefer_subject(start, end, e_first, e_last, e_score, wins: list[Window], ti
     the pointer's best span outscores the title span by more than ``margin`` (log-probability): a page's facts are
     mostly about its subject, and the pointer, trained on another domain's share of subject calls, strays from it
     too readily (``AnnotateOptions.subject_margin``)."""
-    e_first, e_last = e_first.clone(), e_last.clone()
-    for c, (w, t) in enumerate(zip(wins, titles)):
-        if t is None:
-            continue
-        a, b = w.position(t[0]), w.position(t[1])
-        if a < 0 or b < 0:
-            continue
-        if float(start[c, a] + end[c, b]) + margin >= float(e_score[c]):
-            e_first[c], e_last[c] = a, b
-    return e_first, e_last
+    at = [(w.position(t[0]), w.position(t[1])) if t is not None else (-1, -1) for w, t in zip(wins, titles)]
+    a, b = (torch.tensor(x, device=start.device) for x in zip(*at))
+    rows = torch.arange(len(at), device=start.device)
+    shown = (a >= 0) & (b >= 0)
+    title = start[rows, a.clamp(min=0)] + end[rows, b.clamp(min=0)]
+    use = shown & (title + margin >= e_score)
+    return torch.where(use, a, e_first), torch.where(use, b, e_last)
 
 
 @torch.inference_mode()
