@@ -132,6 +132,12 @@ def main() -> None:
     ap.add_argument("--frozen-layers", type=int, default=EncoderFinetuneConfig().frozen_layers)
     ap.add_argument("--relation-grad", type=float, default=EncoderFinetuneConfig().relation_grad,
                     help="share of the relation decoder's loss gradient that trains the encoder")
+    ap.add_argument("--name-weight", type=float, default=EncoderFinetuneConfig().name_weight,
+                    help="weight of the relation-name scorer's loss")
+    ap.add_argument("--relation-weight", type=float, default=EncoderFinetuneConfig().relation_weight,
+                    help="weight of the relation-name decoder's loss")
+    ap.add_argument("--relation", choices=["seed", "generate"], default=None,
+                    help="relation names from the scorer over the seed's names or the decoder (default: the decoder's, seed)")
     ap.add_argument("--value-bias", type=float, default=0.0, help="added to the log-probability of a value start")
     ap.add_argument("--continue-bias", type=float, default=None,
                     help="added to the log-probability of a value going on (default: the decoder's)")
@@ -158,7 +164,8 @@ def main() -> None:
                                   threads=args.threads, encoder=EncoderFinetuneConfig(
                                       epochs=args.epochs, window=args.window, lr=args.lr, head_lr=args.head_lr,
                                       batch_tokens=args.batch_tokens, budget_clock=args.budget_clock,
-                                      frozen_layers=args.frozen_layers, relation_grad=args.relation_grad))
+                                      frozen_layers=args.frozen_layers, relation_grad=args.relation_grad,
+                                      name_weight=args.name_weight, relation_weight=args.relation_weight))
     load, cpu0 = os.getloadavg(), time.process_time()
     report = finetune_annotator([shard], cfg, os.path.join(args.out, "annotator"))
     cpu_s = (time.process_time() - cpu0) / args.threads
@@ -173,6 +180,8 @@ def main() -> None:
     opts = AnnotateOptions(value_bias=args.value_bias)
     if args.continue_bias is not None:
         opts.continue_bias = args.continue_bias
+    if args.relation is not None:
+        opts.relation = args.relation
     if args.subject_margin is not None:
         opts.subject_margin = None if args.subject_margin < 0 else args.subject_margin
     held = [(d.doc_id, a) for d, a in seed.pairs() if is_holdout(d.doc_id, cfg.holdout_fraction, cfg.seed)]

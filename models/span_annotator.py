@@ -64,6 +64,7 @@ class SpanAnnotatorConfig:
     relation_grad: float = 0.0  # share of the relation loss's gradient that reaches the encoder (0: the decoder only reads it)
     decoder_heads: int = 6
     dropout: float = 0.1
+    name_temperature: float = 20.0  # scale of the cosine between a call and a seed relation name (the name scorer)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -102,7 +103,7 @@ class DecoderBlock(nn.Module):
 
 
 class SpanAnnotator(nn.Module):
-    def __init__(self, encoder: nn.Module, cfg: SpanAnnotatorConfig, relation_vocab: list[int]):
+    def __init__(self, encoder: nn.Module, cfg: SpanAnnotatorConfig, relation_vocab: list[int], n_names: int = 0):
         super().__init__()
         self.encoder, self.cfg = encoder, cfg
         d = encoder.config.hidden_size
@@ -119,6 +120,10 @@ class SpanAnnotator(nn.Module):
         self.gate = nn.Linear(d, 1)
         # word pieces the decoder may generate (those of the seed's relation names and [SEP]); others are copied
         self.register_buffer("relation_vocab", torch.tensor(relation_vocab, dtype=torch.long), persistent=False)
+        # the name scorer: a call's value, context and entity against the seed's relation names, each embedded once
+        # by the pretrained encoder (mean-pooled, unit length; see set_name_table); saved with the heads
+        self.name_in = nn.Sequential(nn.LayerNorm(6 * d), nn.Dropout(0.3), nn.Linear(6 * d, d))
+        self.register_buffer("name_table", torch.zeros(n_names, d))
 
     @property
     def word_embeddings(self) -> torch.Tensor:  # (V, d), tied with the decoder's input and output
@@ -164,6 +169,44 @@ class SpanAnnotator(nn.Module):
         ok = (first >= 0) & (last >= 0)
         f, l = first.clamp(min=0), last.clamp(min=0)
         return self.entity_vec((h[win, f] + h[win, l]) / 2) * ok[:, None].to(h.dtype)
+
+    def name_features(self, h: torch.Tensor, ids: torch.Tensor, win: torch.Tensor, first: torch.Tensor,
+                      last: torch.Tensor, e_first: torch.Tensor, e_last: torch.Tensor, context: int = 8) -> torch.Tensor:
+        """(C, 6d) what the name scorer reads of a call: the value's first and last word pieces and their mean, the
+        mean of up to ``context`` word pieces either side of it, the entity span's ends (zero where unknown) and
+        the window's [CLS]."""
+        hw = h[win]  # (C, T, d)
+        pos = torch.arange(h.shape[1], device=h.device)
+        inside = ((pos >= first[:, None]) & (pos <= last[:, None])).to(h.dtype)
+        near = ((pos >= first[:, None] - context) & (pos <= last[:, None] + context) & self.token_mask(ids)[win])
+        near = near.to(h.dtype) - inside
+        ar = torch.arange(len(win), device=h.device)
+        span = (hw * inside[..., None]).sum(1) / inside.sum(1, keepdim=True)
+        around = (hw * near[..., None]).sum(1) / near.sum(1, keepdim=True).clamp(min=1)
+        ok = ((e_first >= 0) & (e_last >= 0))[:, None].to(h.dtype)
+        ent = (hw[ar, e_first.clamp(min=0)] + hw[ar, e_last.clamp(min=0)]) / 2 * ok
+        return torch.cat([hw[ar, first], hw[ar, last], span, around, ent, hw[:, 0]], dim=-1)
+
+    def name_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """(C, N) scores of the seed's N relation names for each call's :meth:`name_features`."""
+        q = F.normalize(self.name_in(feats).float(), dim=-1)
+        return self.cfg.name_temperature * q @ self.name_table.float().T
+
+    @torch.no_grad()
+    def set_name_table(self, tokenizer, names: list[str], batch: int = 256) -> None:
+        """Embed relation names with the encoder as it is (call before fine-tuning): mean-pooled, unit length, as
+        all-MiniLM-L6-v2 embeds a sentence. ``name_rows`` maps a name's word pieces (cut as training targets are)
+        to its row, for the scorer's training targets."""
+        longest = self.cfg.max_relation_tokens
+        self.name_rows = {tuple(tokenizer(n, add_special_tokens=False)["input_ids"][:longest]): k
+                          for k, n in enumerate(names)}
+        rows = []
+        for k in range(0, len(names), batch):
+            t = tokenizer(names[k:k + batch], padding=True, return_tensors="pt").to(self.name_table.device)
+            out = self.encoder(**t).last_hidden_state
+            m = t["attention_mask"][..., None].to(out.dtype)
+            rows.append(F.normalize((out * m).sum(1) / m.sum(1), dim=-1))
+        self.name_table = torch.cat(rows) if rows else self.name_table.new_zeros((0, self.name_table.shape[1]))
 
     def call_memory(self, h: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor, win: torch.Tensor):
         """What the relation decoder reads of each call's window, one row per call, gathered once (not per block or
@@ -220,7 +263,7 @@ class SpanAnnotator(nn.Module):
         win = batch["win"]
         if len(win) == 0:
             zero = h.sum() * 0
-            return {**losses, "entity": zero, "relation": zero}
+            return {**losses, "entity": zero, "relation": zero, "name": zero}
         q = self.value_queries(h, win, batch["v_first"], batch["v_last"])
         start, end = self.entity_logits(h, ids, win, q)
         ent = F.cross_entropy(start, batch["e_first"], ignore_index=IGNORE, reduction="sum") + \
@@ -244,6 +287,14 @@ class SpanAnnotator(nn.Module):
         logp = torch.logaddexp(log_g.squeeze(-1) + from_vocab, log_ng.squeeze(-1) + from_copy)
         keep = rel >= 0
         losses["relation"] = -(logp * keep).sum() / keep.sum().clamp(min=1)
+        name = batch.get("name")  # (C,) index of the call's relation among the seed's names, IGNORE when not there
+        if name is None or not self.name_table.shape[0]:
+            losses["name"] = h.sum() * 0
+        else:
+            scores = self.name_logits(self.name_features(hd, ids, win, batch["v_first"], batch["v_last"],
+                                                         batch["e_first"], batch["e_last"]))
+            losses["name"] = F.cross_entropy(scores, name, ignore_index=IGNORE, reduction="sum") / \
+                (name >= 0).sum().clamp(min=1)
         return losses
 
 
@@ -258,6 +309,7 @@ class RelationNames:
     vocab: list[int]  # word-piece ids, [SEP] included
     names: dict[str, str] = field(default_factory=dict)  # detokenized lower-case name -> seed spelling
     words: dict[str, str] = field(default_factory=dict)  # lower-case word -> most frequent spelling
+    candidates: list[str] = field(default_factory=list)  # the name scorer's names (keys of ``names``), in table order
 
     @classmethod
     def from_seed(cls, tokenizer, relations: list[str]) -> "RelationNames":
@@ -273,7 +325,7 @@ class RelationNames:
         best_word: dict[str, str] = {}
         for w, _ in words.most_common():
             best_word.setdefault(w.lower(), w)
-        return cls(sorted(pieces), best_name, best_word)
+        return cls(sorted(pieces), best_name, best_word, sorted(best_name))
 
     def spell(self, name: str, source: str) -> str:
         """The cased relation name for a detokenized lower-case ``name`` found in ``source``."""
@@ -311,6 +363,8 @@ def build_span_annotator(base: str | None, relations: list[str], cfg: SpanAnnota
     names = RelationNames.from_seed(tokenizer, relations)
     model = SpanAnnotator(AutoModel.from_pretrained(path), cfg or SpanAnnotatorConfig(), names.vocab)
     model.cls_id, model.sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    model.eval()
+    model.set_name_table(tokenizer, [names.names[c] for c in names.candidates])
     return model, tokenizer, names
 
 
@@ -355,10 +409,12 @@ def load_span_annotator(checkpoint: str, device: str | None = None):
     names = RelationNames(**meta["relation_names"])
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     tokenizer.model_max_length = 1 << 30
-    model = SpanAnnotator(AutoModel.from_pretrained(checkpoint), SpanAnnotatorConfig(**meta["config"]), names.vocab)
+    model = SpanAnnotator(AutoModel.from_pretrained(checkpoint), SpanAnnotatorConfig(**meta["config"]), names.vocab,
+                          len(names.candidates))  # 0 in checkpoints from before the name scorer: names are generated
     model.cls_id, model.sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
     missing, unexpected = model.load_state_dict(load_file(os.path.join(checkpoint, HEADS)), strict=False)
-    if unexpected or [k for k in missing if not k.startswith("encoder.")]:
+    old = not names.candidates  # a checkpoint from before the name scorer lacks its (untrained) layers
+    if unexpected or [k for k in missing if not k.startswith("encoder.") and not (old and k.startswith("name_"))]:
         raise UserInputError(f"{checkpoint}: heads do not match the model ({missing[:3]} missing, {unexpected[:3]} unexpected)")
     return model.to(resolve_device(device or "auto")).eval(), tokenizer, names, meta
 

@@ -17,8 +17,10 @@ from models.train import autocast, autocast_dtype, lr_at
 from schemas import progress
 from schemas.errors import UserInputError
 
-def collate(examples: list[Example], relation_index: dict[int, int], device) -> dict:
-    """Pad a list of windows into tensors; calls flattened over the batch with the window they belong to."""
+def collate(examples: list[Example], relation_index: dict[int, int], device,
+            name_index: dict[tuple[int, ...], int] | None = None) -> dict:
+    """Pad a list of windows into tensors; calls flattened over the batch with the window they belong to; with
+    ``name_index`` (``SpanAnnotator.name_rows``) each call's row among the seed's relation names."""
     B, T = len(examples), max(len(e.ids) for e in examples)
     ids = torch.zeros((B, T), dtype=torch.long)
     tags = torch.full((B, T), IGNORE, dtype=torch.long)
@@ -37,6 +39,8 @@ def collate(examples: list[Example], relation_index: dict[int, int], device) -> 
     batch = {"ids": ids, "mask": ids != 0, "tags": tags, "win": as_long(col[0]), "v_first": as_long(col[1]),
              "v_last": as_long(col[2]), "e_first": as_long(col[3]), "e_last": as_long(col[4]), "rel": rel,
              "rel_index": rel_index}
+    if name_index is not None:
+        batch["name"] = as_long(name_index.get(tuple(c[5][:-1]), IGNORE) for c in calls)
     if examples[0].lower is not None:
         lower = examples[0].lower.new_zeros((B, T, examples[0].lower.shape[-1]))
         for r, e in enumerate(examples):
@@ -104,6 +108,7 @@ def train_span_annotator(model: SpanAnnotator, train: list[Example], *, epochs: 
     rng = random.Random(seed)
     torch.manual_seed(seed)
     index = {int(t): k for k, t in enumerate(model.relation_vocab.tolist())}
+    name_index = getattr(model, "name_rows", None)  # set with the name table (build_span_annotator)
     steps_per_epoch = len(_batches(train, batch_tokens, random.Random(seed)))
     total = max(1, round(epochs * steps_per_epoch))
     model.freeze_layers(frozen_layers)
@@ -113,7 +118,7 @@ def train_span_annotator(model: SpanAnnotator, train: list[Example], *, epochs: 
               {"params": [p for p in enc if p.dim() < 2], "lr": lr, "weight_decay": 0.0, "base": lr},
               {"params": heads, "lr": head_lr, "weight_decay": weight_decay, "base": head_lr}]
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98))
-    weights = {"tags": 2.0, "entity": 0.5, "relation": 1.0, **(weights or {})}
+    weights = {"tags": 2.0, "entity": 0.5, "relation": 1.0, "name": 1.0, **(weights or {})}
     t0, w0 = clock(), time.perf_counter()
     if frozen_layers:  # counted in the budget
         model.eval()
@@ -129,7 +134,7 @@ def train_span_annotator(model: SpanAnnotator, train: list[Example], *, epochs: 
     while step < total:
         if not queue:
             queue = _batches(train, batch_tokens, rng)
-        batch = collate(queue.pop(), index, device)
+        batch = collate(queue.pop(), index, device, name_index)
         if frozen_layers:
             batch["frozen_layers"] = frozen_layers
         s = scale(step)
@@ -150,7 +155,8 @@ def train_span_annotator(model: SpanAnnotator, train: list[Example], *, epochs: 
         if step % 20 == 0 or step == total:
             avg = {k: sum(h[k] for h in history[-20:]) / len(history[-20:]) for k in ("loss", *losses)}
             log(f"fine-tune step {step}/{total} loss {avg['loss']:.3f} (tags {avg['tags']:.3f}, entity "
-                f"{avg['entity']:.3f}, relation {avg['relation']:.3f}) ({time.perf_counter() - w0:.0f} s)")
+                f"{avg['entity']:.3f}, relation {avg['relation']:.3f}, name {avg['name']:.3f}) "
+                f"({time.perf_counter() - w0:.0f} s)")
         if stop_after_s is not None and clock() - t0 > stop_after_s:
             log(f"fine-tune: time budget of {stop_after_s:.0f} s spent at step {step}/{total}")
             break

@@ -228,6 +228,10 @@ class EncoderFinetuneConfig(Config):
     decoder_layers: int = Field(2, ge=1, description="blocks of the relation-name decoder")
     relation_grad: float = Field(0.3, ge=0, le=1, description="share of the relation decoder's loss gradient that "
                                  "trains the encoder (0: the decoder reads the encoder without training it)")
+    name_weight: float = Field(1.0, ge=0, description="weight of the relation-name scorer's loss (the scorer picks "
+                               "each call's relation among the seed's names, as the corrector unified them)")
+    relation_weight: float = Field(1.0, ge=0, description="weight of the relation-name decoder's loss (the decoder "
+                                   "writes names word piece by word piece, copying from the context: open vocabulary)")
     frozen_layers: int = Field(3, ge=0, le=12, description="bottom encoder layers kept as pretrained: 3 of MiniLM's 6 "
                                "make a step ~40% cheaper (0.40 vs 0.67 s at 1,024 word pieces on 2 cores)")
     budget_clock: Literal["wall", "cpu"] = Field(
@@ -284,6 +288,10 @@ class BulkAnnotationConfig(Config):
         "title", description="encoder annotator: title: a document that opens with a title line (Wikipedia's layout) "
                              "names its title as each fact's entity, the entity pointer elsewhere; pointer: the "
                              "pointer always (on real text its picks lost to the title: (entity, value) F1 0.12 vs 0.17)")
+    relation: Literal["seed", "generate"] = Field(
+        "seed", description="encoder annotator: seed: each call's relation is the seed's name (as the corrector "
+                            "unified them) the name scorer ranks first; generate: the decoder writes a name, copying "
+                            "context words (open vocabulary, far less often right on real text)")
     chunk_tokens: int = Field(32, ge=1, description="transformers: source tokens fed per forward pass (1 = step by step)")
     draft_tokens: int = Field(8, ge=0, description="transformers: drafted call tokens per forward pass")
     max_call_tokens: int = Field(48, ge=4, description="transformers: a call still open after this many tokens is rolled back")

@@ -78,7 +78,8 @@ def finetune_encoder_annotator(annotated_shards: list[str], cfg: AnnotatorFinetu
                                   head_lr=enc.head_lr, warmup_steps=enc.warmup_steps, weight_decay=enc.weight_decay,
                                   seed=cfg.seed, stop_after_s=cfg.time_budget_s, frozen_layers=enc.frozen_layers,
                                   clock=time.perf_counter if enc.budget_clock == "wall" else
-                                  lambda: time.process_time() / torch.get_num_threads(), log=log)
+                                  lambda: time.process_time() / torch.get_num_threads(),
+                                  weights={"relation": enc.relation_weight, "name": enc.name_weight}, log=log)
     log(f"fine-tune: {result.steps} steps ({result.epochs:.2f} epochs) in {result.seconds:.0f} s wall, "
         f"{result.budget_seconds:.0f} s on the budget's clock ({enc.budget_clock})")
     meta = {"signature": signature, "version": version}

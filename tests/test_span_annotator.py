@@ -136,6 +136,49 @@ def test_fine_tuned_model_writes_the_seed_calls_and_preserves_the_source(trained
     assert stats.documents == len(DOCS) and stats.calls == len(triplets(DOCS))
 
 
+@pytest.mark.parametrize("relation", ["seed", "generate"])
+def test_relation_names_come_from_the_seed_scorer_or_the_decoder(trained, relation):
+    """Both ways of naming a call's relation learn the seed's names: the scorer picks one of them, the decoder
+    writes one word piece by word piece (and could write a name the seed never used)."""
+    model, tok, names = trained
+    out = annotate_texts(model, tok, names, [d.text for d in DOCS], AnnotateOptions(relation=relation))
+    assert [(k, r, v) for k, _, r, v in triplets(out)] == [(k, r, v) for k, _, r, v in triplets(DOCS)]
+
+
+def test_name_scorer_ranks_the_seed_names_by_the_calls_context(trained):
+    """The table holds one unit vector per seed name; the call's own relation scores highest among them."""
+    model, tok, names = trained
+    assert sorted(names.names[c] for c in names.candidates) == sorted({pc.call.relation for d in DOCS for pc in d.calls})
+    assert torch.allclose(model.name_table.float().norm(dim=-1), torch.ones(len(names.candidates)), atol=1e-2)
+    batch = collate(build_examples(tok, DOCS, model.cfg), {}, "cpu", model.name_rows)
+    assert (batch["name"] >= 0).all()  # every training call's relation has its row
+    with torch.inference_mode():
+        h = model.encode(batch["ids"], batch["mask"]).to(model.name_table.dtype)
+        scores = model.name_logits(model.name_features(h, batch["ids"], batch["win"], batch["v_first"],
+                                                       batch["v_last"], batch["e_first"], batch["e_last"]))
+    assert (scores.argmax(-1) == batch["name"]).float().mean() > 0.9
+
+
+def test_a_checkpoint_from_before_the_name_scorer_still_loads_and_generates_names(trained, tmp_path):
+    import json
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    model, tok, names = trained
+    path = save_span_annotator(model.float(), tok, names, str(tmp_path / "model"), {"version": "old"})
+    heads = {k: v for k, v in load_file(os.path.join(path, "heads.safetensors")).items() if not k.startswith("name_")}
+    save_file(heads, os.path.join(path, "heads.safetensors"))
+    meta = json.load(open(os.path.join(path, "annotator.json")))
+    del meta["relation_names"]["candidates"]
+    json.dump(meta, open(os.path.join(path, "annotator.json"), "w"))
+    old, tok2, names2, _ = load_span_annotator(path, "cpu")
+    assert old.name_table.shape[0] == 0
+    out = annotate_texts(old, tok2, names2, [d.text for d in DOCS])  # relation: seed, but there is no scorer
+    expected = annotate_texts(model, tok, names, [d.text for d in DOCS], AnnotateOptions(relation="generate"))
+    assert out == expected
+
+
 def test_a_page_that_opens_with_a_title_line_names_its_title_as_every_facts_entity(trained):
     """By default (on real text the pointer lost to the title) a document with a title line gets its title as each
     call's entity; subject_margin None leaves the choice to the pointer; a text without a title line is the pointer's
@@ -202,8 +245,8 @@ def test_bulk_annotation_uses_an_encoder_checkpoint_per_shard(trained, tmp_path)
     again = bulk_annotate_shard(shard, cfg, checkpoint, str(tmp_path / "bulk"), "run-2", str(tmp_path / "cache"))
     assert again.skipped
     # other decoding settings write other calls: the shard is annotated again, under its own version
-    cfg = BulkAnnotationConfig(device="cpu", threads=1, entity="pointer")
+    cfg = BulkAnnotationConfig(device="cpu", threads=1, entity="pointer", relation="generate")
     other = bulk_annotate_shard(shard, cfg, checkpoint, str(tmp_path / "bulk"), "run-3", str(tmp_path / "cache"))
     assert not other.skipped
     assert {r["annotator_version"] for r in pq.read_table(other.annotated_shard).to_pylist()} == \
-        {"enc-test-v1;subject_margin=None"}
+        {"enc-test-v1;subject_margin=None;relation=generate"}
