@@ -74,6 +74,9 @@ def bench_encoder(args) -> None:
         int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32), {torch.nn.Linear}, dtype=torch.qint8)
         runs.append(("int8 linear layers, batched", int8, AnnotateOptions(bf16=False, batch_tokens=args.batch_tokens), texts))
     runs.append(("bfloat16, batched", copy.deepcopy(fp32), AnnotateOptions(bf16=True, batch_tokens=args.batch_tokens), texts))
+    if model.name_table.shape[0]:  # the decoder's names instead of the scorer's: one decoder run per call
+        runs.append(("bfloat16, batched, decoder's names", copy.deepcopy(fp32),
+                     AnnotateOptions(bf16=True, batch_tokens=args.batch_tokens, relation="generate"), texts))
     reference = None
     print(f"\n{'mode':34s} {'tokens/s':>9s} {'docs/s':>7s} {'calls/doc':>9s} {'same calls as float32':>22s} {'load':>5s}")
     best = None
