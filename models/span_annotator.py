@@ -2,8 +2,9 @@
 
 Per call it predicts the value as a span of the source (BIO tags over word pieces, snapped to whole
 words), the entity as a pointer to a span of the document (its subject at the start, or any other
-mention), and the relation as a short name written word piece by word piece by a small decoder that
-either generates from the seed's relation vocabulary or copies a word of the context. A call is placed
+mention), and the relation as one of the seed's names, picked by a scorer (the default), or as a short name written
+word piece by word piece by a small decoder that either generates from the seed's relation vocabulary or copies a
+word of the context. A call is placed
 right before its value's mention, so stripping the calls gives the source back by construction, casing
 included (values and entities are cut out of the source; the encoder itself is uncased).
 
@@ -11,6 +12,7 @@ included (values and entities are cut out of the source; the encoder itself is u
          ─ MiniLM (6 layers, 384 dims) ─► h (B, T, 384)
            ├─ tags:     h ─► O / B / I per token                                   value spans
            ├─ entity:   q(value span) · k(h) ─► start, end over the window         entity span
+           ├─ name:     [value, context, entity, CLS] ─► linear ─► cosine × 20 with each seed name's embedding
            └─ relation: [q + entity] ─► decoder (2 blocks, cross-attends to h) ─► word pieces
                         p = g · softmax(E_rel · d) + (1 - g) · copy-attention over the window
 
