@@ -143,14 +143,20 @@ class SpanAnnotator(nn.Module):
             for p in layer.parameters():
                 p.requires_grad_(False)
 
-    def value_queries(self, h: torch.Tensor, win: torch.Tensor, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """(C, d) one query per value span [first, last] of window ``win``."""
-        hw = h[win]  # (C, T, d)
+    @staticmethod
+    def value_parts(h: torch.Tensor, win: torch.Tensor, first: torch.Tensor, last: torch.Tensor):
+        """Each call's window hw (C, T, d), its value span's mask (C, T) and summary: the span's first and last word
+        pieces and their mean, concatenated (C, 3d)."""
+        hw = h[win]
         pos = torch.arange(h.shape[1], device=h.device)
-        inside = ((pos >= first[:, None]) & (pos <= last[:, None])).to(h.dtype)  # (C, T)
+        inside = ((pos >= first[:, None]) & (pos <= last[:, None])).to(h.dtype)
         mean = (hw * inside[..., None]).sum(1) / inside.sum(1, keepdim=True)
         ar = torch.arange(len(win), device=h.device)
-        return self.value_query(torch.cat([hw[ar, first], hw[ar, last], mean], dim=-1))
+        return hw, inside, torch.cat([hw[ar, first], hw[ar, last], mean], dim=-1)
+
+    def value_queries(self, h: torch.Tensor, win: torch.Tensor, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """(C, d) one query per value span [first, last] of window ``win``."""
+        return self.value_query(self.value_parts(h, win, first, last)[2])
 
     def token_mask(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) True on the text's word pieces (not padding, [CLS] or [SEP])."""
@@ -166,28 +172,30 @@ class SpanAnnotator(nn.Module):
         m = self.token_mask(ids)[win]
         return start.float().masked_fill(~m, -1e4), end.float().masked_fill(~m, -1e4)
 
+    @staticmethod
+    def entity_ends(h: torch.Tensor, win: torch.Tensor, first: torch.Tensor, last: torch.Tensor):
+        """(the mean of each entity span's first and last word pieces (C, d), (C, 1) 1 where the entity is known,
+        0 where it is not (-100))."""
+        ok = ((first >= 0) & (last >= 0))[:, None].to(h.dtype)
+        return (h[win, first.clamp(min=0)] + h[win, last.clamp(min=0)]) / 2, ok
+
     def entity_vectors(self, h: torch.Tensor, win: torch.Tensor, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """(C, d) the entity span's summary for the relation decoder; zero where the entity is unknown (-100)."""
-        ok = (first >= 0) & (last >= 0)
-        f, l = first.clamp(min=0), last.clamp(min=0)
-        return self.entity_vec((h[win, f] + h[win, l]) / 2) * ok[:, None].to(h.dtype)
+        """(C, d) the entity span's summary for the relation decoder; zero where the entity is unknown."""
+        ends, ok = self.entity_ends(h, win, first, last)
+        return self.entity_vec(ends) * ok
 
     def name_features(self, h: torch.Tensor, ids: torch.Tensor, win: torch.Tensor, first: torch.Tensor,
                       last: torch.Tensor, e_first: torch.Tensor, e_last: torch.Tensor, context: int = 8) -> torch.Tensor:
         """(C, 6d) what the name scorer reads of a call: the value's first and last word pieces and their mean, the
         mean of up to ``context`` word pieces either side of it, the entity span's ends (zero where unknown) and
         the window's [CLS]."""
-        hw = h[win]  # (C, T, d)
+        hw, inside, value = self.value_parts(h, win, first, last)
         pos = torch.arange(h.shape[1], device=h.device)
-        inside = ((pos >= first[:, None]) & (pos <= last[:, None])).to(h.dtype)
         near = ((pos >= first[:, None] - context) & (pos <= last[:, None] + context) & self.token_mask(ids)[win])
         near = near.to(h.dtype) - inside
-        ar = torch.arange(len(win), device=h.device)
-        span = (hw * inside[..., None]).sum(1) / inside.sum(1, keepdim=True)
         around = (hw * near[..., None]).sum(1) / near.sum(1, keepdim=True).clamp(min=1)
-        ok = ((e_first >= 0) & (e_last >= 0))[:, None].to(h.dtype)
-        ent = (hw[ar, e_first.clamp(min=0)] + hw[ar, e_last.clamp(min=0)]) / 2 * ok
-        return torch.cat([hw[ar, first], hw[ar, last], span, around, ent, hw[:, 0]], dim=-1)
+        ends, ok = self.entity_ends(h, win, e_first, e_last)
+        return torch.cat([value, around, ends * ok, hw[:, 0]], dim=-1)
 
     def name_logits(self, feats: torch.Tensor) -> torch.Tensor:
         """(C, N) scores of the seed's N relation names for each call's :meth:`name_features`."""

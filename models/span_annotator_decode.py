@@ -256,14 +256,15 @@ def annotate_texts(model: SpanAnnotator, tokenizer, names: RelationNames, texts:
             best = model.name_logits(model.name_features(h, ids, win, first, last, e_first, e_last)).argmax(-1)
             relations = [names.names[names.candidates[k]] for k in best.tolist()]
         else:
-            relations = _greedy_relations(model, h, mask, ids, win, q + model.entity_vectors(h, win, e_first, e_last))
-        for (r, a, b), (ea, eb), rel in zip(spans, ents, relations):
+            pieces = _greedy_relations(model, h, mask, ids, win, q + model.entity_vectors(h, win, e_first, e_last))
+            relations = [names.spell(detokenize(tokenizer, p), texts[batch[r].doc]) if p else ""
+                         for (r, _, _), p in zip(spans, pieces)]
+        for (r, a, b), (ea, eb), relation in zip(spans, ents, relations):
             w = batch[r]
             enc, text = encs[w.doc], texts[w.doc]
             vs, ve = snap_to_words(text, enc.offsets[w.pos[a]][0], enc.offsets[w.pos[b]][1])
             es, ee = whole_heading(titles[w.doc], *snap_to_words(text, enc.offsets[w.pos[ea]][0], enc.offsets[w.pos[eb]][1])) \
                 if w.pos[ea] >= 0 and w.pos[eb] >= 0 else (0, 0)
-            relation = rel if isinstance(rel, str) else names.spell(detokenize(tokenizer, rel), text) if rel else ""
             try:
                 call = markup.LookupCall(text[es:ee], relation, text[vs:ve])
             except markup.MarkupError:
