@@ -205,11 +205,7 @@ class SpanAnnotator(nn.Module):
     @torch.no_grad()
     def set_name_table(self, tokenizer, names: list[str], batch: int = 256) -> None:
         """Embed relation names with the encoder as it is (call before fine-tuning): mean-pooled, unit length, as
-        all-MiniLM-L6-v2 embeds a sentence. ``name_rows`` maps a name's word pieces (cut as training targets are)
-        to its row, for the scorer's training targets."""
-        longest = self.cfg.max_relation_tokens
-        self.name_rows = {tuple(tokenizer(n, add_special_tokens=False)["input_ids"][:longest]): k
-                          for k, n in enumerate(names)}
+        all-MiniLM-L6-v2 embeds a sentence."""
         rows = []
         for k in range(0, len(names), batch):
             t = tokenizer(names[k:k + batch], padding=True, return_tensors="pt").to(self.name_table.device)
@@ -336,6 +332,13 @@ class RelationNames:
         for w, _ in words.most_common():
             best_word.setdefault(w.lower(), w)
         return cls(sorted(pieces), best_name, best_word, sorted(best_name))
+
+    def name_rows(self, tokenizer, longest: int) -> dict[tuple[int, ...], int]:
+        """The name scorer's training targets: a relation's word pieces (cut at ``longest``, as training examples
+        cut them) -> its name's row in the model's name table. Derived from the saved names, so a loaded checkpoint
+        trains its scorer as a fresh one does."""
+        return {tuple(tokenizer(self.names[c], add_special_tokens=False)["input_ids"][:longest]): k
+                for k, c in enumerate(self.candidates)}
 
     def spell(self, name: str, source: str) -> str:
         """The cased relation name for a detokenized lower-case ``name`` found in ``source``."""

@@ -15,28 +15,32 @@ import torch
 from models.span_annotator import TAG_B, TAG_I, TAG_O, RelationNames, SpanAnnotator, detokenize
 from models.span_examples import Encoded, Window, call_offset, encode_texts, snap_to_words, windows_of
 from schemas import markup
+from schemas.configs import BulkAnnotationConfig
 
 # ----------------------------------------------------------------------------- annotating
 
 
+_BULK = BulkAnnotationConfig.model_fields  # the decode settings' defaults and meanings are the bulk config's, once
+
+
 @dataclass
 class AnnotateOptions:
-    batch_tokens: int = 8192  # padded tokens per encoder batch (windows are length-sorted)
+    """How documents are decoded. The settings a user picks in ``bulk:`` (BulkAnnotationConfig, where each is
+    described and measured) default to that config's values; :meth:`from_config` maps a config onto them."""
+
+    batch_tokens: int = _BULK["batch_tokens"].default  # padded tokens per encoder batch (windows are length-sorted)
     bf16: bool | None = None  # bfloat16 weights; None: on CUDA and on CPUs with native bf16
     value_bias: float = 0.0  # added to the log-probability of a value starting (B): > 0 finds more values
-    # added to the log-probability of a value going on (I): > 0 makes values longer. The tagger cuts them short
-    # ('August' of 'August 16, 1801'); 1.0 was picked on the real seed's held-out contexts (value F1 0.246 -> 0.267)
-    continue_bias: float = 1.0
+    continue_bias: float = _BULK["continue_bias"].default  # added to the log-probability of a value going on (I)
     # the entity is the document's title line unless the pointer prefers another span by more than this (log-prob.);
-    # None: the pointer alone; inf: the title whenever there is one (on real text the pointer's other picks were
-    # right 10% of the time, the title 46% of the time on the same calls)
-    subject_margin: float | None = float("inf")
-    # seed: the name scorer picks the seed's relation name (as the corrector unified them) that best fits the call;
-    # generate: the decoder writes a name word piece by word piece, copying from the context where it helps (open
-    # vocabulary, but less often right: on Wikipedia, one checkpoint, triplet F1 0.014 against the scorer's 0.026;
-    # the scorer named 15% of the calls whose entity and value matched the 8B annotator's as it did). Checkpoints
-    # from before the scorer always generate
-    relation: Literal["seed", "generate"] = "seed"
+    # None: the pointer alone (bulk.entity pointer); inf: the title whenever there is one (bulk.entity title)
+    subject_margin: float | None = float("inf") if _BULK["entity"].default == "title" else None
+    relation: Literal["seed", "generate"] = _BULK["relation"].default  # the name scorer's seed names or the decoder's
+
+    @classmethod
+    def from_config(cls, cfg: BulkAnnotationConfig) -> "AnnotateOptions":
+        return cls(batch_tokens=cfg.batch_tokens, continue_bias=cfg.continue_bias,
+                   subject_margin=float("inf") if cfg.entity == "title" else None, relation=cfg.relation)
 
 
 @dataclass

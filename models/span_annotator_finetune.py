@@ -20,7 +20,7 @@ from schemas.errors import UserInputError
 def collate(examples: list[Example], relation_index: dict[int, int], device,
             name_index: dict[tuple[int, ...], int] | None = None) -> dict:
     """Pad a list of windows into tensors; calls flattened over the batch with the window they belong to; with
-    ``name_index`` (``SpanAnnotator.name_rows``) each call's row among the seed's relation names."""
+    ``name_index`` (``RelationNames.name_rows``) each call's row among the seed's relation names."""
     B, T = len(examples), max(len(e.ids) for e in examples)
     ids = torch.zeros((B, T), dtype=torch.long)
     tags = torch.full((B, T), IGNORE, dtype=torch.long)
@@ -95,11 +95,13 @@ def train_span_annotator(model: SpanAnnotator, train: list[Example], *, epochs: 
                          lr: float = 1e-4, head_lr: float = 1e-3, warmup_steps: int = 30, weight_decay: float = 0.01,
                          seed: int = 0, stop_after_s: float | None = None, bf16: str | bool = "auto",
                          frozen_layers: int = 0, grad_clip: float | None = 5.0, clock=time.perf_counter,
-                         weights: dict[str, float] | None = None, log=print) -> TrainResult:
-    """AdamW on the sum of the three heads' losses; cosine decay over ``epochs`` or, when ``stop_after_s`` comes
-    first, over the time budget (so a budgeted run still ends at a low learning rate). The embeddings (12M of the
-    29M parameters; the word pieces' are shared with the relation decoder) and ``frozen_layers`` bottom layers
-    of the encoder stay as pretrained. ``clock`` measures the budget (e.g. process CPU seconds per thread, which a
+                         weights: dict[str, float] | None = None, name_rows: dict[tuple[int, ...], int] | None = None,
+                         log=print) -> TrainResult:
+    """AdamW on the sum of the heads' losses (``name_rows``, the name scorer's targets from
+    ``RelationNames.name_rows``, is required when the model has a name table); cosine decay over ``epochs`` or, when
+    ``stop_after_s`` comes first, over the time budget (so a budgeted run still ends at a low learning rate). The
+    embeddings (12M of the 29M parameters; the word pieces' are shared with the relation decoder) and
+    ``frozen_layers`` bottom layers of the encoder stay as pretrained. ``clock`` measures the budget (e.g. process CPU seconds per thread, which a
     shared machine's other jobs do not inflate as much as wall time)."""
     if not train:
         raise UserInputError("fine-tuning: no training windows; the seed shards hold no annotated documents")
@@ -108,7 +110,9 @@ def train_span_annotator(model: SpanAnnotator, train: list[Example], *, epochs: 
     rng = random.Random(seed)
     torch.manual_seed(seed)
     index = {int(t): k for k, t in enumerate(model.relation_vocab.tolist())}
-    name_index = getattr(model, "name_rows", None)  # set with the name table (build_span_annotator)
+    if model.name_table.shape[0] and not name_rows:
+        raise ValueError("train_span_annotator: the model scores relation names but no name_rows were given "
+                         "(pass names.name_rows(tokenizer, model.cfg.max_relation_tokens))")
     steps_per_epoch = len(_batches(train, batch_tokens, random.Random(seed)))
     total = max(1, round(epochs * steps_per_epoch))
     model.freeze_layers(frozen_layers)
@@ -134,7 +138,7 @@ def train_span_annotator(model: SpanAnnotator, train: list[Example], *, epochs: 
     while step < total:
         if not queue:
             queue = _batches(train, batch_tokens, rng)
-        batch = collate(queue.pop(), index, device, name_index)
+        batch = collate(queue.pop(), index, device, name_rows)
         if frozen_layers:
             batch["frozen_layers"] = frozen_layers
         s = scale(step)

@@ -27,9 +27,7 @@ class EncoderAnnotator:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.model, self.tokenizer, self.names, meta = load_span_annotator(checkpoint, cfg.device)
-        self.options = AnnotateOptions(batch_tokens=cfg.batch_tokens, continue_bias=cfg.continue_bias,
-                                       subject_margin=float("inf") if cfg.entity == "title" else None,
-                                       relation=cfg.relation)
+        self.options = AnnotateOptions.from_config(cfg)
         # what a shard's completion marker is keyed by: other decoding settings write other calls
         default = AnnotateOptions()
         changed = {k: getattr(self.options, k) for k in ("continue_bias", "subject_margin", "relation")

@@ -79,7 +79,8 @@ def finetune_encoder_annotator(annotated_shards: list[str], cfg: AnnotatorFinetu
                                   seed=cfg.seed, stop_after_s=cfg.time_budget_s, frozen_layers=enc.frozen_layers,
                                   clock=time.perf_counter if enc.budget_clock == "wall" else
                                   lambda: time.process_time() / torch.get_num_threads(),
-                                  weights={"relation": enc.relation_weight, "name": enc.name_weight}, log=log)
+                                  weights={"relation": enc.relation_weight, "name": enc.name_weight},
+                                  name_rows=names.name_rows(tokenizer, model.cfg.max_relation_tokens), log=log)
     log(f"fine-tune: {result.steps} steps ({result.epochs:.2f} epochs) in {result.seconds:.0f} s wall, "
         f"{result.budget_seconds:.0f} s on the budget's clock ({enc.budget_clock})")
     meta = {"signature": signature, "version": version}

@@ -40,7 +40,8 @@ def trained():
     torch.manual_seed(0)
     model, tok, names = build_span_annotator(None, [pc.call.relation for d in DOCS for pc in d.calls])
     train_span_annotator(model, build_examples(tok, DOCS, model.cfg), epochs=60, batch_tokens=512, lr=3e-4,
-                         head_lr=3e-3, warmup_steps=5, bf16=False, log=lambda m: None)
+                         head_lr=3e-3, warmup_steps=5, bf16=False, log=lambda m: None,
+                         name_rows=names.name_rows(tok, model.cfg.max_relation_tokens))
     return model, tok, names
 
 
@@ -150,7 +151,7 @@ def test_name_scorer_ranks_the_seed_names_by_the_calls_context(trained):
     model, tok, names = trained
     assert sorted(names.names[c] for c in names.candidates) == sorted({pc.call.relation for d in DOCS for pc in d.calls})
     assert torch.allclose(model.name_table.float().norm(dim=-1), torch.ones(len(names.candidates)), atol=1e-2)
-    batch = collate(build_examples(tok, DOCS, model.cfg), {}, "cpu", model.name_rows)
+    batch = collate(build_examples(tok, DOCS, model.cfg), {}, "cpu", names.name_rows(tok, model.cfg.max_relation_tokens))
     assert (batch["name"] >= 0).all()  # every training call's relation has its row
     with torch.inference_mode():
         h = model.encode(batch["ids"], batch["mask"]).to(model.name_table.dtype)
@@ -225,6 +226,21 @@ def test_checkpoint_loads_back_and_annotates_the_same(trained, tmp_path):
     model2, tok2, names2, meta = load_span_annotator(path, "cpu")
     assert meta["version"] == "test-v1"
     assert annotate_texts(model2, tok2, names2, [d.text for d in DOCS]) == before
+
+
+def test_a_loaded_checkpoint_trains_its_name_scorer_on_every_call(trained, tmp_path):
+    """Fine-tuning a saved checkpoint again gives the scorer the same targets as the first fine-tune: every training
+    call's relation has its row in the loaded name table; training without the targets is refused, not silent."""
+    model, tok, names = trained
+    path = save_span_annotator(model.float(), tok, names, str(tmp_path / "model"), {"version": "again"})
+    model2, tok2, names2, _ = load_span_annotator(path, "cpu")
+    longest = model2.cfg.max_relation_tokens
+    assert names2.name_rows(tok2, longest) == names.name_rows(tok, longest)
+    examples = build_examples(tok2, DOCS, model2.cfg)
+    batch = collate(examples, {}, "cpu", names2.name_rows(tok2, longest))
+    assert len(batch["name"]) == sum(len(d.calls) for d in DOCS) and (batch["name"] >= 0).all()
+    with pytest.raises(ValueError, match="name_rows"):
+        train_span_annotator(model2, examples, epochs=1, log=lambda m: None)
 
 
 def test_bulk_annotation_uses_an_encoder_checkpoint_per_shard(trained, tmp_path):
