@@ -53,6 +53,9 @@ class StarModelConfig(Config):
                                   "train the NLL only, not the v-loss (their prefix says nothing of the plan)")
     bag_of_words_weight: NonNegativeFloat = Field(0.3, description="DGLM's auxiliary loss reading each soft vector as "
                                                   "the continuation's bag of words (0: NLL and v-loss alone)")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA of the weights, which the model thinks and writes "
+                             "with (reference 0.999; the usual warm-up, decay min(d, (1+step)/(10+step)), makes it about "
+                             "0.985 at 600 steps); 0: the last step's weights (steered and wrote less well on the demo, README)")
     prompt_lr_scale: float = Field(1.0, gt=0, description="learning rate of the generator and the head as a multiple of "
                                    "train.lr (that of the LM); with noise_shift 2 ln 3, 3x made the training diverge")
     train: TrainingBudget = Field(default_factory=lambda: TrainingBudget(
@@ -93,8 +96,9 @@ class StarSamplingConfig(GuidedSamplingConfig):
 class StarEvaluationConfig(Config):
     """STAR-LDM's tables: control beside DGLM, open-ended quality against the plain LM, ablations."""
 
-    guidance_scales: list[NonNegativeFloat] = Field([0.0, 1.0, 3.0, 10.0], description="STAR-LDM guidance scales swept "
-                                                    "(reference example 3)")
+    guidance_scales: list[NonNegativeFloat] = Field([0.0, 1.0, 1.5, 3.0, 10.0], description="STAR-LDM guidance scales "
+                                                    "swept (reference example 3; on the demo the sentiment rate peaked "
+                                                    "at 1.5 with and without the EMA, and fell past 3)")
     compare_dglm: bool = Field(True, description="DGLM's rows on the same prefixes when the workdir has a trained DGLM "
                                "(plan_lm, prior, classifiers)")
     open_prefixes: int = Field(1000, ge=10, description="held-out prefixes of the open-ended comparison (at most the "

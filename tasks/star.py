@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from models.device import resolve_device
+from models.diffusion import EMA
 from models.plan_lm import (
     PlanPromptGenerator,
     PlanSpace,
@@ -144,13 +145,16 @@ def train_star(config: StarFlowConfig, *, device: str | torch.device = "auto", l
     report = {"folder": out, "lm_parameters": n_lm, "new_parameters": n_new, "soft_tokens": cfg.soft_tokens}
     if state is None and generator is not None:  # a fresh start from DGLM's generator; a resume loads its own below
         load_module(model.prompt, os.path.join(generator, "prompt.safetensors"))
-    if state is not None:
+    if state is not None:  # the folder's weights are the ones sampled from: the EMA's, when there is one
         load_module(model.prompt, os.path.join(out, "prompt.safetensors"))
         load_module(model.head, os.path.join(out, "head.safetensors"))
         if state["step"] >= cfg.train.steps:
             log(f"STAR-LDM: reusing finished checkpoint {out}")
             return {**report, "steps": state["step"], "train_seconds": state["train_seconds"],
                     "final_loss": _final(state["history"]), "reused": True, "history": state["history"]}
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    if state is not None and ema is not None:  # resuming: the EMA goes on from the saved one, training from its own
+        load_module(model, os.path.join(out, "training.safetensors"))
     rows = data.rows("train")
     prefixes, conts = data.column("prefix_ids"), data.column("continuation_ids")
     plans = data.space.standardize(torch.from_numpy(data.continuation[rows])).to(device)
@@ -181,8 +185,11 @@ def train_star(config: StarFlowConfig, *, device: str | torch.device = "auto", l
             loss = loss + cfg.bag_of_words_weight * model.prompt.bag_of_words_nll(soft, table, freq)
         return loss
 
-    def save(_kind: str, trainer_state: dict) -> None:
-        save_lm_folder(out, model.lm, tokenizer, {"prompt": model.prompt, "head": model.head}, meta, trainer_state)
+    def save(kind: str, trainer_state: dict) -> None:
+        # sampled from: the EMA's weights; a checkpoint to resume from also keeps the training weights
+        use = model if ema is None else ema.model
+        extra = {"training": model} if ema is not None and kind != "final" else {}
+        save_lm_folder(out, use.lm, tokenizer, {"prompt": use.prompt, "head": use.head, **extra}, meta, trainer_state)
 
     def log_parts(message: str) -> None:
         if parts["nll"]:
@@ -192,7 +199,8 @@ def train_star(config: StarFlowConfig, *, device: str | torch.device = "auto", l
 
     log(f"STAR-LDM: {n_lm:,} LM + {n_new:,} generator/head parameters, k = {k}, {len(rows)} training examples on {device}")
     result = fit(model, batch_loss, cfg.train, save=save, resume_state=state, amp=autocast_dtype(config.bf16, device),
-                 log=log_parts, label="STAR-LDM", lr_scales={"prompt": cfg.prompt_lr_scale, "head": cfg.prompt_lr_scale})
+                 log=log_parts, label="STAR-LDM", lr_scales={"prompt": cfg.prompt_lr_scale, "head": cfg.prompt_lr_scale},
+                 after_step=None if ema is None else lambda step: ema.update(model, step))
     return {**report, "steps": result["step"], "train_seconds": round(result["train_seconds"], 1),
             "final_loss": _final(result["history"]), "reused": False, "history": result["history"]}
 

@@ -266,11 +266,15 @@ def test_star_training_resumes_exactly_after_an_interruption(star_workdir, tmp_p
                 (folder / sub).symlink_to(work / sub)
         original = star.fit
 
-        def crash(step):
-            if step == crash_at:
-                raise KeyboardInterrupt
+        def crashing(after_step):
+            def step_done(step):
+                if after_step is not None:
+                    after_step(step)  # the EMA's update
+                if step == crash_at:
+                    raise KeyboardInterrupt
+            return step_done
 
-        star.fit = lambda *a, **kw: original(*a, **{**kw, "after_step": crash})
+        star.fit = lambda *a, **kw: original(*a, **{**kw, "after_step": crashing(kw.get("after_step"))})
         try:
             return star.train_star(cfg, device="cpu", log=_quiet)
         finally:
@@ -279,10 +283,16 @@ def test_star_training_resumes_exactly_after_an_interruption(star_workdir, tmp_p
     run(tmp_path / "straight", 100)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed", 3, crash_at=4)
+    from safetensors.torch import load_file
+
+    checkpoint = tmp_path / "resumed" / "star"  # sampled from: the EMA's weights; resumed from: the training ones
+    ema_head, training = load_file(checkpoint / "head.safetensors"), load_file(checkpoint / "training.safetensors")
+    assert any(not torch.equal(v, training[f"head.{k}"]) for k, v in ema_head.items())
     report = run(tmp_path / "resumed", 3)
     assert report["steps"] == 6 and not report["reused"]
     for name in ("prompt.safetensors", "head.safetensors", "lm/model.safetensors"):
         assert _sha(tmp_path / "straight" / "star" / name) == _sha(tmp_path / "resumed" / "star" / name), name
+    assert not (tmp_path / "resumed" / "star" / "training.safetensors").exists()  # only checkpoints keep it
     assert run(tmp_path / "resumed", 3)["reused"]
 
 
