@@ -185,11 +185,12 @@ class SpanAnnotator(nn.Module):
         return self.entity_vec(ends) * ok
 
     def name_features(self, h: torch.Tensor, ids: torch.Tensor, win: torch.Tensor, first: torch.Tensor,
-                      last: torch.Tensor, e_first: torch.Tensor, e_last: torch.Tensor, context: int = 8) -> torch.Tensor:
+                      last: torch.Tensor, e_first: torch.Tensor, e_last: torch.Tensor, context: int = 8,
+                      parts: tuple | None = None) -> torch.Tensor:
         """(C, 6d) what the name scorer reads of a call: the value's first and last word pieces and their mean, the
         mean of up to ``context`` word pieces either side of it, the entity span's ends (zero where unknown) and
-        the window's [CLS]."""
-        hw, inside, value = self.value_parts(h, win, first, last)
+        the window's [CLS]. ``parts``: :meth:`value_parts` of the same calls when already gathered."""
+        hw, inside, value = parts if parts is not None else self.value_parts(h, win, first, last)
         pos = torch.arange(h.shape[1], device=h.device)
         near = ((pos >= first[:, None] - context) & (pos <= last[:, None] + context) & self.token_mask(ids)[win])
         near = near.to(h.dtype) - inside
@@ -280,8 +281,8 @@ class SpanAnnotator(nn.Module):
         rel = batch["rel"]  # (C, L) targets, IGNORE-padded; inputs are the targets shifted right
         g = self.cfg.relation_grad
         hd = h.detach() if not g else h.detach() + g * (h - h.detach())  # forward: h; backward: g x the gradient
-        bos = self.value_queries(hd, win, batch["v_first"], batch["v_last"]) + \
-            self.entity_vectors(hd, win, batch["e_first"], batch["e_last"])
+        parts = self.value_parts(hd, win, batch["v_first"], batch["v_last"])  # shared with the name scorer
+        bos = self.value_query(parts[2]) + self.entity_vectors(hd, win, batch["e_first"], batch["e_last"])
         kvs, mask_c, h_c, ids_c = self.call_memory(hd, mask, ids, win)
         states = self.decode_relation(kvs, mask_c, bos, rel[:, :-1].clamp(min=0))
         vocab, copy, log_g, log_ng = self.relation_scores(states, h_c, ids_c)
@@ -298,7 +299,7 @@ class SpanAnnotator(nn.Module):
             losses["name"] = h.sum() * 0
         else:
             scores = self.name_logits(self.name_features(hd, ids, win, batch["v_first"], batch["v_last"],
-                                                         batch["e_first"], batch["e_last"]))
+                                                         batch["e_first"], batch["e_last"], parts=parts))
             losses["name"] = F.cross_entropy(scores, name, ignore_index=IGNORE, reduction="sum") / \
                 (name >= 0).sum().clamp(min=1)
         return losses

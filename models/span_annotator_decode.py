@@ -248,7 +248,8 @@ def annotate_texts(model: SpanAnnotator, tokenizer, names: RelationNames, texts:
         win = torch.tensor([s[0] for s in spans], device=device)
         first = torch.tensor([s[1] for s in spans], device=device)
         last = torch.tensor([s[2] for s in spans], device=device)
-        q = model.value_queries(h, win, first, last)
+        parts = model.value_parts(h, win, first, last)  # gathered once: the value query and the name scorer read it
+        q = model.value_query(parts[2])
         start, end = model.entity_logits(h, ids, win, q)
         e_first, e_last, e_score = _best_entities(start, end, torch.tensor(lines, device=device)[win],
                                                   model.cfg.max_entity_tokens)
@@ -257,7 +258,8 @@ def annotate_texts(model: SpanAnnotator, tokenizer, names: RelationNames, texts:
                                               [title_tokens[batch[s[0]].doc] for s in spans], opts.subject_margin)
         ents = list(zip(e_first.tolist(), e_last.tolist()))
         if opts.relation == "seed" and model.name_table.shape[0]:
-            best = model.name_logits(model.name_features(h, ids, win, first, last, e_first, e_last)).argmax(-1)
+            best = model.name_logits(model.name_features(h, ids, win, first, last, e_first, e_last,
+                                                         parts=parts)).argmax(-1)
             relations = [names.names[names.candidates[k]] for k in best.tolist()]
         else:
             pieces = _greedy_relations(model, h, mask, ids, win, q + model.entity_vectors(h, win, e_first, e_last))

@@ -261,13 +261,26 @@ class StepGraph:
         return self.out.clone()
 
 
+_GRAPHS = "_step_graphs"  # where a model keeps its step graphs (not a module or a buffer: never saved)
+
+
+def step_graphs(model: StarLDM) -> list[StepGraph]:
+    """The step graphs kept on ``model``, least recently used first."""
+    return list(model.__dict__.get(_GRAPHS, {}).values())
+
+
+def clear_step_graphs(model: StarLDM) -> None:
+    """Drop the step graphs kept on ``model`` (the next thought of each shape captures again)."""
+    model.__dict__.pop(_GRAPHS, None)
+
+
 def step_graph(model: StarLDM, state: PrefixState) -> StepGraph:
     """The model's step graph for ``state``'s shape (kept on the model, the 8 most recent shapes), loaded with it;
     captured on a GPU, run eagerly elsewhere."""
     length = -(-state.ids.shape[1] // StepGraph.BUCKET) * StepGraph.BUCKET
     amp = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
     key = (len(state), length, amp, next(model.parameters()).data_ptr())  # weights moved (another device): a new one
-    graphs = model.__dict__.setdefault("_step_graphs", {})
+    graphs = model.__dict__.setdefault(_GRAPHS, {})
     found = graphs.pop(key, None)
     if found is None:
         found = StepGraph(model, len(state), length, state.layers)

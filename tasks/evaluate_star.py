@@ -21,7 +21,7 @@ import torch
 
 from models.device import resolve_device
 from models.plan_lm import sample_continuations
-from models.star import PrefixState, think
+from models.star import PrefixState, clear_step_graphs, step_graphs, think
 from models.train import autocast, latest_checkpoint
 from schemas.star_configs import StarFlowConfig
 from tasks.evaluate_diffusion import (
@@ -260,12 +260,12 @@ def thought_cost(config: StarFlowConfig, s: Star, data, repeats: int = 3) -> dic
     added = max(both - tokens8, 0.0)
     gpu = {}
     if s.device.type == "cuda":  # the default replays each step from a CUDA graph: its first capture, eager, agreement
-        s.model.__dict__.pop("_step_graphs", None)
+        clear_step_graphs(s.model)
         sync()
         t0 = time.perf_counter()
         graphed = thought(True, sampling.steps)()
         sync()
-        graphs = list(s.model.__dict__.get("_step_graphs", {}).values())
+        graphs = step_graphs(s.model)
         gpu = {"graph_captured": bool(graphs) and graphs[0].graph is not None,
                "capture_error": graphs[0].error if graphs else None,
                "first_thought_with_capture_s": round(time.perf_counter() - t0, 4),

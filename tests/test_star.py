@@ -17,7 +17,9 @@ from models.star import (
     PrefixState,
     ScoreHead,
     StarLDM,
+    clear_step_graphs,
     sigmoid_weight,
+    step_graphs,
     think,
 )
 
@@ -118,7 +120,9 @@ def test_the_graph_step_thinks_what_the_cached_step_does_and_reloads_every_prefi
             plain, graph = (think(model, state, steps=6, generator=torch.Generator().manual_seed(3), graphs=g)
                             for g in (False, True))
             assert torch.allclose(plain, graph, atol=1e-5)
-    assert len(model._step_graphs) == 1
+    assert len(step_graphs(model)) == 1
+    clear_step_graphs(model)
+    assert step_graphs(model) == []
 
 
 def test_a_mauve_lead_counts_only_beyond_two_standard_errors_of_the_draws():
