@@ -23,6 +23,11 @@ from schemas.configs import BulkAnnotationConfig
 _BULK = BulkAnnotationConfig.model_fields  # the decode settings' defaults and meanings are the bulk config's, once
 
 
+def _subject_margin(entity: str) -> float | None:
+    """bulk.entity as the decoder's margin: title -> the title whenever there is one; pointer -> the pointer alone."""
+    return float("inf") if entity == "title" else None
+
+
 @dataclass
 class AnnotateOptions:
     """How documents are decoded. The settings a user picks in ``bulk:`` (BulkAnnotationConfig, where each is
@@ -34,13 +39,13 @@ class AnnotateOptions:
     continue_bias: float = _BULK["continue_bias"].default  # added to the log-probability of a value going on (I)
     # the entity is the document's title line unless the pointer prefers another span by more than this (log-prob.);
     # None: the pointer alone (bulk.entity pointer); inf: the title whenever there is one (bulk.entity title)
-    subject_margin: float | None = float("inf") if _BULK["entity"].default == "title" else None
+    subject_margin: float | None = _subject_margin(_BULK["entity"].default)
     relation: Literal["seed", "generate"] = _BULK["relation"].default  # the name scorer's seed names or the decoder's
 
     @classmethod
     def from_config(cls, cfg: BulkAnnotationConfig) -> "AnnotateOptions":
         return cls(batch_tokens=cfg.batch_tokens, continue_bias=cfg.continue_bias,
-                   subject_margin=float("inf") if cfg.entity == "title" else None, relation=cfg.relation)
+                   subject_margin=_subject_margin(cfg.entity), relation=cfg.relation)
 
 
 @dataclass

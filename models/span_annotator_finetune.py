@@ -101,8 +101,8 @@ def train_span_annotator(model: SpanAnnotator, train: list[Example], *, epochs: 
     ``RelationNames.name_rows``, is required when the model has a name table); cosine decay over ``epochs`` or, when
     ``stop_after_s`` comes first, over the time budget (so a budgeted run still ends at a low learning rate). The
     embeddings (12M of the 29M parameters; the word pieces' are shared with the relation decoder) and
-    ``frozen_layers`` bottom layers of the encoder stay as pretrained. ``clock`` measures the budget (e.g. process CPU seconds per thread, which a
-    shared machine's other jobs do not inflate as much as wall time)."""
+    ``frozen_layers`` bottom layers of the encoder stay as pretrained. ``clock`` measures the budget (e.g. process
+    CPU seconds per thread, which a shared machine's other jobs do not inflate as much as wall time)."""
     if not train:
         raise UserInputError("fine-tuning: no training windows; the seed shards hold no annotated documents")
     device = next(model.parameters()).device
