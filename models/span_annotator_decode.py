@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 
 from models.span_annotator import TAG_B, TAG_I, TAG_O, RelationNames, SpanAnnotator, detokenize
-from models.span_examples import Encoded, Window, call_offset, encode_texts, snap_to_words, windows_of
+from models.span_examples import Encoded, Window, call_offset, encode_texts, is_word_char, snap_to_words, windows_of
 from schemas import markup
 from schemas.configs import BulkAnnotationConfig
 
@@ -21,6 +21,9 @@ from schemas.configs import BulkAnnotationConfig
 
 
 _BULK = BulkAnnotationConfig.model_fields  # the decode settings' defaults and meanings are the bulk config's, once
+# bumped when the decoder writes other calls from the same model and settings (2: values end on a whole word), so that
+# shards annotated before are annotated again: it is part of the annotator version a shard is recorded under
+DECODER_REVISION = 2
 
 
 def _subject_margin(entity: str) -> float | None:
@@ -87,11 +90,13 @@ def whole_heading(title: tuple[int, int] | None, start: int, end: int) -> tuple[
     return title if title and title[0] <= start and end <= title[1] else (start, end)
 
 
-def bio_viterbi(logp: torch.Tensor, lines: torch.Tensor, taggable: torch.Tensor) -> torch.Tensor:
+def bio_viterbi(logp: torch.Tensor, lines: torch.Tensor, taggable: torch.Tensor,
+                endable: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) the most likely O/B/I sequence of each window under BIO's rule: an I continues a B or an I on the same
     line. ``logp`` (B, T, 3) tag log-probabilities, ``lines`` (B, T) line ids, ``taggable`` (B, T) positions that
-    may hold a value (the window's body; specials, the repeated head and padding are O). Per-token argmax instead
-    cuts values in two ("New" | "Connecticut" for "New Haven, Connecticut") and starts values at a stray I."""
+    may hold a value (the window's body; specials, the repeated head and padding are O), ``endable`` (B, T)
+    positions a value may end at (default: all; :func:`endable_positions`). Per-token argmax instead cuts values in
+    two ("New" | "Connecticut" for "New Haven, Connecticut") and starts values at a stray I."""
     B, T, _ = logp.shape
     neg = torch.tensor(-1e9, dtype=logp.dtype)
     lp = torch.where(taggable[..., None], logp, torch.tensor([0.0, -1e9, -1e9], dtype=logp.dtype))
@@ -99,7 +104,8 @@ def bio_viterbi(logp: torch.Tensor, lines: torch.Tensor, taggable: torch.Tensor)
     score[:, TAG_I] = neg  # nothing before the first position to continue
     back = torch.zeros((B, T, 3), dtype=torch.long)
     for t in range(1, T):
-        best, arg = score.max(-1)  # O and B may follow anything
+        ended = score if endable is None else torch.where(endable[:, t - 1, None] | (torch.arange(3) == TAG_O), score, neg)
+        best, arg = ended.max(-1)  # O and B follow an O or the end of a value
         i_from = torch.where(score[:, TAG_B] >= score[:, TAG_I], TAG_B, TAG_I)
         cont = torch.where(lines[:, t] == lines[:, t - 1], torch.maximum(score[:, TAG_B], score[:, TAG_I]), neg)
         new = torch.empty_like(score)
@@ -112,6 +118,27 @@ def bio_viterbi(logp: torch.Tensor, lines: torch.Tensor, taggable: torch.Tensor)
         labels[:, t] = state
         state = back[:, t].gather(1, state[:, None]).squeeze(1)
     return labels
+
+
+_DANGLING = frozenset(",;:(/&-–—") | frozenset("a an and as at by for from in into of on or than the to with".split())
+
+
+def endable_positions(w: Window, enc: Encoded, text: str) -> list[bool]:
+    """Per window position, whether a value may end there: not on a word a value cannot end with (a comma, an
+    opening bracket, a hyphen or dash, a preposition, article or conjunction: "May 11," of "May 11, 1751", "Bank
+    of" of "Bank of Celina") and not inside a hyphenated word ("four" of "four-year")."""
+    out = []
+    for p in w.pos:
+        if p < 0:
+            out.append(True)
+            continue
+        a, b = enc.offsets[p]
+        piece = text[a:b].lower()
+        whole = not is_word_char(piece[:1]) or ((a == 0 or not is_word_char(text[a - 1]))
+                                                and (b == len(text) or not is_word_char(text[b])))
+        joined = b + 1 < len(text) and text[b] in "-–" and is_word_char(text[b - 1]) and is_word_char(text[b + 1])
+        out.append(not joined and not (whole and piece in _DANGLING))
+    return out
 
 
 def _value_spans(labels: list[int], w: Window) -> list[tuple[int, int]]:
@@ -246,7 +273,8 @@ def annotate_texts(model: SpanAnnotator, tokenizer, names: RelationNames, texts:
         logp[..., TAG_I] += opts.continue_bias
         lines = [line_ids(w, encs[w.doc], texts[w.doc]) + [-1] * (T - len(w.ids)) for w in batch]
         taggable = torch.tensor([[w.body <= k < len(w.ids) - 1 and w.pos[k] >= 0 for k in range(T)] for w in batch])
-        labels = bio_viterbi(logp, torch.tensor(lines), taggable).tolist()
+        endable = torch.tensor([endable_positions(w, encs[w.doc], texts[w.doc]) + [True] * (T - len(w.ids)) for w in batch])
+        labels = bio_viterbi(logp, torch.tensor(lines), taggable, endable).tolist()
         spans = [(r, a, b) for r, w in enumerate(batch) for a, b in _value_spans(labels[r], w)]
         if not spans:
             continue

@@ -22,7 +22,7 @@ class EncoderAnnotator:
         import torch
 
         from models.span_annotator import load_span_annotator
-        from models.span_annotator_decode import AnnotateOptions, AnnotateStats
+        from models.span_annotator_decode import DECODER_REVISION, AnnotateOptions, AnnotateStats
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -32,7 +32,7 @@ class EncoderAnnotator:
         default = AnnotateOptions()
         changed = {k: getattr(self.options, k) for k in ("continue_bias", "subject_margin", "relation")
                    if getattr(self.options, k) != getattr(default, k)}
-        self.version = meta["version"] + "".join(f";{k}={v}" for k, v in changed.items())
+        self.version = meta["version"] + f";decoder={DECODER_REVISION}" + "".join(f";{k}={v}" for k, v in changed.items())
         self.stats = AnnotateStats()
 
     def annotate(self, docs: list[Document]) -> list[Annotation]:

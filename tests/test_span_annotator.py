@@ -18,6 +18,7 @@ from models.span_annotator_decode import (
     AnnotateStats,
     annotate_texts,
     bio_viterbi,
+    endable_positions,
     heading,
     whole_heading,
 )
@@ -92,6 +93,38 @@ def test_value_tags_are_decoded_as_the_most_likely_valid_bio_sequence():
     assert bio_viterbi(p, torch.tensor([[1, 1, 1]]), torch.tensor([[False, True, True]])).tolist() == [[0, 0, 0]]
     stray = torch.tensor([[[0.3, 0.1, 0.6]]]).log()  # an I with nothing before it to continue
     assert bio_viterbi(stray, torch.tensor([[1]]), torch.ones((1, 1), dtype=torch.bool)).tolist() == [[0]]
+
+
+def test_a_value_never_ends_on_a_dangling_word_or_inside_a_hyphenated_word():
+    """Where the tagger would stop a value on a comma, a preposition or the first half of a hyphenated word ("May
+    11," of "May 11, 1751", "Bank of", "four" of "four-year"), the decoder takes the most likely value that ends on
+    a whole word: the longer one or the shorter one, whichever the tags make more likely."""
+    text = "Born May 11, 1751 at the Bank of Boston for a four-year term."
+    _, tok, _ = build_span_annotator(None, ["Birth Date"])
+    enc = encode_texts(tok, [text])[0]
+    w = windows_of(0, enc.ids, SpanAnnotatorConfig(), tok.cls_token_id, tok.sep_token_id)[0]
+    piece = {text[slice(*enc.offsets[p])]: k for k, p in enumerate(w.pos) if p >= 0}
+    endable = endable_positions(w, enc, text)
+    assert not endable[piece[","]] and not endable[piece["of"]] and not endable[piece["four"]] and not endable[piece["-"]]
+    assert endable[piece["1751"]] and endable[piece["Boston"]] and endable[piece["year"]] and endable[0]
+
+    def value(tags: dict[str, list[float]]) -> tuple[str, str]:
+        """The value decoded without and with the end rule, from O/B/I probabilities of some pieces (others: O)."""
+        T = len(w.ids)
+        p = torch.tensor([0.96, 0.02, 0.02]).repeat(1, T, 1)
+        for word, probs in tags.items():
+            p[0, piece[word]] = torch.tensor(probs)
+        everywhere, lines = torch.ones((1, T), dtype=torch.bool), torch.ones((1, T), dtype=torch.long)
+        out = []
+        for rule in (None, torch.tensor([endable])):
+            k = [k for k, t in enumerate(bio_viterbi(p.log(), lines, everywhere, rule)[0].tolist()) if t]
+            out.append(text[enc.offsets[w.pos[k[0]]][0]:enc.offsets[w.pos[k[-1]]][1]] if k else "")
+        return tuple(out)
+
+    B, I, O_or_I = [0.02, 0.96, 0.02], [0.02, 0.02, 0.96], [0.55, 0.02, 0.43]
+    assert value({"May": B, "11": I, ",": I, "1751": O_or_I}) == ("May 11,", "May 11, 1751")
+    assert value({"four": B, "-": O_or_I, "year": O_or_I}) == ("four", "four-year")
+    assert value({"Bank": B, "of": I, "Boston": [0.97, 0.02, 0.01]}) == ("Bank of", "Bank")
 
 
 def test_an_entity_inside_the_pages_title_line_is_widened_to_the_whole_title():
@@ -256,7 +289,8 @@ def test_bulk_annotation_uses_an_encoder_checkpoint_per_shard(trained, tmp_path)
     assert not first.skipped and first.annotated == first.docs == 3 and first.calls > 0
     rows = pq.read_table(first.annotated_shard).to_pylist()
     assert all(markup.strip(r["annotated_text"]) == r["text"] for r in rows)
-    assert {(r["annotator"], r["annotator_version"]) for r in rows} == {("lmlm-encoder-annotator", "enc-test-v1")}
+    # the model's version and the decoder's revision: a decoder that writes other calls annotates the shard again
+    assert {(r["annotator"], r["annotator_version"]) for r in rows} == {("lmlm-encoder-annotator", "enc-test-v1;decoder=2")}
     assert pq.read_table(first.triplet_shard).num_rows == first.calls
     again = bulk_annotate_shard(shard, cfg, checkpoint, str(tmp_path / "bulk"), "run-2", str(tmp_path / "cache"))
     assert again.skipped
@@ -265,4 +299,4 @@ def test_bulk_annotation_uses_an_encoder_checkpoint_per_shard(trained, tmp_path)
     other = bulk_annotate_shard(shard, cfg, checkpoint, str(tmp_path / "bulk"), "run-3", str(tmp_path / "cache"))
     assert not other.skipped
     assert {r["annotator_version"] for r in pq.read_table(other.annotated_shard).to_pylist()} == \
-        {"enc-test-v1;subject_margin=None;relation=generate"}
+        {"enc-test-v1;decoder=2;subject_margin=None;relation=generate"}
