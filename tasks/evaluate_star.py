@@ -184,7 +184,7 @@ def open_ended(config: StarFlowConfig, s: Star, base, ref, data, log=logger.info
             nll, tok = conditional_nll(ref, prefix_text, conts)
             figures["perplexity"].append(float(np.exp(nll.sum() / max(tok.sum(), 1))))
             figures["mauve"].append(mauve_score(conts, real, seed=sev.seed + draw, reference_features=real_features,
-                                                featurize=featurize))
+                                                featurize=featurize, kmeans_seeds=sev.mauve_kmeans_seeds))
             for n in (1, 2, 3):
                 figures[f"dist_{n}"].append(distinct_n(conts, n))
             figures["diversity"].append(diversity(conts))

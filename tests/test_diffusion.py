@@ -4,6 +4,7 @@ import argparse
 import json
 import math
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -376,6 +377,20 @@ def test_mauve_is_high_for_the_same_distribution_and_floor_for_unrelated_text():
     other = [f"The {i}th recipe uses flour, {i % 7 + 1} eggs and a pinch of salt." for i in range(100)]
     matching, unrelated = ev.mauve_score(same, references), ev.mauve_score(other, references)
     assert matching > 0.5 > 0.1 > unrelated
+    # averaging clusterings: the mean of the single-clustering scores at seeds seed + 1000 k
+    from models.embed import embed
+
+    features = embed(references)
+    one = [ev.mauve_score(same, references, seed=7 + 1000 * k, reference_features=features) for k in range(3)]
+    assert ev.mauve_score(same, references, seed=7, reference_features=features, kmeans_seeds=3) == pytest.approx(np.mean(one))
+
+
+def test_native_warnings_repeated_per_clustering_are_written_once_with_their_count(capfd):
+    import os
+
+    with ev.native_stderr_counted():
+        os.write(2, b"WARNING clustering 200 points\nWARNING clustering 200 points\nother\n")
+    assert capfd.readouterr().err == "WARNING clustering 200 points (x2)\nother\n"
 
 
 # ----------------------------------------------------------------------------- CLI
