@@ -171,7 +171,7 @@ def train_soft_prompt_lm(kind: str, config: GuidedFlowConfig, *, device: str | t
     labels = class_labels(data, train_rows, classes).to(device) if kind == "class" else None
     unknown = torch.tensor([len(v) for v in classes.values()])
     cfg = config.plan_lm
-    lengths = np.array([len(prefixes[r]) + len(conts[r]) for r in train_rows])
+    lengths = np.array([len(prefixes[r]) + len(conts[r]) for r in train_rows]) if groups > 1 else None
 
     def batch_loss(step: int) -> torch.Tensor:
         rng, gen = step_generators(cfg.seed, step, device)
