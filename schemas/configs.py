@@ -9,13 +9,43 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+def onto_default(default: BaseModel, given: dict) -> dict:
+    """A section given in part (a mapping of some of ``default``'s fields) completed from ``default``, the value its
+    parent config gives it, recursively: ``star: {train: {steps: 600}}`` keeps STAR-LDM's other training settings
+    (batch 32, its warm-up) instead of the bare TrainingBudget's. A mapping with a key ``default`` does not have is
+    left alone, so it validates (and reports a typo) as given."""
+    if not set(given) <= set(type(default).model_fields):
+        return given
+    out = default.model_dump()
+    for key, value in given.items():
+        current = getattr(default, key)
+        out[key] = onto_default(current, value) if isinstance(value, dict) and isinstance(current, BaseModel) else value
+    return out
 
 
 class Config(BaseModel):
-    """Every config model: a field the model does not have is an error (a typo must not pass silently)."""
+    """Every config model: a field the model does not have is an error (a typo must not pass silently). A nested
+    section given as a partial mapping keeps the defaults of the fields it does not name (:func:`onto_default`)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_onto_defaults(cls, data):
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for key, value in data.items():
+            field = cls.model_fields.get(key)
+            if field is None or not isinstance(value, dict):
+                continue
+            default = field.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                out[key] = onto_default(default, value)
+        return out
 
 
 class SyntheticCorpusConfig(Config):

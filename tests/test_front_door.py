@@ -134,3 +134,21 @@ def test_fine_tuning_on_document_shards_instead_of_annotated_ones_is_one_line(tm
     lines = _fails_cleanly(result, tmp_path, "documents/s.parquet has no annotated_text column",
                            "pass the seed's annotated shards")
     assert len(lines) == 1 and not work.exists()
+
+
+def test_a_section_given_in_part_keeps_the_defaults_of_the_fields_it_does_not_name():
+    """``star: {train: {steps: 600}}`` changes the step count only: the batch, warm-up and weight decay stay STAR-LDM's
+    (its config's defaults), not the bare training budget's; a typo inside the section is still an unknown field."""
+    from pydantic import ValidationError
+
+    from schemas.diffusion_configs import TrainingBudget
+    from schemas.star_configs import StarFlowConfig
+
+    given = StarFlowConfig.model_validate({"star": {"train": {"steps": 600}}, "lm": {"token_budget": 1000}})
+    default = StarFlowConfig()
+    assert given.star.train == default.star.train.model_copy(update={"steps": 600})
+    assert given.star.train.batch_size != TrainingBudget().batch_size  # the parent's default, not the class's
+    assert given.lm == default.lm.model_copy(update={"token_budget": 1000})
+    assert given.star.soft_tokens == default.star.soft_tokens
+    with pytest.raises(ValidationError, match="setps"):
+        StarFlowConfig.model_validate({"star": {"train": {"setps": 600}}})
