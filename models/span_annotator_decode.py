@@ -103,8 +103,9 @@ def bio_viterbi(logp: torch.Tensor, lines: torch.Tensor, taggable: torch.Tensor,
     score = lp[:, 0].clone()
     score[:, TAG_I] = neg  # nothing before the first position to continue
     back = torch.zeros((B, T, 3), dtype=torch.long)
+    is_o = torch.arange(3) == TAG_O
     for t in range(1, T):
-        ended = score if endable is None else torch.where(endable[:, t - 1, None] | (torch.arange(3) == TAG_O), score, neg)
+        ended = score if endable is None else torch.where(endable[:, t - 1, None] | is_o, score, neg)
         best, arg = ended.max(-1)  # O and B follow an O or the end of a value
         i_from = torch.where(score[:, TAG_B] >= score[:, TAG_I], TAG_B, TAG_I)
         cont = torch.where(lines[:, t] == lines[:, t - 1], torch.maximum(score[:, TAG_B], score[:, TAG_I]), neg)
@@ -120,7 +121,8 @@ def bio_viterbi(logp: torch.Tensor, lines: torch.Tensor, taggable: torch.Tensor,
     return labels
 
 
-_DANGLING = frozenset(",;:(/&-–—") | frozenset("a an and as at by for from in into of on or than the to with".split())
+_DANGLING = (frozenset(",;:(/&-–—")
+             | frozenset("a an and as at by for from in into of on or than the to with".split()))
 
 
 def endable_positions(w: Window, enc: Encoded, text: str) -> list[bool]:
@@ -273,7 +275,8 @@ def annotate_texts(model: SpanAnnotator, tokenizer, names: RelationNames, texts:
         logp[..., TAG_I] += opts.continue_bias
         lines = [line_ids(w, encs[w.doc], texts[w.doc]) + [-1] * (T - len(w.ids)) for w in batch]
         taggable = torch.tensor([[w.body <= k < len(w.ids) - 1 and w.pos[k] >= 0 for k in range(T)] for w in batch])
-        endable = torch.tensor([endable_positions(w, encs[w.doc], texts[w.doc]) + [True] * (T - len(w.ids)) for w in batch])
+        endable = torch.tensor([endable_positions(w, encs[w.doc], texts[w.doc]) + [True] * (T - len(w.ids))
+                                for w in batch])
         labels = bio_viterbi(logp, torch.tensor(lines), taggable, endable).tolist()
         spans = [(r, a, b) for r, w in enumerate(batch) for a, b in _value_spans(labels[r], w)]
         if not spans:

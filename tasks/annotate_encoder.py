@@ -32,7 +32,8 @@ class EncoderAnnotator:
         default = AnnotateOptions()
         changed = {k: getattr(self.options, k) for k in ("continue_bias", "subject_margin", "relation")
                    if getattr(self.options, k) != getattr(default, k)}
-        self.version = meta["version"] + f";decoder={DECODER_REVISION}" + "".join(f";{k}={v}" for k, v in changed.items())
+        self.version = (meta["version"] + f";decoder={DECODER_REVISION}"
+                        + "".join(f";{k}={v}" for k, v in changed.items()))
         self.stats = AnnotateStats()
 
     def annotate(self, docs: list[Document]) -> list[Annotation]:
