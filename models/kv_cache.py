@@ -39,21 +39,25 @@ def new_cache(config, *, growing: bool = False):
 
 
 @contextlib.contextmanager
-def decoding_attention(model):
-    """Decode with eager attention where that is the faster kernel: on the CPU under bfloat16 autocast, PyTorch's
-    SDPA with a padding mask (left-padded batches) took 1.4x the whole sampling loop's time of the plain
-    softmax(QKᵀ)V (256 rows x 32 tokens of the 4.2M LM, 2 threads); in float32 and on GPUs SDPA is kept."""
-    config = getattr(model, "config", None)
-    before = getattr(config, "_attn_implementation", None)
-    switch = (before == "sdpa" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-              and next(model.parameters()).device.type == "cpu")
-    if switch:
+def cpu_bf16_attention(model, amp: torch.dtype | None = None):
+    """Eager attention (softmax(QKᵀ)V) in the transformers models within ``model`` where it is the faster kernel: on
+    the CPU under bfloat16 (``amp``, or else the autocast in force on entry). There PyTorch's SDPA with a padding mask
+    took 1.4x the whole sampling loop's time of the eager softmax(QKᵀ)V (256 rows x 32 tokens of the 4.2M LM, 2
+    threads), and its flash kernel's backward made a STAR-LDM training step 1.2x slower (32 rows x ~90 positions,
+    fwd + bwd of one attention: 22 ms flash, 5.4 ms eager). In float32 and on GPUs SDPA is kept."""
+    if amp is None and torch.is_autocast_enabled("cpu"):
+        amp = torch.get_autocast_dtype("cpu")
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values()
+    switch = [c for c in configs if getattr(c, "_attn_implementation", None) == "sdpa"]
+    if amp != torch.bfloat16 or next(model.parameters()).device.type != "cpu":
+        switch = []
+    for config in switch:
         config._attn_implementation = "eager"
     try:
         yield
     finally:
-        if switch:
-            config._attn_implementation = before
+        for config in switch:
+            config._attn_implementation = "sdpa"
 
 
 def keep_positions(cache, index: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from models.autoencoder import MLP, Attention
 from models.diffusion import alpha_sigma, logsnr_cosine, timestep_embedding
-from models.kv_cache import cache_keyword, decoding_attention, new_cache
+from models.kv_cache import cache_keyword, cpu_bf16_attention, new_cache
 from models.train import per_token_nll
 
 REFERENCE_SHIFT = 2 * math.log(3)  # the reference decoder stage's log-SNR shift of the training noise levels
@@ -225,9 +225,21 @@ def token_nll(lm, batch: dict[str, torch.Tensor], soft: torch.Tensor | None) -> 
     return nll, batch["target"][:, 1:]
 
 
+def target_nll(lm, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token NLL of a :func:`training_batch`'s target tokens, from the LM body's final hidden states
+    (B, T, d). The output layer and the softmax run at the target positions only: in the demo's batches the
+    prefixes, soft tokens and padding are two thirds of the positions and are not trained. The same figure as
+    scoring every position and masking, for half the output layer's work of a training step."""
+    keep = batch["target"][:, 1:]
+    logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
+    nll = F.cross_entropy(logits.float(), batch["ids"][:, 1:][keep], reduction="sum")
+    return nll / keep.sum().clamp(min=1)
+
+
 def mean_nll(lm, batch: dict[str, torch.Tensor], soft: torch.Tensor | None) -> torch.Tensor:
-    nll, keep = token_nll(lm, batch, soft)
-    return (nll * keep).sum() / keep.sum().clamp(min=1)
+    """Mean next-token NLL of a :func:`training_batch`'s target tokens with ``soft`` spliced in (training's loss)."""
+    emb = spliced_embeddings(lm, batch["ids"], batch["soft"], soft)
+    return target_nll(lm, lm.base_model(inputs_embeds=emb).last_hidden_state, batch)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -290,7 +302,7 @@ def sample_continuations(lm, prefixes: list[list[int]], soft: torch.Tensor | Non
     seen.scatter_(1, ids, mask.bool())  # prefix tokens count for the repetition penalty, pads do not
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache, cache_arg = new_cache(lm.config, growing=True), cache_keyword(lm)
-    with decoding_attention(lm):
+    with cpu_bf16_attention(lm):
         if prefix_state is None:
             out = lm(inputs_embeds=spliced_embeddings(lm, ids, soft_mask, soft), attention_mask=mask,
                      position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_arg: cache})

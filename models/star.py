@@ -30,9 +30,8 @@ import torch.nn.functional as F
 
 from models.diffusion import LatentDiffusion, alpha_sigma, timestep_embedding
 from models.kv_cache import cache_keyword, new_cache
-from models.plan_lm import FiLMBlock, PlanPromptGenerator, spliced_embeddings
+from models.plan_lm import FiLMBlock, PlanPromptGenerator, spliced_embeddings, target_nll
 from models.plan_prior import FiLMResBlock
-from models.train import per_token_nll
 
 
 def sigmoid_weight(logsnr: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
@@ -109,10 +108,7 @@ class StarLDM(nn.Module):
             h = self.hidden(inputs_embeds=emb, use_cache=True, **{cache_keyword(self.lm.base_model): cache})
         else:
             h = self.hidden(inputs_embeds=emb)
-        logits = self.lm.get_output_embeddings()(h[:, :-1])
-        nll = per_token_nll(logits, batch["ids"][:, 1:])
-        keep = batch["target"][:, 1:]
-        nll = (nll * keep).sum() / keep.sum().clamp(min=1)
+        nll = target_nll(self.lm, h, batch)
         v_loss = self._v_loss(soft, h[batch["soft"]].view(len(x), self.soft_tokens, -1), x, logsnr, eps, null,
                               noise_shift)
         if extra:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from transformers.utils import logging as hf_logging
 
 from models.device import device_of
+from models.kv_cache import cpu_bf16_attention
 from models.tokenizer import save_tokenizer
 from schemas import progress
 from schemas.diffusion_configs import TrainingBudget
@@ -344,33 +345,34 @@ def fit(model: torch.nn.Module, batch_loss: Callable[[int], torch.Tensor], budge
     model.train()
     amp_context = autocast(device_of(model), amp)
     running, t0 = [], time.perf_counter()
-    while state["step"] < budget.steps:
-        step = state["step"]
-        for g in optimizer.param_groups:
-            g["lr"] = g.get("lr_scale", 1.0) * lr_at(step, lr=budget.lr, warmup_steps=budget.warmup_steps,
-                                                     total_steps=budget.steps, min_lr_ratio=0.1)  # decays to lr/10
-        with amp_context:
-            loss = batch_loss(step)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, budget.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if after_step is not None:
-            after_step(step)
-        state["step"] = step + 1
-        progress.update(label, state["step"], budget.steps, "steps")
-        running.append(loss.detach())
-        if state["step"] % budget.log_every == 0 or state["step"] == budget.steps:
-            elapsed = time.perf_counter() - t0
-            state["train_seconds"] += elapsed
-            mean = float(torch.stack(running).mean())
-            state["history"].append({"step": state["step"], "loss": mean})
-            log_step(log, state["step"], budget.steps, mean, f"({len(running) / elapsed:.1f} steps/s)", label=label)
-            running, t0 = [], time.perf_counter()
-        if state["step"] % budget.checkpoint_every == 0 and state["step"] < budget.steps:
-            state["train_seconds"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            save("checkpoint", resumable_state(optimizer, **state))
+    with cpu_bf16_attention(model, amp):  # the faster kernel for training too (models/kv_cache.py)
+        while state["step"] < budget.steps:
+            step = state["step"]
+            for g in optimizer.param_groups:
+                g["lr"] = g.get("lr_scale", 1.0) * lr_at(step, lr=budget.lr, warmup_steps=budget.warmup_steps,
+                                                         total_steps=budget.steps, min_lr_ratio=0.1)  # decays to lr/10
+            with amp_context:
+                loss = batch_loss(step)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, budget.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step(step)
+            state["step"] = step + 1
+            progress.update(label, state["step"], budget.steps, "steps")
+            running.append(loss.detach())
+            if state["step"] % budget.log_every == 0 or state["step"] == budget.steps:
+                elapsed = time.perf_counter() - t0
+                state["train_seconds"] += elapsed
+                mean = float(torch.stack(running).mean())
+                state["history"].append({"step": state["step"], "loss": mean})
+                log_step(log, state["step"], budget.steps, mean, f"({len(running) / elapsed:.1f} steps/s)", label=label)
+                running, t0 = [], time.perf_counter()
+            if state["step"] % budget.checkpoint_every == 0 and state["step"] < budget.steps:
+                state["train_seconds"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                save("checkpoint", resumable_state(optimizer, **state))
     state = resumable_state(optimizer, **state)
     save("final", state)
     model.eval()

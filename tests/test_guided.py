@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.kv_cache import decoding_attention
+from models.kv_cache import cpu_bf16_attention
 from models.lmlm import build_model
 from models.plan_lm import (
     ClassPrompt,
@@ -167,6 +167,22 @@ def test_the_continuation_loss_reads_the_soft_prompt_and_only_target_positions_c
     assert not torch.allclose(nll[0, 4:], other[0, 4:])  # the continuation does
 
 
+def test_the_training_loss_scores_the_target_tokens_alone_and_equals_the_masked_mean_over_every_position():
+    from models.plan_lm import mean_nll
+
+    lm = _lm()
+    b = training_batch([[5, 6, 7, 8, 9], [8]], [[9, 10, 11], [11, 12]], soft_tokens=2, pad_id=0, train_prefix=False)
+    soft = torch.randn(2, 2, lm.config.hidden_size, requires_grad=True)
+    per_token, keep = token_nll(lm, b, soft)
+    full = (per_token * keep).sum() / keep.sum()
+    loss = mean_nll(lm, b, soft)
+    assert torch.allclose(loss, full, atol=1e-5)
+    (g_loss,), (g_full,) = torch.autograd.grad(loss, soft), torch.autograd.grad(full, soft)
+    assert torch.allclose(g_loss, g_full, atol=1e-6)  # the same gradient reaches the soft prompt
+    empty = {**b, "target": torch.zeros_like(b["target"])}
+    assert float(mean_nll(lm, empty, soft.detach())) == 0.0  # nothing to train: zero, not NaN
+
+
 def test_label_dropout_trains_unknown_for_each_attribute_and_keeps_the_other_labels():
     from tasks.guided_data import drop_labels
 
@@ -277,18 +293,24 @@ def test_sample_index_draws_each_token_at_its_probability_and_never_a_removed_on
         assert ((got / n_r - want).abs() <= 5 * (want * (1 - want) / n_r).sqrt() + 1e-9).all()
 
 
-def test_eager_attention_for_bf16_cpu_decoding_gives_sdpa_logits_and_restores_the_model():
+def test_eager_attention_for_bf16_cpu_decoding_and_training_gives_sdpa_logits_and_restores_the_model():
     lm = _lm()
     before = lm.config._attn_implementation
     ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         plain = lm(input_ids=ids, attention_mask=mask).logits.float()
-        with decoding_attention(lm):
+        with cpu_bf16_attention(lm):
             inside = lm.config._attn_implementation
             eager = lm(input_ids=ids, attention_mask=mask).logits.float()
     assert inside == ("eager" if before == "sdpa" else before) and lm.config._attn_implementation == before
     assert torch.allclose(plain[mask.bool()], eager[mask.bool()], atol=0.1, rtol=0.05)
+    wrapper = torch.nn.ModuleDict({"lm": lm, "head": torch.nn.Linear(4, 4)})  # training: fit hands over its model
+    with cpu_bf16_attention(wrapper, torch.bfloat16):  # and its autocast dtype, entered per step inside
+        assert lm.config._attn_implementation == ("eager" if before == "sdpa" else before)
+    with cpu_bf16_attention(wrapper):  # float32: SDPA stays
+        assert lm.config._attn_implementation == before
+    assert lm.config._attn_implementation == before
 
 
 # ----------------------------------------------------------------------------- prior and guidance
