@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from models.kv_cache import cpu_bf16_attention
 from models.lmlm import loss_mask, masked_nll
 from models.tokenizer import LookupTokenIds
 from models.train import (
@@ -244,53 +245,55 @@ def train(
 
     end_step = total_steps if stop_after is None else min(total_steps, stop_after)
     model.train()
-    while step < end_step:
-        t0 = time.perf_counter()
-        micro = [data.next_batch(B) for _ in range(accum)]
-        n_targets = sum(m[:, 1:].sum() for _, m in micro).to(device, torch.float32)
-        if world > 1:
-            dist.all_reduce(n_targets)
-        # DDP averages gradients over processes; scaling by world makes the sum token-weighted overall
-        scale = world / n_targets.clamp(min=1)
-        step_loss = torch.zeros((), device=device)
-        for i, (ids, mask) in enumerate(micro):
-            ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-            sync = world == 1 or i == accum - 1
-            with (contextlib.nullcontext() if sync else train_model.no_sync()):
-                with amp_context:
-                    logits = train_model(input_ids=ids).logits
-                nll, _ = masked_nll(logits, ids, mask)
-                (nll * scale).backward()
-            step_loss += nll.detach()
-        if world > 1:
-            dist.all_reduce(step_loss)
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if rank == 0:
-            progress.update(f"pretrain {os.path.basename(os.path.normpath(out_dir))}", step, end_step, "steps")
-        pending.append((step, step_loss / n_targets.clamp(min=1)))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_seconds += time.perf_counter() - t0
-
-        if step % cfg.log_every == 0 or step == end_step:
-            finish_logging()
-            rate = (step - start_step) * tokens_per_step / max(train_seconds, 1e-9)
-            log_step(log, step, total_steps, history[-1]["loss"], f"lr {history[-1]['lr']:.2e}", f"{rate:,.0f} tok/s")
-        if step % cfg.eval_every == 0 or step == total_steps:
-            if rank == 0 and evaluate is not None:
-                holdout = evaluate(model, amp)
-                history.append({"step": step, "tokens": step * tokens_per_step, "holdout_loss": holdout})
-                log(f"step {step} holdout loss {holdout:.4f}")
-                model.train()
+    with cpu_bf16_attention(model, amp):  # the faster kernel for training too (models/kv_cache.py)
+        while step < end_step:
+            t0 = time.perf_counter()
+            micro = [data.next_batch(B) for _ in range(accum)]
+            n_targets = sum(m[:, 1:].sum() for _, m in micro).to(device, torch.float32)
             if world > 1:
-                dist.barrier()
-        if step % cfg.checkpoint_every == 0 or step == end_step:
-            checkpoint = checkpoint_now()
+                dist.all_reduce(n_targets)
+            # DDP averages gradients over processes; scaling by world makes the sum token-weighted overall
+            scale = world / n_targets.clamp(min=1)
+            step_loss = torch.zeros((), device=device)
+            for i, (ids, mask) in enumerate(micro):
+                ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+                sync = world == 1 or i == accum - 1
+                with (contextlib.nullcontext() if sync else train_model.no_sync()):
+                    with amp_context:
+                        logits = train_model(input_ids=ids).logits
+                    nll, _ = masked_nll(logits, ids, mask)
+                    (nll * scale).backward()
+                step_loss += nll.detach()
+            if world > 1:
+                dist.all_reduce(step_loss)
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if rank == 0:
+                progress.update(f"pretrain {os.path.basename(os.path.normpath(out_dir))}", step, end_step, "steps")
+            pending.append((step, step_loss / n_targets.clamp(min=1)))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            train_seconds += time.perf_counter() - t0
+
+            if step % cfg.log_every == 0 or step == end_step:
+                finish_logging()
+                rate = (step - start_step) * tokens_per_step / max(train_seconds, 1e-9)
+                log_step(log, step, total_steps, history[-1]["loss"], f"lr {history[-1]['lr']:.2e}",
+                         f"{rate:,.0f} tok/s")
+            if step % cfg.eval_every == 0 or step == total_steps:
+                if rank == 0 and evaluate is not None:
+                    holdout = evaluate(model, amp)
+                    history.append({"step": step, "tokens": step * tokens_per_step, "holdout_loss": holdout})
+                    log(f"step {step} holdout loss {holdout:.4f}")
+                    model.train()
+                if world > 1:
+                    dist.barrier()
+            if step % cfg.checkpoint_every == 0 or step == end_step:
+                checkpoint = checkpoint_now()
 
     finish_logging()
     session_tokens = (step - start_step) * tokens_per_step

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from models.device import resolve_device
+from models.kv_cache import cpu_bf16_attention
 from models.plan_lm import sample_continuations
 from models.star import PrefixState, clear_step_graphs, step_graphs, think
 from models.train import autocast, latest_checkpoint
@@ -233,7 +234,7 @@ def thought_cost(config: StarFlowConfig, s: Star, data, repeats: int = 3) -> dic
 
     def thought(cached: bool, steps: int, graphs: bool | None = None):
         def run():
-            with autocast(s.device, s.amp):
+            with autocast(s.device, s.amp), cpu_bf16_attention(s.model):
                 state = PrefixState(s.model, prefixes, s.eos)
                 return think(s.model, state, steps=steps, sampler=sampling.sampler, cfg_scale=sampling.cfg_scale,
                              logsnr_shift=sampling.logsnr_shift, generator=torch.Generator(s.device).manual_seed(0),

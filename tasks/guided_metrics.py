@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.train import autocast, autocast_dtype, per_token_nll
+from models.kv_cache import cpu_bf16_attention
+from models.train import autocast, autocast_dtype
 from schemas.reports import Interval
 from tasks.diffusion import SENTENCE_BOUNDARY
 from tasks.evaluate_diffusion import TextClassifier, distinct_n, words
@@ -148,7 +149,8 @@ def conditional_nll(ref, prefixes: list[str], continuations: list[str], batch_si
     """(summed NLL, token count) of each continuation given its prefix under a ``tasks.evaluate_diffusion.ReferenceLM``
     (the continuation's tokens are those after the prefix's own tokens in the joined text). ``bf16`` "auto": the
     forward pass under bfloat16 autocast where the device has it natively (2.2x faster for 2,000 continuations of
-    the 4.2M reference LM on 2 cores; their perplexity 2.47249 against float32's 2.47251), the NLL in float32."""
+    the 4.2M reference LM on 2 cores; their perplexity 2.47249 against float32's 2.47251), the NLL in float32. The
+    output layer and its softmax run at the continuation's tokens only, not at the prefix's or the padding."""
     model, tok = ref.model, ref.tokenizer
     device = next(model.parameters()).device
     amp = autocast_dtype(bf16, device)
@@ -164,11 +166,14 @@ def conditional_nll(ref, prefixes: list[str], continuations: list[str], batch_si
             ids[r, :len(f)] = torch.tensor(f)
             target[r, max(len(p), 1):len(f)] = True
         ids, target = ids.to(device), target.to(device)
-        with autocast(device, amp):
-            logits = model(input_ids=ids).logits[:, :-1].float()
-        nll = per_token_nll(logits, ids[:, 1:]) * target[:, 1:]
+        keep = target[:, 1:]
+        with autocast(device, amp), cpu_bf16_attention(model):
+            hidden = model.base_model(input_ids=ids).last_hidden_state[:, :-1]
+            logits = model.get_output_embeddings()(hidden[keep]).float()  # the output layer at the scored tokens only
+        nll = torch.zeros(keep.shape, device=device)
+        nll[keep] = torch.nn.functional.cross_entropy(logits, ids[:, 1:][keep], reduction="none")
         sums[i:i + len(full)] = nll.sum(1).double().cpu().numpy()
-        counts[i:i + len(full)] = target[:, 1:].sum(1).cpu().numpy()
+        counts[i:i + len(full)] = keep.sum(1).cpu().numpy()
     return sums, counts
 
 

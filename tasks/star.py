@@ -24,6 +24,7 @@ import torch
 
 from models.device import resolve_device
 from models.diffusion import EMA
+from models.kv_cache import cpu_bf16_attention
 from models.plan_lm import (
     PlanPromptGenerator,
     PlanSpace,
@@ -350,7 +351,7 @@ def think_plans(s: Star, prefixes: list[list[int]], sampling: StarSamplingConfig
                 *, generator: torch.Generator, steps: int | None = None) -> tuple[torch.Tensor, PrefixState]:
     """(clean standardised plans (B, D), put back on the sphere, of one thought per prefix; the prefixes' encoding,
     which the writing reuses). A null plan's clean stand-in is never needed: ``think: off`` skips this."""
-    with autocast(s.device, s.amp):
+    with autocast(s.device, s.amp), cpu_bf16_attention(s.model):
         state = PrefixState(s.model, prefixes, s.eos)
         x = think(s.model, state, steps=steps or sampling.steps, sampler=sampling.sampler, cfg_scale=sampling.cfg_scale,
                   logsnr_shift=sampling.logsnr_shift, guidance=guidance, generator=generator)

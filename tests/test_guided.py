@@ -733,3 +733,21 @@ def test_train_takes_several_stages_and_all_by_default(monkeypatch, tmp_path):
         with pytest.raises(KeyboardInterrupt):
             cli.main(["guided", "train", "--workdir", str(tmp_path), *argv])
         assert asked.pop() == stages
+
+
+def test_conditional_perplexity_sums_the_reference_lms_nll_over_the_continuations_tokens_alone(trained):
+    from tasks.evaluate_star import latest_checkpoint, load_reference_lm
+    from tasks.guided import folder
+
+    config, _ = trained
+    ref = load_reference_lm(latest_checkpoint(folder(config.workdir, "reference_lm")), torch.device("cpu"))
+    prefixes, conts = ["The room was small.", "We ate at noon and"], [" The staff were kind.", " left soon after."]
+    sums, counts = gm.conditional_nll(ref, prefixes, conts, bf16=False)
+    tok = ref.tokenizer
+    for prefix, cont, total, n in zip(prefixes, conts, sums, counts):  # one text at a time, every position scored
+        pre = tok(prefix, add_special_tokens=False)["input_ids"]
+        full = tok(prefix + cont, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(ref.model(input_ids=torch.tensor([full])).logits[0, :-1].float(), -1)
+        want = -logp[torch.arange(len(full) - 1), torch.tensor(full[1:])][len(pre) - 1:]
+        assert n == len(full) - len(pre) and total == pytest.approx(float(want.sum()), rel=1e-4)
