@@ -47,10 +47,10 @@ def cpu_bf16_attention(model, amp: torch.dtype | None = None):
     fwd + bwd of one attention: 22 ms flash, 5.4 ms eager). In float32 and on GPUs SDPA is kept."""
     if amp is None and torch.is_autocast_enabled("cpu"):
         amp = torch.get_autocast_dtype("cpu")
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values()
-    switch = [c for c in configs if getattr(c, "_attn_implementation", None) == "sdpa"]
-    if amp != torch.bfloat16 or next(model.parameters()).device.type != "cpu":
-        switch = []
+    switch = []
+    if amp == torch.bfloat16 and next(model.parameters()).device.type == "cpu":
+        configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values()
+        switch = [c for c in configs if getattr(c, "_attn_implementation", None) == "sdpa"]
     for config in switch:
         config._attn_implementation = "eager"
     try:

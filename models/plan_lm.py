@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from models.autoencoder import MLP, Attention
 from models.diffusion import alpha_sigma, logsnr_cosine, timestep_embedding
 from models.kv_cache import cache_keyword, cpu_bf16_attention, new_cache
-from models.train import per_token_nll
+from models.train import kept_token_nll, per_token_nll
 
 REFERENCE_SHIFT = 2 * math.log(3)  # the reference decoder stage's log-SNR shift of the training noise levels
 
@@ -231,9 +231,7 @@ def target_nll(lm, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torc
     prefixes, soft tokens and padding are two thirds of the positions and are not trained. The same figure as
     scoring every position and masking, for half the output layer's work of a training step."""
     keep = batch["target"][:, 1:]
-    logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
-    nll = F.cross_entropy(logits.float(), batch["ids"][:, 1:][keep], reduction="sum")
-    return nll / keep.sum().clamp(min=1)
+    return kept_token_nll(lm, hidden, batch["ids"], keep).sum() / keep.sum().clamp(min=1)
 
 
 def mean_nll(lm, batch: dict[str, torch.Tensor], soft: torch.Tensor | None) -> torch.Tensor:

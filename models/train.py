@@ -229,6 +229,13 @@ def per_token_nll(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
                                              ignore_index=ignore_index).view(targets.shape)
 
 
+def kept_token_nll(lm, hidden: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, in float32, at the positions ``keep`` (B, T-1) of ``ids`` (B, T), from the LM body's
+    final hidden states ``hidden`` (B, T, d): the output layer and its softmax run at those positions only (N,)."""
+    logits = lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    return torch.nn.functional.cross_entropy(logits, ids[:, 1:][keep], reduction="none")
+
+
 def save_lm_folder(out: str, lm, tokenizer, modules: dict[str, torch.nn.Module], meta: dict, trainer_state: dict) -> None:
     """Atomically write a fine-tuned causal LM with its tokenizer (``lm/``), extra modules (``<name>.safetensors``),
     ``config.json`` (``meta`` and the step) and the trainer state (with ``meta``, to refuse resuming other settings)."""

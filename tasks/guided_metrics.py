@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from models.kv_cache import cpu_bf16_attention
-from models.train import autocast, autocast_dtype
+from models.train import autocast, autocast_dtype, kept_token_nll
 from schemas.reports import Interval
 from tasks.diffusion import SENTENCE_BOUNDARY
 from tasks.evaluate_diffusion import TextClassifier, distinct_n, words
@@ -167,11 +167,9 @@ def conditional_nll(ref, prefixes: list[str], continuations: list[str], batch_si
             target[r, max(len(p), 1):len(f)] = True
         ids, target = ids.to(device), target.to(device)
         keep = target[:, 1:]
-        with autocast(device, amp), cpu_bf16_attention(model):
-            hidden = model.base_model(input_ids=ids).last_hidden_state[:, :-1]
-            logits = model.get_output_embeddings()(hidden[keep]).float()  # the output layer at the scored tokens only
         nll = torch.zeros(keep.shape, device=device)
-        nll[keep] = torch.nn.functional.cross_entropy(logits, ids[:, 1:][keep], reduction="none")
+        with autocast(device, amp), cpu_bf16_attention(model):
+            nll[keep] = kept_token_nll(model, model.base_model(input_ids=ids).last_hidden_state, ids, keep)
         sums[i:i + len(full)] = nll.sum(1).double().cpu().numpy()
         counts[i:i + len(full)] = keep.sum(1).cpu().numpy()
     return sums, counts
