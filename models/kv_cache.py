@@ -60,6 +60,37 @@ def cpu_bf16_attention(model, amp: torch.dtype | None = None):
             config._attn_implementation = "sdpa"
 
 
+class PrefixSlots:
+    """Per-layer keys/values of a fixed prefix in buffers with room for ``room`` positions after it. Every
+    :meth:`cache` is a fresh cache over those buffers whose forward pass writes its own positions into the room,
+    overwriting the previous pass's, where ``DynamicLayer`` would copy the whole prefix (twice: once when the prefix
+    is put in, once when the pass appends). For many passes of the same few positions after one prefix: a thought's
+    denoising steps over its soft tokens (there the copies were a fifth of a step's time on a CPU)."""
+
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]], room: int):
+        self.length, self.room = layers[0][0].shape[-2], room
+        self.buffers = []
+        for key, value in layers:
+            pair = []
+            for t in (key, value):
+                buffer = t.new_empty((*t.shape[:-2], self.length + room, t.shape[-1]))
+                buffer[..., :self.length, :] = t
+                pair.append(buffer)
+            self.buffers.append(tuple(pair))
+
+    def cache(self, config):
+        """A cache holding the prefix, ready for one forward pass of at most ``room`` positions."""
+        cache = new_cache(config)
+        layers = getattr(cache, "layers", None)
+        if not layers or len(layers) != len(self.buffers):  # older transformers: the concatenating cache
+            for i, (key, value) in enumerate(self.buffers):
+                cache.update(key[..., :self.length, :], value[..., :self.length, :], i)
+            return cache
+        slot = _slot_layer()
+        cache.layers = [slot(key, value, self.length) for key, value in self.buffers]
+        return cache
+
+
 def keep_positions(cache, index: torch.Tensor) -> None:
     """Keep, for each batch row, the cache positions ``index`` (batch, width) in that order."""
     gather = index[:, None, :, None]
@@ -97,3 +128,28 @@ def _growing_layer():
             return self.keys, self.values
 
     return GrowingLayer
+
+
+@functools.cache
+def _slot_layer():
+    """A KV-cache layer over a :class:`PrefixSlots` pair of buffers: the prefix first, a pass's positions after it."""
+    from transformers.cache_utils import DynamicLayer
+
+    class SlotLayer(DynamicLayer):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+            super().__init__()
+            self._full, self._length = (keys, values), length
+            self.keys, self.values = keys[..., :length, :], values[..., :length, :]
+            self.device, self.is_initialized = keys.device, True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n, add = self._length, key_states.shape[-2]
+            if self.keys.shape[-2] != n or n + add > self._full[0].shape[-2]:
+                raise ValueError(f"a prefix slot cache takes one pass of at most {self._full[0].shape[-2] - n} "
+                                 f"positions; got {add} after {self.keys.shape[-2] - n}")
+            for buffer, new in zip(self._full, (key_states, value_states)):
+                buffer[..., n:n + add, :] = new
+            self.keys, self.values = self._full[0][..., :n + add, :], self._full[1][..., :n + add, :]
+            return self.keys, self.values
+
+    return SlotLayer

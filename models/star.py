@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.diffusion import LatentDiffusion, alpha_sigma, timestep_embedding
-from models.kv_cache import cache_keyword, new_cache
+from models.kv_cache import PrefixSlots, cache_keyword, new_cache
 from models.plan_lm import FiLMBlock, PlanPromptGenerator, spliced_embeddings, target_nll
 from models.plan_prior import FiLMResBlock
 
@@ -139,13 +139,17 @@ class StarLDM(nn.Module):
 # ----------------------------------------------------------------------------- thinking with a cached prefix
 
 
-def features_after(model: StarLDM, layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor,
+def features_after(model: StarLDM, layers: list[tuple[torch.Tensor, torch.Tensor]] | PrefixSlots, mask: torch.Tensor,
                    positions: torch.Tensor, soft: torch.Tensor, cache_arg: str) -> torch.Tensor:
     """The LM's final hidden states (B, k, d) at the soft vectors (B, k, d) after a prefix given by its per-layer keys
-    and values; ``mask`` (B, P + k) covers prefix and soft positions, ``positions`` (B, k) are the soft ones'."""
-    cache = new_cache(model.lm.config)
-    for i, (key, value) in enumerate(layers):
-        cache.update(key, value, i)
+    and values (or by :class:`PrefixSlots` holding them, which a step writes into instead of copying the prefix);
+    ``mask`` (B, P + k) covers prefix and soft positions, ``positions`` (B, k) are the soft ones'."""
+    if isinstance(layers, PrefixSlots):
+        cache = layers.cache(model.lm.config)
+    else:
+        cache = new_cache(model.lm.config)
+        for i, (key, value) in enumerate(layers):
+            cache.update(key, value, i)
     return model.hidden(inputs_embeds=soft.to(model.lm.dtype), attention_mask=mask, position_ids=positions,
                         use_cache=True, **{cache_arg: cache})
 
@@ -168,17 +172,25 @@ class PrefixState:
         model.lm.base_model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
                             **{self.cache_arg: cache})
         self.layers = [(layer.keys, layer.values) for layer in cache.layers]
+        self._slots = None  # (PrefixSlots, mask, soft positions) of the steps over all rows, made at the first
 
     def __len__(self) -> int:
         return len(self.prefixes)
 
     def soft_hidden(self, soft: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """LM features (B', k, d) at k soft vectors (B', k, d) placed after the cached prefixes of ``rows``."""
+        """LM features (B', k, d) at k soft vectors (B', k, d) placed after the cached prefixes of ``rows``. For all
+        rows (a thought's steps) the prefix sits in buffers with room for the soft tokens, made at the first step."""
         k = soft.shape[1]
-        select = (lambda t: t) if rows is None else (lambda t: t[rows])
-        mask = torch.cat([select(self.mask), torch.ones((soft.shape[0], k), dtype=torch.long, device=soft.device)], 1)
-        pos = select(self.positions)[:, -1:] + 1 + torch.arange(k, device=soft.device)
-        return features_after(self.model, [(select(key), select(value)) for key, value in self.layers], mask, pos, soft,
+        if rows is None:
+            if self._slots is None or self._slots[0].room != k:
+                ones = torch.ones((len(self), k), dtype=torch.long, device=soft.device)
+                self._slots = (PrefixSlots(self.layers, k), torch.cat([self.mask, ones], 1),
+                               self.positions[:, -1:] + 1 + torch.arange(k, device=soft.device))
+            slots, mask, pos = self._slots
+            return features_after(self.model, slots, mask, pos, soft, self.cache_arg)
+        mask = torch.cat([self.mask[rows], torch.ones((soft.shape[0], k), dtype=torch.long, device=soft.device)], 1)
+        pos = self.positions[rows][:, -1:] + 1 + torch.arange(k, device=soft.device)
+        return features_after(self.model, [(key[rows], value[rows]) for key, value in self.layers], mask, pos, soft,
                               self.cache_arg)
 
     def soft_hidden_uncached(self, soft: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -100,6 +100,13 @@ def test_a_thought_with_the_cached_prefix_is_the_uncached_thought(cfg_scale):
     with torch.no_grad():
         soft = torch.randn(3, 3, model.lm.config.hidden_size)
         assert torch.allclose(state.soft_hidden(soft), state.soft_hidden_uncached(soft), atol=1e-5)
+        # every step writes its soft tokens over the last step's: a later step sees the prefix only, and the
+        # prefix's own cache is untouched
+        kept = [(key.clone(), value.clone()) for key, value in state.layers]
+        later = torch.randn(3, 3, model.lm.config.hidden_size)
+        assert torch.allclose(state.soft_hidden(later), state.soft_hidden_uncached(later), atol=1e-5)
+        assert torch.allclose(state.soft_hidden(soft), state.soft_hidden_uncached(soft), atol=1e-5)
+        assert all(torch.equal(k0, k1) and torch.equal(v0, v1) for (k0, v0), (k1, v1) in zip(kept, state.layers))
         plans = [think(model, state, steps=6, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(3), cached=c)
                  for c in (True, False)]
     assert torch.allclose(plans[0], plans[1], atol=1e-4)
