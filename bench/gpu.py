@@ -405,7 +405,7 @@ def bench_star_demo(device, workdir: Path, batches=(1, 16), steps=(5, 8, 15)) ->
 
     s = load_star_workdir(str(workdir), device)
     # the held-out prefixes are all thought_cost reads; the plan arrays stay behind
-    data = PlanData(pq.read_table(workdir / "plans" / "examples.parquet"), None, None, s.space, str(workdir / "plans"))
+    data = PlanData(pq.read_table(workdir / "plans" / "examples.parquet"), None, s.space, str(workdir / "plans"))
     out = {}
     for batch in batches:
         for n in steps:

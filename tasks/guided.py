@@ -241,7 +241,7 @@ def train_plan_prior(config: GuidedFlowConfig, *, device: str | torch.device = "
                                    final_loss=_final(state["history"]), reused=True, history=state["history"])
     rows = data.rows("train")
     x = data.space.standardize(torch.from_numpy(data.continuation[rows])).to(device)[:, None]
-    cond = torch.from_numpy(data.prefix[rows]).to(device)
+    cond = torch.from_numpy(data.prefix_embeddings(config.data.embed_batch_size)[rows]).to(device)
 
     def batch_loss(step: int) -> torch.Tensor:
         rng, gen = step_generators(cfg.seed, step, device)

@@ -5,11 +5,13 @@
        evaluation's judges only), train
     -> (prefix, continuation) examples cut at random token positions (continuation: the next N tokens), a share of
        them moved to sentence starts
-    -> frozen all-MiniLM-L6-v2 embeddings of every continuation (the plan) and prefix (the prior's condition)
+    -> frozen all-MiniLM-L6-v2 embeddings of every continuation (the plan)
     -> the plan space's standardisation statistics (training continuations)
 
-``prepare_plan_data`` writes them once under ``<workdir>/plans`` (examples.parquet, continuation.npy, prefix.npy,
-plan_space.safetensors) and reuses them while the settings and the tokenizer are the same.
+``prepare_plan_data`` writes them once under ``<workdir>/plans`` (examples.parquet, continuation.npy,
+plan_space.safetensors) and reuses them while the settings and the tokenizer are the same. The prefixes' embeddings
+(DGLM's prior's condition, prefix.npy) are made there the first time something reads them
+(:meth:`PlanData.prefix_embeddings`): STAR-LDM never does, and they were half of the stage's time.
 """
 
 from __future__ import annotations
@@ -126,9 +128,22 @@ class PlanData:
 
     table: pa.Table  # doc_id, role, prefix_ids, continuation_ids, prefix_text, continuation_text, label_<attribute>...
     continuation: np.ndarray  # (N, 384) unit-norm MiniLM embeddings: the plans
-    prefix: np.ndarray  # (N, 384): the prior's conditions
     space: PlanSpace
     folder: str
+
+    def prefix_embeddings(self, batch_size: int = 256) -> np.ndarray:
+        """(N, 384) unit-norm MiniLM embeddings of the prefixes (the prior's conditions): read from the folder, or
+        made and saved there on first use (written whole, then renamed, so a concurrent reader sees all or none)."""
+        path = os.path.join(self.folder, "prefix.npy")
+        if not os.path.isfile(path):
+            t0 = time.perf_counter()
+            prefix = embed_texts(self.column("prefix_text"), batch_size, "embed prefixes")
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                np.save(f, prefix.astype(np.float32))
+            os.replace(tmp, path)
+            logger.info("plans: %d prefixes embedded in %.0f s", len(prefix), time.perf_counter() - t0)
+        return np.load(path)
 
     def column(self, name: str) -> list:
         return self.table.column(name).to_pylist()
@@ -180,14 +195,13 @@ def prepare_plan_data(shards: list[str], attributes: list[AttributeConfig], cfg:
     for r in rows:
         r["prefix_text"] = tokenizer.decode(r["prefix_ids"], skip_special_tokens=True)
         r["continuation_text"] = tokenizer.decode(r["continuation_ids"], skip_special_tokens=True)
-    log(f"plans: {len(rows)} examples from {len(docs)} documents ({counts}); embedding continuations and prefixes")
+    log(f"plans: {len(rows)} examples from {len(docs)} documents ({counts}); embedding the continuations")
     t0 = time.perf_counter()
     continuation = embed_texts([r["continuation_text"] for r in rows], cfg.embed_batch_size, "embed continuations")
-    prefix = embed_texts([r["prefix_text"] for r in rows], cfg.embed_batch_size, "embed prefixes")
-    log(f"plans: {2 * len(rows)} texts embedded in {time.perf_counter() - t0:.0f} s")
+    log(f"plans: {len(rows)} continuations embedded in {time.perf_counter() - t0:.0f} s")
     train = np.asarray([r["role"] == "train" for r in rows])
     space = PlanSpace.fit(continuation[train])
-    write_plan_data(out_dir, pa.Table.from_pylist(rows), continuation, prefix, space, marker)
+    write_plan_data(out_dir, pa.Table.from_pylist(rows), continuation, space, marker)
     return plan_data_report(load_plan_data(out_dir), [a.name for a in attributes], reused=False)
 
 
@@ -210,8 +224,7 @@ def embed_texts(texts: list[str], batch_size: int, what: str) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, 384), np.float32)
 
 
-def write_plan_data(out_dir: str, table: pa.Table, continuation: np.ndarray, prefix: np.ndarray, space: PlanSpace,
-                    marker: str) -> None:
+def write_plan_data(out_dir: str, table: pa.Table, continuation: np.ndarray, space: PlanSpace, marker: str) -> None:
     from safetensors.torch import save_file
 
     from models.train import write_folder_atomic
@@ -219,7 +232,6 @@ def write_plan_data(out_dir: str, table: pa.Table, continuation: np.ndarray, pre
     def write(tmp: str) -> None:
         pq.write_table(table, os.path.join(tmp, "examples.parquet"))
         np.save(os.path.join(tmp, "continuation.npy"), continuation.astype(np.float32))
-        np.save(os.path.join(tmp, "prefix.npy"), prefix.astype(np.float32))
         save_file(space.state_dict(), os.path.join(tmp, "plan_space.safetensors"))
         with open(os.path.join(tmp, "data.json"), "w") as f:
             f.write(marker)
@@ -241,8 +253,7 @@ def load_plan_data(folder: str) -> PlanData:
     if not os.path.isfile(os.path.join(folder, "examples.parquet")):
         raise UserInputError(f"{folder}: no plan examples here; run `lmlm guided train` first")
     return PlanData(pq.read_table(os.path.join(folder, "examples.parquet")),
-                    np.load(os.path.join(folder, "continuation.npy")), np.load(os.path.join(folder, "prefix.npy")),
-                    load_plan_space(folder), folder)
+                    np.load(os.path.join(folder, "continuation.npy")), load_plan_space(folder), folder)
 
 
 def class_labels(data: PlanData, rows: np.ndarray, classes: dict[str, list[str]]) -> torch.Tensor:

@@ -552,6 +552,32 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_prefix_embeddings_are_made_where_first_read_and_kept(trained, tmp_path):
+    """The plans stage embeds the continuations only; the prior's training made prefix.npy, and a plans folder
+    without it makes the same embeddings when they are first asked for, then keeps them."""
+    import shutil
+
+    from models.embed import embed
+    from tasks import guided
+    from tasks.guided_data import load_plan_data
+
+    config, _ = trained
+    plans = Path(guided.folder(config.workdir, "plans"))
+    made = np.load(plans / "prefix.npy")
+    copy = tmp_path / "plans"
+    shutil.copytree(plans, copy, ignore=shutil.ignore_patterns("prefix.npy"))
+    data = load_plan_data(str(copy))
+    assert not (copy / "prefix.npy").exists()
+    again = data.prefix_embeddings(batch_size=7)
+    assert again.shape == (data.table.num_rows, 384) and (copy / "prefix.npy").exists()
+    def same(a, b):  # unit vectors; bf16 encoders round differently with another batch's padding
+        return bool(((a * b).sum(-1) > 0.99).all())
+
+    assert same(again, made) and same(made[:3], embed(data.column("prefix_text")[:3]))
+    assert not same(made[:3], made[3:6])  # and the texts are told apart
+    assert np.array_equal(load_plan_data(str(copy)).prefix_embeddings(), again)  # read back, not made again
+
+
 def test_plan_fine_tune_resumes_exactly_after_an_interruption(trained, tmp_path):
     from tasks import guided
 
