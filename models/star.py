@@ -172,7 +172,7 @@ class PrefixState:
         model.lm.base_model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
                             **{self.cache_arg: cache})
         self.layers = [(layer.keys, layer.values) for layer in cache.layers]
-        self._slots = None  # (PrefixSlots, mask, soft positions) of the steps over all rows, made at the first
+        self._slots = None  # PrefixSlots of the steps over all rows, made at the first
 
     def __len__(self) -> int:
         return len(self.prefixes)
@@ -182,16 +182,15 @@ class PrefixState:
         rows (a thought's steps) the prefix sits in buffers with room for the soft tokens, made at the first step."""
         k = soft.shape[1]
         if rows is None:
-            if self._slots is None or self._slots[0].room != k:
-                ones = torch.ones((len(self), k), dtype=torch.long, device=soft.device)
-                self._slots = (PrefixSlots(self.layers, k), torch.cat([self.mask, ones], 1),
-                               self.positions[:, -1:] + 1 + torch.arange(k, device=soft.device))
-            slots, mask, pos = self._slots
-            return features_after(self.model, slots, mask, pos, soft, self.cache_arg)
-        mask = torch.cat([self.mask[rows], torch.ones((soft.shape[0], k), dtype=torch.long, device=soft.device)], 1)
-        pos = self.positions[rows][:, -1:] + 1 + torch.arange(k, device=soft.device)
-        return features_after(self.model, [(key[rows], value[rows]) for key, value in self.layers], mask, pos, soft,
-                              self.cache_arg)
+            if self._slots is None or self._slots.room != k:
+                self._slots = PrefixSlots(self.layers, k)
+            layers, mask, positions = self._slots, self.mask, self.positions
+        else:
+            layers = [(key[rows], value[rows]) for key, value in self.layers]
+            mask, positions = self.mask[rows], self.positions[rows]
+        mask = torch.cat([mask, torch.ones((soft.shape[0], k), dtype=torch.long, device=soft.device)], 1)
+        pos = positions[:, -1:] + 1 + torch.arange(k, device=soft.device)
+        return features_after(self.model, layers, mask, pos, soft, self.cache_arg)
 
     def soft_hidden_uncached(self, soft: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The same features from a full pass over [prefix][soft] (what the reference does at every step)."""
